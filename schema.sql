@@ -1,0 +1,35 @@
+-- portal-sync schema (SPEC.md §1). Applied at every start: every statement is
+-- idempotent, and it works on a database whose tables another tool created.
+
+CREATE TABLE IF NOT EXISTS users (
+    id    TEXT PRIMARY KEY,
+    email TEXT UNIQUE NOT NULL,
+    name  TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS libraries (
+    id       TEXT PRIMARY KEY,
+    name     TEXT NOT NULL,
+    owner_id TEXT NOT NULL REFERENCES users(id)
+);
+
+CREATE TABLE IF NOT EXISTS library_members (
+    library_id TEXT REFERENCES libraries(id),
+    user_id    TEXT REFERENCES users(id),
+    role       TEXT NOT NULL CHECK (role IN ('OWNER', 'EDITOR', 'VIEWER')),
+    PRIMARY KEY (library_id, user_id)
+);
+
+CREATE TABLE IF NOT EXISTS portal_views (
+    id         TEXT PRIMARY KEY,
+    library_id TEXT NOT NULL REFERENCES libraries(id),
+    name       TEXT NOT NULL,
+    state      TEXT NOT NULL DEFAULT '{}',
+    version    INTEGER NOT NULL DEFAULT 0,
+    updated_at TEXT
+);
+
+-- Beyond SPEC: lookups by user (revocation, listing a user's libraries) and
+-- views by library.
+CREATE INDEX IF NOT EXISTS library_members_user ON library_members(user_id);
+CREATE INDEX IF NOT EXISTS portal_views_library ON portal_views(library_id);

@@ -1,0 +1,501 @@
+//! The `portal-sync` command line (SPEC §6): `serve`, `demo`, `token`, and the
+//! administration of users, libraries, members and portal views.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+use serde_json::{json, Map, Value};
+
+use crate::auth::Tokens;
+use crate::config::Config;
+use crate::db::{self, Db, Synchronous};
+use crate::error::Error;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "portal-sync",
+    version,
+    about = "Real-time sync server for portal views"
+)]
+pub struct Cli {
+    /// SQLite database file [default: portal-sync.db; portal-sync-demo.db for `demo`]
+    #[arg(long, env = "PORTAL_DB", global = true)]
+    db: Option<PathBuf>,
+
+    /// HS256 secret for tokens (required by `serve` and `token`)
+    #[arg(long, env = "PORTAL_JWT_SECRET", global = true, hide_env_values = true)]
+    jwt_secret: Option<String>,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server
+    Serve(ServeArgs),
+    /// Create a demo database if missing, print links and tokens, and serve
+    Demo(ServeArgs),
+    /// Print a token signed with the configured secret
+    Token {
+        /// User id (the token's `sub`)
+        #[arg(long)]
+        user: String,
+        /// Lifetime: seconds, or a number with s, m, h or d
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: Duration,
+    },
+    /// Users: add, list
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Libraries: add, list
+    #[command(subcommand)]
+    Library(LibraryCmd),
+    /// Library members and their roles: set, remove, list
+    #[command(subcommand)]
+    Member(MemberCmd),
+    /// Portal views: add, list, show
+    #[command(subcommand)]
+    View(ViewCmd),
+}
+
+#[derive(Args, Debug, Clone)]
+struct ServeArgs {
+    /// Address to listen on
+    #[arg(long, env = "PORTAL_ADDR", default_value = "127.0.0.1:3000")]
+    addr: SocketAddr,
+    /// Seconds of clock leeway when checking a token's `exp`
+    #[arg(long, env = "PORTAL_JWT_LEEWAY", default_value_t = 0)]
+    jwt_leeway: u64,
+    /// Largest WebSocket message or REST body, in bytes (1009 / 413 above it)
+    #[arg(long, env = "PORTAL_MAX_MESSAGE_BYTES", default_value_t = 65536)]
+    max_message_bytes: usize,
+    /// Outbound bytes queued per connection before it is closed 1013 `slow consumer`
+    #[arg(long, env = "PORTAL_SEND_QUEUE_BYTES", default_value_t = 1 << 20)]
+    send_queue_bytes: usize,
+    /// Seconds shutdown waits for connections to close
+    #[arg(long, env = "PORTAL_SHUTDOWN_TIMEOUT", default_value_t = 10)]
+    shutdown_timeout: u64,
+    /// SQLite `synchronous` (full: acks survive power loss; normal: they survive a
+    /// process crash)
+    #[arg(
+        long,
+        env = "PORTAL_SQLITE_SYNCHRONOUS",
+        value_enum,
+        default_value = "full"
+    )]
+    sqlite_synchronous: Synchronous,
+}
+
+#[derive(Subcommand, Debug)]
+enum UserCmd {
+    /// Add a user
+    Add {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        email: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// List users
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum LibraryCmd {
+    /// Add a library owned by an existing user
+    Add {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        owner: String,
+    },
+    /// List libraries
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum MemberCmd {
+    /// Add a member or change their role
+    Set {
+        #[arg(long)]
+        library: String,
+        #[arg(long)]
+        user: String,
+        #[arg(long, value_parser = ["OWNER", "EDITOR", "VIEWER"])]
+        role: String,
+    },
+    /// Remove a member
+    Remove {
+        #[arg(long)]
+        library: String,
+        #[arg(long)]
+        user: String,
+    },
+    /// List the members of a library
+    List {
+        #[arg(long)]
+        library: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ViewCmd {
+    /// Add a portal view to a library
+    Add {
+        #[arg(long)]
+        id: String,
+        #[arg(long)]
+        library: String,
+        #[arg(long)]
+        name: String,
+        /// Initial state, a JSON object
+        #[arg(long, default_value = "{}", value_parser = parse_object)]
+        state: Map<String, Value>,
+    },
+    /// List portal views
+    List,
+    /// Print one portal view as JSON
+    Show {
+        #[arg(long)]
+        id: String,
+    },
+}
+
+/// Entry point of the binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    pretty_env_logger::formatted_timed_builder()
+        .parse_filters(&filter)
+        .init();
+}
+
+fn run(cli: Cli) -> Result<(), String> {
+    let db_path = |default: &str| cli.db.clone().unwrap_or_else(|| PathBuf::from(default));
+    let secret =
+        || {
+            cli.jwt_secret.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
+            "no JWT secret: set --jwt-secret or PORTAL_JWT_SECRET (or try `portal-sync demo`)"
+                .to_string()
+        })
+        };
+    match cli.command {
+        Command::Serve(args) => serve(
+            config(&args, db_path("portal-sync.db"), secret()?),
+            args.addr,
+            None,
+        ),
+        Command::Demo(args) => {
+            let secret = match cli.jwt_secret.clone().filter(|s| !s.is_empty()) {
+                Some(s) => s,
+                None => random_secret()?,
+            };
+            let path = db_path("portal-sync-demo.db");
+            seed_demo(&path).map_err(|e| e.to_string())?;
+            let cfg = config(&args, path, secret);
+            serve(cfg, args.addr, Some(print_demo))
+        }
+        Command::Token { user, ttl } => {
+            let token = Tokens::new(secret()?.as_bytes(), 0)
+                .issue(&user, ttl.as_secs())
+                .map_err(|e| e.to_string())?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::User(cmd) => admin(&db_path("portal-sync.db"), |c| match cmd {
+            UserCmd::Add { id, email, name } => {
+                db::add_user(c, &id, &email, &name)?;
+                println!("added user {id}");
+                Ok(())
+            }
+            UserCmd::List => table(c, "SELECT id, email, name FROM users ORDER BY id", None),
+        }),
+        Command::Library(cmd) => admin(&db_path("portal-sync.db"), |c| match cmd {
+            LibraryCmd::Add { id, name, owner } => {
+                db::add_library(c, &id, &name, &owner)?;
+                println!("added library {id} owned by {owner}");
+                Ok(())
+            }
+            LibraryCmd::List => table(
+                c,
+                "SELECT id, name, owner_id FROM libraries ORDER BY id",
+                None,
+            ),
+        }),
+        Command::Member(cmd) => admin(&db_path("portal-sync.db"), |c| match cmd {
+            MemberCmd::Set {
+                library,
+                user,
+                role,
+            } => {
+                match db::set_member(c, &library, &user, &role)? {
+                    Some(old) if old == role => println!("{user} already is {role} in {library}"),
+                    Some(old) => println!("{user}: {old} -> {role} in {library}"),
+                    None => println!("added {user} to {library} as {role}"),
+                }
+                Ok(())
+            }
+            MemberCmd::Remove { library, user } => {
+                if db::remove_member(c, &library, &user)? {
+                    println!("removed {user} from {library}");
+                    Ok(())
+                } else {
+                    Err(Error::BadRequest(format!(
+                        "{user} is not a member of {library}"
+                    )))
+                }
+            }
+            MemberCmd::List { library } => table(
+                c,
+                "SELECT user_id, role FROM library_members WHERE library_id = ?1 ORDER BY user_id",
+                Some(&library),
+            ),
+        }),
+        Command::View(cmd) => admin(&db_path("portal-sync.db"), |c| match cmd {
+            ViewCmd::Add {
+                id,
+                library,
+                name,
+                state,
+            } => {
+                db::add_view(c, &id, &library, &name, &state)?;
+                println!("added portal view {id} to {library}");
+                Ok(())
+            }
+            ViewCmd::List => table(
+                c,
+                "SELECT id, library_id, name, version, updated_at FROM portal_views ORDER BY id",
+                None,
+            ),
+            ViewCmd::Show { id } => {
+                let view = db::view(c, &id)?.ok_or(Error::ViewNotFound)?;
+                let text = serde_json::to_string_pretty(&view)
+                    .map_err(|e| Error::Internal(e.to_string()))?;
+                println!("{text}");
+                Ok(())
+            }
+        }),
+    }
+}
+
+fn config(args: &ServeArgs, db_path: PathBuf, secret: String) -> Config {
+    Config {
+        jwt_leeway: args.jwt_leeway,
+        max_message_bytes: args.max_message_bytes,
+        send_queue_bytes: args.send_queue_bytes,
+        shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        sqlite_synchronous: args.sqlite_synchronous,
+        ..Config::new(db_path, secret)
+    }
+}
+
+fn admin(
+    path: &Path,
+    f: impl FnOnce(&rusqlite::Connection) -> Result<(), Error>,
+) -> Result<(), String> {
+    let db = Db::open(path, Synchronous::Full).map_err(|e| e.to_string())?;
+    let conn = db.conn().map_err(|e| e.to_string())?;
+    f(&conn).map_err(|e| match e {
+        Error::Storage(cause) => cause,
+        other => other.client_message(),
+    })
+}
+
+fn table(conn: &rusqlite::Connection, sql: &str, arg: Option<&str>) -> Result<(), Error> {
+    for row in db::list(conn, sql, arg)? {
+        println!("{}", row.join("\t"));
+    }
+    Ok(())
+}
+
+/// Runs the server until SIGINT or SIGTERM.
+fn serve(
+    config: Config,
+    addr: SocketAddr,
+    banner: Option<fn(&Config, SocketAddr)>,
+) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("starting the runtime: {e}"))?;
+    runtime.block_on(async move {
+        let listener =
+            crate::server::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let local = listener.local_addr().unwrap_or(addr);
+        if let Some(banner) = banner {
+            banner(&config, local);
+        }
+        crate::server::run(listener, config, shutdown_signal())
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+fn random_secret() -> Result<String, String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a demo secret: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+pub const DEMO_VIEW: &str = "demo";
+const DEMO_USERS: [(&str, &str, &str); 3] = [
+    ("alice", "Alice", "owner of the library: controller"),
+    ("bob", "Bob", "EDITOR: controller"),
+    ("carol", "Carol", "VIEWER: viewer"),
+];
+
+/// Creates the demo users, library and view unless the view already exists.
+pub fn seed_demo(path: &Path) -> Result<(), Error> {
+    let db = Db::open(path, Synchronous::Full)?;
+    let conn = db.conn()?;
+    if db::view(&conn, DEMO_VIEW)?.is_some() {
+        return Ok(());
+    }
+    for (id, name, _) in DEMO_USERS {
+        if !db::user_exists(&conn, id)? {
+            db::add_user(&conn, id, &format!("{id}@example.com"), name)?;
+        }
+    }
+    db::add_library(&conn, "demo-library", "Demo library", "alice")?;
+    db::set_member(&conn, "demo-library", "alice", "OWNER")?;
+    db::set_member(&conn, "demo-library", "bob", "EDITOR")?;
+    db::set_member(&conn, "demo-library", "carol", "VIEWER")?;
+    let state = json!({
+        "currentItem": "1",
+        "visible": true,
+        "items": {
+            "1": {"title": "Welcome", "body": "portal-sync keeps every viewer on the same page."},
+            "2": {"title": "How it works", "body": "The presenter pushes; the server stores, orders and fans out."},
+            "3": {"title": "Questions?", "body": "Send a request-sync and get the current state at once."}
+        }
+    });
+    let Value::Object(state) = state else {
+        return Err(Error::Internal("demo state is an object".into()));
+    };
+    db::add_view(
+        &conn,
+        DEMO_VIEW,
+        "demo-library",
+        "Demo presentation",
+        &state,
+    )?;
+    Ok(())
+}
+
+fn print_demo(config: &Config, addr: SocketAddr) {
+    let host = if addr.ip().is_unspecified() {
+        SocketAddr::new([127, 0, 0, 1].into(), addr.port())
+    } else {
+        addr
+    };
+    let tokens = Tokens::new(config.jwt_secret.as_bytes(), 0);
+    println!(
+        "portal-sync demo on http://{host} (database {})",
+        config.db_path.display()
+    );
+    println!("JWT secret for this run: {}", config.jwt_secret);
+    println!("(tokens below are valid for 24 hours; Ctrl-C stops the server)\n");
+    for (id, name, what) in DEMO_USERS {
+        let Ok(token) = tokens.issue(id, 24 * 3600) else {
+            continue;
+        };
+        let url = format!("ws://{host}/ws/portal-view/{DEMO_VIEW}?token={token}");
+        println!("{name} ({what})");
+        println!("  WebSocket URL (wscat, or `new WebSocket(url)` in a browser console):");
+        println!("    {url}");
+        println!("  wscat:  npx wscat -c '{url}'");
+        println!(
+            "  REST:   curl -H 'Authorization: Bearer {token}' http://{host}/api/portal-views/{DEMO_VIEW}\n"
+        );
+    }
+    println!("As alice or bob, type:  {{\"type\":\"portal-view-update\",\"payload\":{{\"currentItem\":\"2\"}},\"id\":1}}");
+    println!("As carol, type:         {{\"type\":\"request-sync\"}}\n");
+}
+
+/// `90`, `90s`, `15m`, `1h`, `7d`.
+fn parse_duration(text: &str) -> Result<Duration, String> {
+    let text = text.trim();
+    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => text.split_at(i),
+        None => (text, "s"),
+    };
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("`{text}` is not a duration like 90, 90s, 15m, 1h or 7d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("unknown unit `{unit}`: use s, m, h or d")),
+    };
+    Ok(Duration::from_secs(secs))
+}
+
+fn parse_object(text: &str) -> Result<Map<String, Value>, String> {
+    match serde_json::from_str(text) {
+        Ok(Value::Object(map)) => Ok(map),
+        _ => Err("must be a JSON object".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        use clap::CommandFactory;
+        Cli::command().debug_assert();
+    }
+}

@@ -1,0 +1,113 @@
+//! The server's shared context, handed to every route and session.
+
+use std::ops::Deref;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use tokio::sync::{watch, Notify};
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+use crate::auth::Tokens;
+use crate::config::Config;
+use crate::db::Db;
+use crate::error::Error;
+use crate::hub::Hub;
+use crate::writer::Writer;
+
+/// Cheap to clone: one `Arc`.
+#[derive(Clone)]
+pub struct Ctx(Arc<Shared>);
+
+pub struct Shared {
+    pub config: Config,
+    pub db: Db,
+    pub hub: Arc<Hub>,
+    pub writer: Writer,
+    pub tokens: Tokens,
+    /// Owned here rather than left to warp: warp's default 128 KiB read buffer
+    /// per socket is most of a connection's memory (see STACK.md).
+    pub ws_config: WebSocketConfig,
+    shutdown: watch::Receiver<bool>,
+    sessions: AtomicUsize,
+    sessions_done: Notify,
+}
+
+impl Deref for Ctx {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl Ctx {
+    /// Opens storage and starts the writer. Must run inside a tokio runtime.
+    pub async fn new(config: Config, shutdown: watch::Receiver<bool>) -> Result<Ctx, Error> {
+        if config.jwt_secret.is_empty() {
+            return Err(Error::Internal("a JWT secret is required".into()));
+        }
+        let path = config.db_path.clone();
+        let sync = config.sqlite_synchronous;
+        let db = tokio::task::spawn_blocking(move || Db::open(&path, sync)).await??;
+        let hub = Arc::new(Hub::new());
+        let writer = Writer::spawn(db.clone(), hub.clone());
+        let tokens = Tokens::new(config.jwt_secret.as_bytes(), config.jwt_leeway);
+        let max = config.max_message_bytes;
+        let ws_config = WebSocketConfig::default()
+            .read_buffer_size(4096)
+            .max_message_size(Some(max))
+            .max_frame_size(Some(max));
+        Ok(Ctx(Arc::new(Shared {
+            config,
+            db,
+            hub,
+            writer,
+            tokens,
+            ws_config,
+            shutdown,
+            sessions: AtomicUsize::new(0),
+            sessions_done: Notify::new(),
+        })))
+    }
+
+    /// Resolves when the server starts shutting down.
+    pub async fn shutting_down(&self) {
+        let mut rx = self.shutdown.clone();
+        // An error means the sender is gone, which is a shutdown too.
+        let _ = rx.wait_for(|down| *down).await;
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Counts a live session until the guard drops, so shutdown can wait for it.
+    pub fn session_guard(&self) -> SessionGuard {
+        self.sessions.fetch_add(1, Ordering::AcqRel);
+        SessionGuard(self.clone())
+    }
+
+    pub fn live_sessions(&self) -> usize {
+        self.sessions.load(Ordering::Acquire)
+    }
+
+    /// Resolves when no session is left.
+    pub async fn sessions_closed(&self) {
+        loop {
+            let notified = self.sessions_done.notified();
+            if self.live_sessions() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+pub struct SessionGuard(Ctx);
+
+impl Drop for SessionGuard {
+    fn drop(&mut self) {
+        if self.0.sessions.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.sessions_done.notify_waiters();
+        }
+    }
+}

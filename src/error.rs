@@ -1,0 +1,147 @@
+//! One error type for the whole server, and the three faces it shows clients: an
+//! HTTP status with a JSON body, a WebSocket close code with a reason, or an
+//! `error` reply that keeps the socket open.
+//!
+//! The cause of an internal error is logged; the client only ever sees
+//! `internal error`.
+
+use std::fmt;
+
+use warp::http::StatusCode;
+
+#[derive(Debug)]
+pub enum Error {
+    /// Token missing, malformed or wrongly signed.
+    InvalidToken,
+    TokenExpired,
+    /// A valid token whose `sub` is not a user.
+    UnknownUser,
+    ViewNotFound,
+    /// The user has no role in the view's library.
+    AccessDenied,
+    /// A role that may not do this (a viewer PATCHing, say).
+    Forbidden(&'static str),
+    UnknownType,
+    BadRequest(String),
+    PreconditionFailed {
+        current: i64,
+    },
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    NotFound(&'static str),
+    Conflict(&'static str),
+    /// SQLite or pool failure; the string is for the log only.
+    Storage(String),
+    Internal(String),
+}
+
+impl Error {
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::InvalidToken | Error::TokenExpired | Error::UnknownUser => {
+                StatusCode::UNAUTHORIZED
+            }
+            Error::ViewNotFound | Error::NotFound(_) => StatusCode::NOT_FOUND,
+            Error::AccessDenied | Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::UnknownType | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Error::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
+            Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::Storage(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The WebSocket close code (SPEC §3): 1008 for policy refusals, 1011 for
+    /// anything that is our fault.
+    pub fn close_code(&self) -> u16 {
+        match self {
+            Error::Storage(_) | Error::Internal(_) => 1011,
+            _ => 1008,
+        }
+    }
+
+    /// Machine-readable code, the same on REST bodies and WebSocket `error` replies.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Error::InvalidToken => "INVALID_TOKEN",
+            Error::TokenExpired => "TOKEN_EXPIRED",
+            Error::UnknownUser => "UNKNOWN_USER",
+            Error::ViewNotFound | Error::NotFound(_) => "NOT_FOUND",
+            Error::AccessDenied => "ACCESS_DENIED",
+            Error::Forbidden(_) => "FORBIDDEN",
+            Error::UnknownType => "UNKNOWN_TYPE",
+            Error::BadRequest(_) => "BAD_REQUEST",
+            Error::PreconditionFailed { .. } => "PRECONDITION_FAILED",
+            Error::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Error::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
+            Error::Conflict(_) => "CONFLICT",
+            Error::Storage(_) | Error::Internal(_) => "INTERNAL",
+        }
+    }
+
+    /// What the client is told. For the handshake refusals this is the exact close
+    /// reason of SPEC §3; internal causes are never shown.
+    pub fn client_message(&self) -> String {
+        match self {
+            Error::InvalidToken => "invalid token".into(),
+            Error::TokenExpired => "token expired".into(),
+            Error::UnknownUser => "unknown user".into(),
+            Error::ViewNotFound => "portal view not found".into(),
+            Error::AccessDenied => "access denied".into(),
+            Error::Forbidden(m) | Error::NotFound(m) | Error::Conflict(m) => (*m).into(),
+            Error::UnknownType => "unknown message type".into(),
+            Error::BadRequest(m) => m.clone(),
+            Error::PreconditionFailed { current } => {
+                format!("version mismatch: the current version is {current}")
+            }
+            Error::PayloadTooLarge => "body larger than the maximum message size".into(),
+            Error::UnsupportedMediaType => {
+                "Content-Type must be application/json or application/merge-patch+json".into()
+            }
+            Error::Storage(_) | Error::Internal(_) => "internal error".into(),
+        }
+    }
+
+    /// Logs internal causes once, where they are turned into a client answer.
+    pub fn log(&self, context: &str) {
+        match self {
+            Error::Storage(cause) | Error::Internal(cause) => {
+                log::error!("{context}: {cause}")
+            }
+            other => log::debug!("{context}: {}", other.client_message()),
+        }
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::Storage(cause) => write!(f, "storage: {cause}"),
+            Error::Internal(cause) => write!(f, "internal: {cause}"),
+            other => f.write_str(&other.client_message()),
+        }
+    }
+}
+
+impl std::error::Error for Error {}
+
+impl warp::reject::Reject for Error {}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+impl From<r2d2::Error> for Error {
+    fn from(e: r2d2::Error) -> Self {
+        Error::Storage(format!("pool: {e}"))
+    }
+}
+
+impl From<tokio::task::JoinError> for Error {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Error::Internal(format!("blocking task failed: {e}"))
+    }
+}

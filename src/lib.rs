@@ -1,0 +1,28 @@
+//! portal-sync: a real-time sync server for portal views.
+//!
+//! A controller (presenter) pushes state changes over a WebSocket or REST; the
+//! server checks the token and the user's role, stores the new state in SQLite and
+//! fans it out, in version order, to every connection watching that portal view.
+//! The contract is SPEC.md; the README summarises it.
+//!
+//! The binary (`src/main.rs`) is a thin caller of [`cli::main`]; tests and examples
+//! use the library the same way: bind a listener, call [`server::run`].
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod context;
+pub mod db;
+pub mod error;
+pub mod hub;
+pub mod merge;
+pub mod model;
+pub mod protocol;
+pub mod routes;
+pub mod server;
+pub mod session;
+pub mod writer;
+pub mod ws;
+
+pub use config::Config;
+pub use error::Error;

@@ -1,0 +1,84 @@
+//! Domain words shared by every layer: ids, roles, presence counts.
+
+use serde::Serialize;
+
+/// SPEC §1: ids are 1–64 characters of `[A-Za-z0-9_-]`. Checking this before any
+/// lookup keeps path tricks, SQL fragments and megabyte ids away from storage.
+pub fn is_valid_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// What a user may do in a portal view (SPEC §1 "Role").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Controller,
+    Viewer,
+}
+
+impl Role {
+    /// Library owner or an OWNER/EDITOR member controls; a VIEWER member views;
+    /// anyone else has no access (`None`).
+    pub fn resolve(user_id: &str, owner_id: &str, member_role: Option<&str>) -> Option<Role> {
+        if user_id == owner_id {
+            return Some(Role::Controller);
+        }
+        match member_role {
+            Some("OWNER") | Some("EDITOR") => Some(Role::Controller),
+            Some("VIEWER") => Some(Role::Viewer),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Controller => "controller",
+            Role::Viewer => "viewer",
+        }
+    }
+}
+
+/// Presence counts people, not tabs (SPEC §3.3).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Presence {
+    pub controllers: usize,
+    pub viewers: usize,
+    pub connections: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids() {
+        assert!(is_valid_id("pv1"));
+        assert!(is_valid_id("A-b_9"));
+        assert!(is_valid_id(&"x".repeat(64)));
+        assert!(!is_valid_id(&"x".repeat(65)));
+        assert!(!is_valid_id(""));
+        assert!(!is_valid_id("../etc"));
+        assert!(!is_valid_id("a b"));
+        assert!(!is_valid_id("x' OR 1=1--"));
+        assert!(!is_valid_id("é"));
+    }
+
+    #[test]
+    fn roles() {
+        assert_eq!(Role::resolve("u", "u", None), Some(Role::Controller));
+        assert_eq!(
+            Role::resolve("u", "o", Some("OWNER")),
+            Some(Role::Controller)
+        );
+        assert_eq!(
+            Role::resolve("u", "o", Some("EDITOR")),
+            Some(Role::Controller)
+        );
+        assert_eq!(Role::resolve("u", "o", Some("VIEWER")), Some(Role::Viewer));
+        assert_eq!(Role::resolve("u", "o", None), None);
+        assert_eq!(Role::resolve("u", "o", Some("viewer")), None);
+    }
+}

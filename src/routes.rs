@@ -1,0 +1,330 @@
+//! The HTTP routes of SPEC §4 as warp filters, one per route, and the mapping
+//! of every rejection to the JSON error body.
+
+use std::convert::Infallible;
+
+use bytes::{Buf, BytesMut};
+use futures::{Stream, StreamExt};
+use serde::Serialize;
+use serde_json::value::RawValue;
+use serde_json::{json, Value};
+use warp::filters::BoxedFilter;
+use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
+use warp::reply::Response;
+use warp::{Filter, Rejection, Reply};
+
+use crate::context::Ctx;
+use crate::db::{self, ViewRow};
+use crate::error::Error;
+use crate::merge::Change;
+use crate::model::{Presence, Role};
+use crate::ws;
+
+/// Every route the server answers, with logging and JSON errors.
+pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    ws::portal_view(ctx.clone())
+        .or(ws::socket_io(ctx.clone()))
+        .unify()
+        .or(health(ctx.clone()))
+        .unify()
+        .or(get_view(ctx.clone()))
+        .unify()
+        .or(patch_view(ctx))
+        .unify()
+        .recover(recover)
+        .unify()
+        // `info.path()` carries no query string, so `?token=` is never logged.
+        .with(warp::log::custom(|info| {
+            log::info!(
+                target: "portal_sync::http",
+                "{} {} {} {:?}",
+                info.method(),
+                info.path(),
+                info.status().as_u16(),
+                info.elapsed()
+            )
+        }))
+        .map(Reply::into_response)
+        .boxed()
+}
+
+pub fn with_ctx(ctx: Ctx) -> impl Filter<Extract = (Ctx,), Error = Infallible> + Clone {
+    warp::any().map(move || ctx.clone())
+}
+
+/// The user of `Authorization: Bearer <JWT>`. Whether that user exists is
+/// checked with the rest of the access lookup.
+fn with_token(ctx: Ctx) -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+    warp::header::headers_cloned().and(with_ctx(ctx)).and_then(
+        |headers: HeaderMap, ctx: Ctx| async move {
+            let value = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let token = crate::auth::bearer(value).ok_or(Error::InvalidToken)?;
+            let verified = ctx.tokens.verify(token).map_err(warp::reject::custom)?;
+            Ok::<_, Rejection>(verified.user_id)
+        },
+    )
+}
+
+/// GET /health
+fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    warp::path!("health")
+        .and(warp::get())
+        .and(with_ctx(ctx))
+        .then(|ctx: Ctx| async move {
+            let probe = ctx
+                .db
+                .call(|conn| {
+                    conn.query_row("SELECT count(*) FROM portal_views", [], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .map_err(Error::from)
+                })
+                .await;
+            match probe {
+                Ok(_) => json_response(
+                    StatusCode::OK,
+                    &json!({"status": "ok", "connections": ctx.hub.connections()}),
+                ),
+                Err(e) => {
+                    e.log("health check");
+                    json_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        &json!({"status": "unavailable", "error": "database unavailable"}),
+                    )
+                }
+            }
+        })
+        .boxed()
+}
+
+/// GET /api/portal-views/{id}
+fn get_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    warp::path!("api" / "portal-views" / String)
+        .and(warp::get())
+        .and(with_token(ctx.clone()))
+        .and(with_ctx(ctx))
+        .then(|view_id: String, user_id: String, ctx: Ctx| async move {
+            let access = ctx
+                .db
+                .call(move |conn| db::access(conn, &user_id, &view_id))
+                .await;
+            match access {
+                Ok(access) => view_response(&ctx, &access.view),
+                Err(e) => error_response(&e),
+            }
+        })
+        .boxed()
+}
+
+/// PATCH /api/portal-views/{id}
+fn patch_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    warp::path!("api" / "portal-views" / String)
+        .and(warp::patch())
+        .and(with_token(ctx.clone()))
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and(with_ctx(ctx))
+        .then(
+            |view_id: String, user_id: String, headers: HeaderMap, body, ctx: Ctx| async move {
+                match patch(&ctx, view_id, user_id, &headers, body).await {
+                    Ok(view) => view_response(&ctx, &view),
+                    Err(e) => error_response(&e),
+                }
+            },
+        )
+        .boxed()
+}
+
+/// Checks in order: who (401/404/403), then the body (415/413/400), then the
+/// precondition (412) inside the write transaction.
+async fn patch<S, B>(
+    ctx: &Ctx,
+    view_id: String,
+    user_id: String,
+    headers: &HeaderMap,
+    body: S,
+) -> Result<ViewRow, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let (id, user) = (view_id.clone(), user_id.clone());
+    let access = ctx
+        .db
+        .call(move |conn| db::access(conn, &user, &id))
+        .await?;
+    if access.role != Role::Controller {
+        return Err(Error::Forbidden(
+            "only controllers may change a portal view",
+        ));
+    }
+    check_content_type(headers)?;
+    let body = read_limited(body, ctx.config.max_message_bytes).await?;
+    let patch = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => map,
+        Ok(_) => return Err(Error::BadRequest("the body must be a JSON object".into())),
+        Err(e) => return Err(Error::BadRequest(format!("the body is not JSON: {e}"))),
+    };
+    let payload: Box<RawValue> = serde_json::value::to_raw_value(&patch)
+        .map_err(|e| Error::Internal(format!("serializing a patch: {e}")))?;
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .map(|v| parse_if_match(v.to_str().unwrap_or("")))
+        .unwrap_or(None);
+    ctx.writer
+        .change_and_wait(&view_id, Change::Merge(patch), payload, &user_id, if_match)
+        .await
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
+    let value = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .ok_or(Error::UnsupportedMediaType)?;
+    let essence = value.split(';').next().unwrap_or("").trim();
+    if essence.eq_ignore_ascii_case("application/json")
+        || essence.eq_ignore_ascii_case("application/merge-patch+json")
+    {
+        Ok(())
+    } else {
+        Err(Error::UnsupportedMediaType)
+    }
+}
+
+/// Reads a body, refusing (413) as soon as it passes `limit`, whatever
+/// Content-Length claimed.
+async fn read_limited<S, B>(mut body: S, limit: usize) -> Result<BytesMut, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let mut out = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let mut chunk = chunk.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
+        if out.len() + chunk.remaining() > limit {
+            return Err(Error::PayloadTooLarge);
+        }
+        while chunk.has_remaining() {
+            let part = chunk.chunk();
+            out.extend_from_slice(part);
+            let n = part.len();
+            chunk.advance(n);
+        }
+    }
+    Ok(out)
+}
+
+/// `If-Match`: `*` (any version), or a list of `"<version>"` / bare numbers.
+/// Anything else (a weak tag, garbage) can never match, so it gives 412.
+/// Returns `None` for "no condition".
+pub fn parse_if_match(value: &str) -> Option<Vec<i64>> {
+    let mut versions = Vec::new();
+    for tag in value.split(',').map(str::trim) {
+        if tag == "*" {
+            return None;
+        }
+        let bare = tag
+            .strip_prefix('"')
+            .and_then(|t| t.strip_suffix('"'))
+            .unwrap_or(tag);
+        if let Ok(v) = bare.parse::<i64>() {
+            versions.push(v);
+        }
+    }
+    Some(versions)
+}
+
+fn view_response(ctx: &Ctx, view: &ViewRow) -> Response {
+    #[derive(Serialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Body<'a> {
+        id: &'a str,
+        library_id: &'a str,
+        name: &'a str,
+        state: &'a RawValue,
+        version: i64,
+        updated_at: Option<&'a str>,
+        presence: Presence,
+    }
+    let mut response = json_response(
+        StatusCode::OK,
+        &Body {
+            id: &view.id,
+            library_id: &view.library_id,
+            name: &view.name,
+            state: &view.state,
+            version: view.version,
+            updated_at: view.updated_at.as_deref(),
+            presence: ctx.hub.presence(&view.id),
+        },
+    );
+    if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", view.version)) {
+        response.headers_mut().insert(header::ETAG, etag);
+    }
+    response
+}
+
+pub fn json_response<T: Serialize>(status: StatusCode, body: &T) -> Response {
+    let mut response = warp::reply::json(body).into_response();
+    *response.status_mut() = status;
+    response
+}
+
+/// `{"error":{"code","message"}}` with the error's status; the cause of an
+/// internal error is logged, never sent.
+pub fn error_response(e: &Error) -> Response {
+    e.log("HTTP request");
+    let mut response = json_response(
+        e.status(),
+        &json!({"error": {"code": e.code(), "message": e.client_message()}}),
+    );
+    if e.status() == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    if let Error::PreconditionFailed { current } = e {
+        if let Ok(etag) = HeaderValue::from_str(&format!("\"{current}\"")) {
+            response.headers_mut().insert(header::ETAG, etag);
+        }
+    }
+    response
+}
+
+async fn recover(rejection: Rejection) -> Result<Response, Infallible> {
+    let (status, code, message) = if let Some(e) = rejection.find::<Error>() {
+        return Ok(error_response(e));
+    } else if rejection.is_not_found() {
+        (StatusCode::NOT_FOUND, "NOT_FOUND", "no such route")
+    } else if rejection.find::<warp::reject::MethodNotAllowed>().is_some() {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "METHOD_NOT_ALLOWED",
+            "method not allowed on this route",
+        )
+    } else {
+        log::debug!("unhandled rejection: {rejection:?}");
+        (StatusCode::BAD_REQUEST, "BAD_REQUEST", "bad request")
+    };
+    Ok(json_response(
+        status,
+        &json!({"error": {"code": code, "message": message}}),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_match_forms() {
+        assert_eq!(parse_if_match("\"12\""), Some(vec![12]));
+        assert_eq!(parse_if_match("12"), Some(vec![12]));
+        assert_eq!(parse_if_match("\"3\", \"4\""), Some(vec![3, 4]));
+        assert_eq!(parse_if_match("*"), None);
+        assert_eq!(parse_if_match("W/\"12\""), Some(vec![]));
+        assert_eq!(parse_if_match("garbage"), Some(vec![]));
+    }
+}

@@ -1,0 +1,286 @@
+//! The write path: one task that commits state changes in batches (group
+//! commit), then broadcasts and acknowledges them in commit order.
+//!
+//! Every state change, from any WebSocket or REST request, goes through this one
+//! queue. That is what makes the ordering promise of SPEC §3.2 cheap: versions
+//! are assigned by the SQLite transaction, and the same task that committed them
+//! pushes the broadcasts into every outbox before it commits the next batch, so
+//! each connection sees a view's versions in order. An update is acknowledged
+//! and broadcast only after its transaction has committed.
+
+use std::sync::Arc;
+
+use serde_json::value::RawValue;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::db::{self, Db, StoreOp, Stored, ViewRow};
+use crate::error::Error;
+use crate::hub::{CloseRequest, Hub, Outbox};
+use crate::merge::Change;
+use crate::protocol;
+
+/// Most jobs committed in one transaction.
+const MAX_BATCH: usize = 512;
+/// Jobs waiting for the writer; senders wait (backpressure) when it is full.
+const QUEUE: usize = 8192;
+
+/// Who asked for a change, as broadcasts name them in `from`.
+#[derive(Debug, Clone)]
+pub struct Author {
+    pub user_id: Arc<str>,
+    /// The sending connection (hub key, connection id); `None` for REST.
+    pub connection: Option<(u64, Arc<str>)>,
+}
+
+/// Where the outcome of a job goes.
+pub enum Reply {
+    /// A WebSocket: an `ack` (if the message had an `id`) or an `error` reply.
+    Socket {
+        outbox: Arc<Outbox>,
+        id: Option<Box<RawValue>>,
+    },
+    /// A REST request waiting for the stored view.
+    Rest(oneshot::Sender<Result<ViewRow, Error>>),
+}
+
+pub enum Job {
+    Change {
+        view_id: Arc<str>,
+        change: Change,
+        /// Forwarded verbatim as the broadcast's `payload`.
+        payload: Box<RawValue>,
+        author: Author,
+        if_match: Option<Vec<i64>>,
+        reply: Reply,
+    },
+    /// The server's own `sync-response` (no controller online). It goes through
+    /// the writer so that it is ordered with the view's broadcasts.
+    Snapshot {
+        view_id: Arc<str>,
+        outbox: Arc<Outbox>,
+        id: Option<Box<RawValue>>,
+    },
+    /// Resolves once every job queued before it has been handled.
+    Barrier(oneshot::Sender<()>),
+}
+
+#[derive(Clone)]
+pub struct Writer {
+    tx: mpsc::Sender<Job>,
+}
+
+impl Writer {
+    pub fn spawn(db: Db, hub: Arc<Hub>) -> Writer {
+        let (tx, rx) = mpsc::channel(QUEUE);
+        tokio::spawn(run(db, hub, rx));
+        Writer { tx }
+    }
+
+    pub async fn submit(&self, job: Job) -> Result<(), Error> {
+        self.tx
+            .send(job)
+            .await
+            .map_err(|_| Error::Internal("the writer has stopped".into()))
+    }
+
+    /// Waits until everything submitted so far is committed and answered.
+    pub async fn barrier(&self) {
+        let (tx, rx) = oneshot::channel();
+        if self.submit(Job::Barrier(tx)).await.is_ok() {
+            let _ = rx.await;
+        }
+    }
+
+    /// A REST change: waits for the commit and returns the stored view.
+    pub async fn change_and_wait(
+        &self,
+        view_id: &str,
+        change: Change,
+        payload: Box<RawValue>,
+        user_id: &str,
+        if_match: Option<Vec<i64>>,
+    ) -> Result<ViewRow, Error> {
+        let (tx, rx) = oneshot::channel();
+        self.submit(Job::Change {
+            view_id: view_id.into(),
+            change,
+            payload,
+            author: Author {
+                user_id: user_id.into(),
+                connection: None,
+            },
+            if_match,
+            reply: Reply::Rest(tx),
+        })
+        .await?;
+        rx.await
+            .map_err(|_| Error::Internal("the writer dropped a request".into()))?
+    }
+}
+
+async fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
+    let mut jobs = Vec::with_capacity(MAX_BATCH);
+    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+        let ops: Vec<StoreOp> = jobs.iter().filter_map(store_op).collect();
+        let results = if ops.is_empty() {
+            Ok(Vec::new())
+        } else {
+            db.call(move |conn| db::apply_batch(conn, &ops)).await
+        };
+        match results {
+            Ok(results) => {
+                let mut results = results.into_iter();
+                for job in jobs.drain(..) {
+                    let result = if matches!(job, Job::Barrier(_)) {
+                        None
+                    } else {
+                        results.next()
+                    };
+                    finish(&hub, job, result);
+                }
+            }
+            Err(e) => {
+                e.log("committing a batch of state changes");
+                for job in jobs.drain(..) {
+                    let result = (!matches!(job, Job::Barrier(_)))
+                        .then(|| Err(Error::Storage("batch failed".into())));
+                    finish(&hub, job, result);
+                }
+            }
+        }
+    }
+}
+
+fn store_op(job: &Job) -> Option<StoreOp> {
+    match job {
+        Job::Change {
+            view_id,
+            change,
+            if_match,
+            reply,
+            ..
+        } => Some(StoreOp {
+            view_id: view_id.to_string(),
+            change: Some(change.clone()),
+            if_match: if_match.clone(),
+            want_row: matches!(reply, Reply::Rest(_)),
+        }),
+        Job::Snapshot { view_id, .. } => Some(StoreOp {
+            view_id: view_id.to_string(),
+            change: None,
+            if_match: None,
+            want_row: true,
+        }),
+        Job::Barrier(_) => None,
+    }
+}
+
+/// SPEC §4's `broadcast_portal_view_update`: a REST change reaches every
+/// connection of the view, the caller's own sockets included, tagged
+/// `"source":"rest"`. Returns how many connections it was queued for.
+pub fn broadcast_portal_view_update(
+    hub: &Hub,
+    view_id: &str,
+    patch: &RawValue,
+    version: i64,
+    user_id: &str,
+) -> usize {
+    let from = protocol::From {
+        user_id,
+        connection_id: None,
+    };
+    let msg = protocol::change_broadcast("portal-view-update", patch, version, &from, Some("rest"));
+    hub.broadcast(view_id, &msg, version, None)
+}
+
+/// Broadcasts and answers one job after its batch committed (or failed).
+fn finish(hub: &Hub, job: Job, result: Option<Result<Stored, Error>>) {
+    match job {
+        Job::Barrier(done) => {
+            let _ = done.send(());
+        }
+        Job::Change {
+            view_id,
+            change,
+            payload,
+            author,
+            reply,
+            ..
+        } => {
+            let result = result.unwrap_or_else(|| Err(Error::Internal("no result".into())));
+            if let Ok(stored) = &result {
+                match &author.connection {
+                    None => broadcast_portal_view_update(
+                        hub,
+                        &view_id,
+                        &payload,
+                        stored.version,
+                        &author.user_id,
+                    ),
+                    Some((key, connection_id)) => {
+                        let from = protocol::From {
+                            user_id: &author.user_id,
+                            connection_id: Some(connection_id),
+                        };
+                        let msg = protocol::change_broadcast(
+                            change.message_type(),
+                            &payload,
+                            stored.version,
+                            &from,
+                            None,
+                        );
+                        hub.broadcast(&view_id, &msg, stored.version, Some(*key))
+                    }
+                };
+            }
+            match reply {
+                Reply::Rest(tx) => {
+                    let _ = tx.send(result.and_then(|stored| {
+                        stored
+                            .row
+                            .ok_or_else(|| Error::Internal("row not returned".into()))
+                    }));
+                }
+                Reply::Socket { outbox, id } => match result {
+                    Ok(stored) => {
+                        if let Some(id) = id {
+                            outbox.push(protocol::ack(&id, stored.version), 0);
+                        }
+                    }
+                    Err(e) => refuse(&outbox, e, id.as_deref()),
+                },
+            }
+        }
+        Job::Snapshot {
+            outbox,
+            id,
+            view_id,
+            ..
+        } => match result {
+            Some(Ok(Stored { row: Some(row), .. })) => {
+                outbox.push(
+                    protocol::server_sync_response(&row.state, row.version, id.as_deref()),
+                    0,
+                );
+            }
+            Some(Err(e)) => refuse(&outbox, e, id.as_deref()),
+            _ => log::error!("snapshot of {view_id} returned no row"),
+        },
+    }
+}
+
+/// A write that failed after the message was accepted: the client gets an
+/// `error` reply and, since its view of the state can no longer be trusted,
+/// the close code SPEC gives for the cause.
+fn refuse(outbox: &Outbox, e: Error, id: Option<&RawValue>) {
+    e.log("applying a message");
+    outbox.push(protocol::error(&e, id), 0);
+    let reason = match e {
+        Error::ViewNotFound => "portal view not found",
+        _ => "internal error",
+    };
+    outbox.close(CloseRequest {
+        code: e.close_code(),
+        reason,
+    });
+}

@@ -1,0 +1,313 @@
+//! Test harness: a real server on a random port with a temp SQLite file, and
+//! typed clients for it (after zero-to-production's `tests/api/helpers.rs`).
+//!
+//! Logs are off unless `TEST_LOG=1` (then `RUST_LOG` filters them).
+
+#![allow(dead_code)] // each test binary uses a different part of the harness
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Once;
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use portal_sync::auth::Tokens;
+use portal_sync::db::{self, Db, Synchronous, ViewRow};
+use portal_sync::{Config, Error};
+use serde_json::{json, Map, Value};
+use tokio::net::TcpStream;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
+
+pub const SECRET: &str = "test-secret";
+/// Long enough for a loaded CI machine, short enough to fail fast.
+pub const WAIT: Duration = Duration::from_secs(10);
+
+static LOGS: Once = Once::new();
+
+fn init_logs() {
+    LOGS.call_once(|| {
+        if std::env::var_os("TEST_LOG").is_some() {
+            let _ = pretty_env_logger::formatted_builder()
+                .parse_filters(&std::env::var("RUST_LOG").unwrap_or_else(|_| "debug".into()))
+                .is_test(true)
+                .try_init();
+        }
+    });
+}
+
+/// The fixture every test starts from (SPEC §1 roles):
+/// - `lib1` owned by `owner`; members `ed` EDITOR, `om` OWNER, `v1`/`v2` VIEWER,
+///   `42` VIEWER (a numeric `sub`);
+/// - `lib2` owned by `outsider`, who has no role in `lib1`;
+/// - views `pv1`, `pv2` in `lib1` (state `{}`), `pv3` in `lib2`.
+pub fn seed(db: &Db) {
+    let c = db.conn().expect("conn");
+    for id in ["owner", "ed", "om", "v1", "v2", "42", "outsider"] {
+        db::add_user(&c, id, &format!("{id}@test"), id).expect("user");
+    }
+    db::add_library(&c, "lib1", "Library 1", "owner").expect("lib1");
+    db::add_library(&c, "lib2", "Library 2", "outsider").expect("lib2");
+    for (user, role) in [
+        ("ed", "EDITOR"),
+        ("om", "OWNER"),
+        ("v1", "VIEWER"),
+        ("v2", "VIEWER"),
+        ("42", "VIEWER"),
+    ] {
+        db::set_member(&c, "lib1", user, role).expect("member");
+    }
+    db::add_view(&c, "pv1", "lib1", "View 1", &Map::new()).expect("pv1");
+    db::add_view(&c, "pv2", "lib1", "View 2", &Map::new()).expect("pv2");
+    db::add_view(&c, "pv3", "lib2", "View 3", &Map::new()).expect("pv3");
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub db_path: PathBuf,
+    pub config: Config,
+    pub db: Db,
+    tokens: Tokens,
+    stop: Option<oneshot::Sender<()>>,
+    handle: Option<JoinHandle<Result<(), Error>>>,
+    _dir: tempfile::TempDir,
+}
+
+/// A seeded server with SPEC's default limits.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+/// A seeded server whose config `tweak` may change.
+pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
+    init_logs();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_path = dir.path().join("portal.db");
+    let db = Db::open(&db_path, Synchronous::Normal).expect("open db");
+    seed(&db);
+    let mut config = Config::new(&db_path, SECRET);
+    config.sqlite_synchronous = Synchronous::Normal;
+    tweak(&mut config);
+    let tokens = Tokens::new(SECRET.as_bytes(), 0);
+    let mut app = TestApp {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        db_path,
+        config,
+        db,
+        tokens,
+        stop: None,
+        handle: None,
+        _dir: dir,
+    };
+    app.start().await;
+    app
+}
+
+impl TestApp {
+    async fn start(&mut self) {
+        let listener =
+            portal_sync::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+        self.addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let server = portal_sync::server::run(listener, self.config.clone(), async move {
+            let _ = stopped.await;
+        });
+        self.handle = Some(tokio::spawn(server));
+        self.stop = Some(stop);
+    }
+
+    /// Graceful shutdown; returns what `server::run` returned.
+    pub async fn shutdown(&mut self) -> Result<(), Error> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let handle = self.handle.take().expect("server running");
+        tokio::time::timeout(WAIT * 2, handle)
+            .await
+            .expect("server stops in time")
+            .expect("server task")
+    }
+
+    /// Stops the server and starts a new one on the same database file.
+    pub async fn restart(&mut self) {
+        self.shutdown().await.expect("clean shutdown");
+        self.start().await;
+    }
+
+    pub fn token(&self, user: &str) -> String {
+        self.tokens.issue(user, 3600).expect("token")
+    }
+
+    /// A token with arbitrary claims, signed with `secret`.
+    pub fn token_with(&self, secret: &str, claims: Value) -> String {
+        let header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+        jsonwebtoken::encode(
+            &header,
+            &claims,
+            &jsonwebtoken::EncodingKey::from_secret(secret.as_bytes()),
+        )
+        .expect("sign")
+    }
+
+    pub fn ws_url(&self, view: &str, token: Option<&str>) -> String {
+        match token {
+            Some(t) => format!("ws://{}/ws/portal-view/{view}?token={t}", self.addr),
+            None => format!("ws://{}/ws/portal-view/{view}", self.addr),
+        }
+    }
+
+    pub fn http_url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Opens a socket for `user` on `view` and returns it with its `connected`
+    /// message already read and checked.
+    pub async fn connect(&self, view: &str, user: &str) -> Client {
+        let mut client = self.open(&self.ws_url(view, Some(&self.token(user)))).await;
+        let connected = client.recv().await;
+        assert_eq!(connected["type"], "connected", "{connected}");
+        assert_eq!(connected["portalViewId"], view);
+        assert_eq!(connected["userId"], user);
+        client.connected = connected;
+        client
+    }
+
+    /// Opens a socket without reading anything.
+    pub async fn open(&self, url: &str) -> Client {
+        self.open_request(url.into_client_request().expect("request"))
+            .await
+    }
+
+    pub async fn open_request(
+        &self,
+        request: tokio_tungstenite::tungstenite::handshake::client::Request,
+    ) -> Client {
+        let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+            .await
+            .expect("handshake in time")
+            .expect("handshake");
+        assert_eq!(response.status(), 101);
+        Client {
+            ws,
+            connected: Value::Null,
+        }
+    }
+
+    /// The row as stored in SQLite right now.
+    pub fn stored(&self, view: &str) -> ViewRow {
+        let c = self.db.conn().expect("conn");
+        db::view(&c, view).expect("read").expect("view exists")
+    }
+
+    pub fn stored_state(&self, view: &str) -> Value {
+        serde_json::from_str(self.stored(view).state.get()).expect("state json")
+    }
+
+    pub fn http(&self) -> reqwest::Client {
+        reqwest::Client::new()
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+pub struct Client {
+    pub ws: WebSocketStream<MaybeTlsStream<TcpStream>>,
+    /// The `connected` message, when opened with `TestApp::connect`.
+    pub connected: Value,
+}
+
+impl Client {
+    pub async fn send(&mut self, message: Value) {
+        self.send_text(&message.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, text: &str) {
+        self.ws.send(Message::text(text)).await.expect("send");
+    }
+
+    /// The next JSON message; panics on close, timeout or a non-text frame.
+    pub async fn recv(&mut self) -> Value {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a message in time")
+                .expect("socket open")
+                .expect("frame");
+            match frame {
+                Message::Text(text) => return serde_json::from_str(text.as_str()).expect("JSON"),
+                Message::Ping(_) | Message::Pong(_) => continue,
+                other => panic!("expected a text message, got {other:?}"),
+            }
+        }
+    }
+
+    /// Skips messages until one of type `ty` arrives.
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        loop {
+            let message = self.recv().await;
+            if message["type"] == ty {
+                return message;
+            }
+        }
+    }
+
+    /// Waits for the server's close frame; returns its code and reason.
+    /// Panics if a data message arrives first.
+    pub async fn expect_close(&mut self) -> (u16, String) {
+        loop {
+            let frame = tokio::time::timeout(WAIT, self.ws.next())
+                .await
+                .expect("a close in time");
+            match frame {
+                Some(Ok(Message::Close(Some(frame)))) => {
+                    return (u16::from(frame.code), frame.reason.to_string())
+                }
+                Some(Ok(Message::Close(None))) => return (1005, String::new()),
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(other)) => panic!("expected a close, got {other:?}"),
+                Some(Err(e)) => panic!("expected a close frame, got error {e}"),
+                None => panic!("the connection ended without a close frame"),
+            }
+        }
+    }
+
+    /// Asserts the close code and that the reason starts with `reason`.
+    pub async fn assert_closed(&mut self, code: u16, reason: &str) {
+        let (got_code, got_reason) = self.expect_close().await;
+        assert_eq!(got_code, code, "close code (reason {got_reason:?})");
+        assert!(
+            got_reason.starts_with(reason),
+            "close reason {got_reason:?} should start with {reason:?}"
+        );
+    }
+
+    /// Asserts nothing arrives within `wait`.
+    pub async fn assert_silent(&mut self, wait: Duration) {
+        if let Ok(frame) = tokio::time::timeout(wait, self.ws.next()).await {
+            panic!("expected silence, got {frame:?}");
+        }
+    }
+
+    /// Sends a `ping` and checks the `pong`: proves the socket is still served.
+    pub async fn assert_alive(&mut self) {
+        self.send(json!({"type": "ping", "id": "alive?"})).await;
+        let pong = self.recv().await;
+        assert_eq!(pong["type"], "pong", "{pong}");
+        assert_eq!(pong["id"], "alive?");
+    }
+}
+
+/// The close code type, for tests that build frames.
+pub fn close_code(code: u16) -> CloseCode {
+    CloseCode::from(code)
+}
