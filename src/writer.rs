@@ -247,7 +247,7 @@ fn finish(hub: &Hub, job: Job, result: Option<Result<Stored, Error>>) {
                             outbox.push(protocol::ack(&id, stored.version), 0);
                         }
                     }
-                    Err(e) => refuse(&outbox, e, id.as_deref()),
+                    Err(e) => refuse(&outbox, e),
                 },
             }
         }
@@ -263,18 +263,18 @@ fn finish(hub: &Hub, job: Job, result: Option<Result<Stored, Error>>) {
                     0,
                 );
             }
-            Some(Err(e)) => refuse(&outbox, e, id.as_deref()),
+            Some(Err(e)) => refuse(&outbox, e),
             _ => log::error!("snapshot of {view_id} returned no row"),
         },
     }
 }
 
-/// A write that failed after the message was accepted: the client gets an
-/// `error` reply and, since its view of the state can no longer be trusted,
-/// the close code SPEC gives for the cause.
-fn refuse(outbox: &Outbox, e: Error, id: Option<&RawValue>) {
+/// A write that failed after the message was accepted. Nothing was
+/// acknowledged; the client's picture of the state can no longer be trusted, so
+/// it is closed with the code SPEC's close table gives for the cause (and
+/// resynchronises from `connected` when it reconnects).
+fn refuse(outbox: &Outbox, e: Error) {
     e.log("applying a message");
-    outbox.push(protocol::error(&e, id), 0);
     let reason = match e {
         Error::ViewNotFound => "portal view not found",
         _ => "internal error",
