@@ -196,34 +196,35 @@ fn state_json(view_id: &str, text: String) -> Result<Box<RawValue>, Error> {
 }
 
 pub fn view(conn: &Connection, view_id: &str) -> Result<Option<ViewRow>, Error> {
+    select_view(conn, view_id)?
+        .map(|(library_id, name, state, version, updated_at)| {
+            Ok(ViewRow {
+                id: view_id.to_string(),
+                library_id,
+                name,
+                state: state_json(view_id, state)?,
+                version,
+                updated_at,
+            })
+        })
+        .transpose()
+}
+
+/// A view's columns: library id, name, state text, version, updated at.
+type ViewColumns = (String, String, String, i64, Option<String>);
+
+fn select_view(conn: &Connection, view_id: &str) -> Result<Option<ViewColumns>, Error> {
     if !is_valid_id(view_id) {
         return Ok(None);
     }
     let mut stmt = conn.prepare_cached(
         "SELECT library_id, name, state, version, updated_at FROM portal_views WHERE id = ?1",
     )?;
-    let row = stmt
+    Ok(stmt
         .query_row([view_id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<String>>(4)?,
-            ))
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
         })
-        .optional()?;
-    row.map(|(library_id, name, state, version, updated_at)| {
-        Ok(ViewRow {
-            id: view_id.to_string(),
-            library_id,
-            name,
-            state: state_json(view_id, state)?,
-            version,
-            updated_at,
-        })
-    })
-    .transpose()
+        .optional()?)
 }
 
 /// One unit of work for [`apply_batch`].
@@ -333,21 +334,7 @@ pub fn apply_batch(
 }
 
 fn load(conn: &Connection, view_id: &str) -> Result<Result<Loaded, LoadFailure>, Error> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT library_id, name, state, version, updated_at FROM portal_views WHERE id = ?1",
-    )?;
-    let row = stmt
-        .query_row([view_id], |r| {
-            Ok((
-                r.get::<_, String>(0)?,
-                r.get::<_, String>(1)?,
-                r.get::<_, String>(2)?,
-                r.get::<_, i64>(3)?,
-                r.get::<_, Option<String>>(4)?,
-            ))
-        })
-        .optional()?;
-    let Some((library_id, name, state, version, updated_at)) = row else {
+    let Some((library_id, name, state, version, updated_at)) = select_view(conn, view_id)? else {
         return Ok(Err(LoadFailure::NotFound));
     };
     let Ok(Value::Object(state)) = serde_json::from_str::<Value>(&state) else {

@@ -121,57 +121,100 @@ impl Writer {
 async fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
-        let ops: Vec<StoreOp> = jobs.iter().filter_map(store_op).collect();
+        let (ops, pending): (Vec<Option<StoreOp>>, Vec<Pending>) =
+            jobs.drain(..).map(split).unzip();
+        let ops: Vec<StoreOp> = ops.into_iter().flatten().collect();
         let results = if ops.is_empty() {
             Ok(Vec::new())
         } else {
             db.call(move |conn| db::apply_batch(conn, &ops)).await
         };
-        match results {
-            Ok(results) => {
-                let mut results = results.into_iter();
-                for job in jobs.drain(..) {
-                    let result = if matches!(job, Job::Barrier(_)) {
-                        None
-                    } else {
-                        results.next()
-                    };
-                    finish(&hub, job, result);
-                }
-            }
+        let mut results = match results {
+            Ok(results) => results.into_iter(),
             Err(e) => {
                 e.log("committing a batch of state changes");
-                for job in jobs.drain(..) {
-                    let result = (!matches!(job, Job::Barrier(_)))
-                        .then(|| Err(Error::Storage("batch failed".into())));
-                    finish(&hub, job, result);
-                }
+                Vec::new().into_iter()
             }
+        };
+        for job in pending {
+            let result = match job {
+                Pending::Barrier(_) => None,
+                // A failed batch has no results: every job in it failed.
+                _ => Some(
+                    results
+                        .next()
+                        .unwrap_or_else(|| Err(Error::Storage("batch failed".into()))),
+                ),
+            };
+            finish(&hub, job, result);
         }
     }
 }
 
-fn store_op(job: &Job) -> Option<StoreOp> {
+/// A job whose change has moved into the batch: what is left to broadcast and
+/// answer once the batch has committed.
+enum Pending {
+    Change {
+        view_id: Arc<str>,
+        message_type: &'static str,
+        payload: Box<RawValue>,
+        author: Author,
+        reply: Reply,
+    },
+    Snapshot {
+        view_id: Arc<str>,
+        outbox: Arc<Outbox>,
+        id: Option<Box<RawValue>>,
+    },
+    Barrier(oneshot::Sender<()>),
+}
+
+fn split(job: Job) -> (Option<StoreOp>, Pending) {
     match job {
         Job::Change {
             view_id,
             change,
+            payload,
+            author,
             if_match,
             reply,
-            ..
-        } => Some(StoreOp {
-            view_id: view_id.to_string(),
-            change: Some(change.clone()),
-            if_match: if_match.clone(),
-            want_row: matches!(reply, Reply::Rest(_)),
-        }),
-        Job::Snapshot { view_id, .. } => Some(StoreOp {
-            view_id: view_id.to_string(),
-            change: None,
-            if_match: None,
-            want_row: true,
-        }),
-        Job::Barrier(_) => None,
+        } => {
+            let message_type = change.message_type();
+            let op = StoreOp {
+                view_id: view_id.to_string(),
+                change: Some(change),
+                if_match,
+                want_row: matches!(reply, Reply::Rest(_)),
+            };
+            (
+                Some(op),
+                Pending::Change {
+                    view_id,
+                    message_type,
+                    payload,
+                    author,
+                    reply,
+                },
+            )
+        }
+        Job::Snapshot {
+            view_id,
+            outbox,
+            id,
+        } => (
+            Some(StoreOp {
+                view_id: view_id.to_string(),
+                change: None,
+                if_match: None,
+                want_row: true,
+            }),
+            Pending::Snapshot {
+                view_id,
+                outbox,
+                id,
+            },
+        ),
+        Job::Barrier(done) => (None, Pending::Barrier(done)),
     }
 }
 
@@ -194,18 +237,17 @@ pub fn broadcast_portal_view_update(
 }
 
 /// Broadcasts and answers one job after its batch committed (or failed).
-fn finish(hub: &Hub, job: Job, result: Option<Result<Stored, Error>>) {
+fn finish(hub: &Hub, job: Pending, result: Option<Result<Stored, Error>>) {
     match job {
-        Job::Barrier(done) => {
+        Pending::Barrier(done) => {
             let _ = done.send(());
         }
-        Job::Change {
+        Pending::Change {
             view_id,
-            change,
+            message_type,
             payload,
             author,
             reply,
-            ..
         } => {
             let result = result.unwrap_or_else(|| Err(Error::Internal("no result".into())));
             if let Ok(stored) = &result {
@@ -223,7 +265,7 @@ fn finish(hub: &Hub, job: Job, result: Option<Result<Stored, Error>>) {
                             connection_id: Some(connection_id),
                         };
                         let msg = protocol::change_broadcast(
-                            change.message_type(),
+                            message_type,
                             &payload,
                             stored.version,
                             &from,
@@ -251,11 +293,10 @@ fn finish(hub: &Hub, job: Job, result: Option<Result<Stored, Error>>) {
                 },
             }
         }
-        Job::Snapshot {
+        Pending::Snapshot {
             outbox,
             id,
             view_id,
-            ..
         } => match result {
             Some(Ok(Stored { row: Some(row), .. })) => {
                 outbox.push(

@@ -279,19 +279,6 @@ impl Demo {
     }
 }
 
-/// Opens a WebSocket to a running binary and wraps it in the harness's client.
-async fn ws_connect(request: tokio_tungstenite::tungstenite::handshake::client::Request) -> Client {
-    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
-        .await
-        .expect("handshake in time")
-        .expect("handshake");
-    assert_eq!(response.status(), 101);
-    Client {
-        ws,
-        connected: Value::Null,
-    }
-}
-
 /// Reads the rest of a socket after its close frame until the TCP stream ends.
 async fn finish_close(client: &mut Client) {
     use futures::StreamExt;
@@ -1102,7 +1089,7 @@ async fn demo_serves_printed_tokens_and_shuts_down_on_sigterm() {
         );
     }
 
-    let mut carol = ws_connect(demo.ws_urls[2].as_str().into_client_request().expect("url")).await;
+    let mut carol = open_ws(demo.ws_urls[2].as_str().into_client_request().expect("url")).await;
     let connected = carol.recv().await;
     assert_eq!(connected["type"], "connected", "{connected}");
     assert_eq!(connected["portalViewId"], "demo");
@@ -1124,7 +1111,7 @@ async fn demo_serves_printed_tokens_and_shuts_down_on_sigterm() {
         "authorization",
         HeaderValue::from_str(&format!("Bearer {}", demo.tokens[1])).expect("header"),
     );
-    let mut bob = ws_connect(request).await;
+    let mut bob = open_ws(request).await;
     let connected = bob.recv().await;
     assert_eq!(connected["type"], "connected", "{connected}");
     assert_eq!(connected["userId"], "bob");

@@ -1894,3 +1894,68 @@ async fn acked_updates_are_durable_across_restart() {
     let c = app.connect("pv1", "v1").await;
     assert_connected(&c, "pv1", "v1", "viewer", json!({"n": 50}), 50, [0, 1, 1]);
 }
+
+// ---------------------------------------------------------------------------
+// Writes that fail after the message was accepted
+
+/// Storage that fails under an open session (state corrupted by another tool):
+/// the sender is closed 1011 `internal error`, nothing is acked or broadcast,
+/// the row is left as it was, and the server keeps serving other views.
+#[tokio::test]
+async fn write_failure_closes_1011_without_ack_or_broadcast() {
+    let app = spawn_app().await;
+    let mut controller = app.connect("pv1", "owner").await;
+    let mut viewer = app.connect("pv1", "v1").await;
+    app.db
+        .conn()
+        .expect("conn")
+        .execute(
+            "UPDATE portal_views SET state = 'nope' WHERE id = 'pv1'",
+            [],
+        )
+        .expect("corrupt");
+    controller
+        .send(json!({"type": "portal-view-update", "payload": {"a": 1}, "id": 1}))
+        .await;
+    controller.assert_closed(1011, "internal error").await;
+    let (raw, version): (String, i64) = app
+        .db
+        .conn()
+        .expect("conn")
+        .query_row(
+            "SELECT state, version FROM portal_views WHERE id = 'pv1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("row");
+    assert_eq!(version, 0);
+    assert_eq!(raw, "nope");
+    viewer.assert_silent(Duration::from_millis(300)).await;
+    let mut other = app.connect("pv2", "owner").await;
+    other
+        .send(json!({"type": "portal-view-update", "payload": {"b": 2}, "id": 2}))
+        .await;
+    assert_eq!(
+        other.recv().await,
+        json!({"type": "ack", "id": 2, "version": 1})
+    );
+}
+
+/// A view deleted while a controller is connected: its next change closes it
+/// 1008 `portal view not found`.
+#[tokio::test]
+async fn write_to_deleted_view_closes_1008_view_not_found() {
+    let app = spawn_app().await;
+    let mut controller = app.connect("pv2", "owner").await;
+    app.db
+        .conn()
+        .expect("conn")
+        .execute("DELETE FROM portal_views WHERE id = 'pv2'", [])
+        .expect("delete");
+    controller
+        .send(json!({"type": "portal-view-update", "payload": {"a": 1}, "id": 1}))
+        .await;
+    controller
+        .assert_closed(1008, "portal view not found")
+        .await;
+}

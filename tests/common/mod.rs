@@ -186,15 +186,7 @@ impl TestApp {
         &self,
         request: tokio_tungstenite::tungstenite::handshake::client::Request,
     ) -> Client {
-        let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
-            .await
-            .expect("handshake in time")
-            .expect("handshake");
-        assert_eq!(response.status(), 101);
-        Client {
-            ws,
-            connected: Value::Null,
-        }
+        open_ws(request).await
     }
 
     /// The row as stored in SQLite right now.
@@ -217,6 +209,22 @@ impl Drop for TestApp {
         if let Some(handle) = self.handle.take() {
             handle.abort();
         }
+    }
+}
+
+/// Opens a WebSocket (to any server: a spawned app or a running binary) and
+/// checks the 101, without reading anything.
+pub async fn open_ws(
+    request: tokio_tungstenite::tungstenite::handshake::client::Request,
+) -> Client {
+    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(request))
+        .await
+        .expect("handshake in time")
+        .expect("handshake");
+    assert_eq!(response.status(), 101);
+    Client {
+        ws,
+        connected: Value::Null,
     }
 }
 
