@@ -171,14 +171,7 @@ pub fn access(conn: &Connection, user_id: &str, view_id: &str) -> Result<Access,
     .ok_or(Error::AccessDenied)?;
     Ok(Access {
         role,
-        view: ViewRow {
-            id: view_id.to_string(),
-            library_id,
-            name,
-            state: state_json(view_id, state)?,
-            version,
-            updated_at,
-        },
+        view: ViewRow::from_columns(view_id, (library_id, name, state, version, updated_at))?,
     })
 }
 
@@ -197,17 +190,23 @@ fn state_json(view_id: &str, text: String) -> Result<Box<RawValue>, Error> {
 
 pub fn view(conn: &Connection, view_id: &str) -> Result<Option<ViewRow>, Error> {
     select_view(conn, view_id)?
-        .map(|(library_id, name, state, version, updated_at)| {
-            Ok(ViewRow {
-                id: view_id.to_string(),
-                library_id,
-                name,
-                state: state_json(view_id, state)?,
-                version,
-                updated_at,
-            })
-        })
+        .map(|columns| ViewRow::from_columns(view_id, columns))
         .transpose()
+}
+
+impl ViewRow {
+    /// Builds a row from its columns, validating the stored state text.
+    fn from_columns(view_id: &str, columns: ViewColumns) -> Result<ViewRow, Error> {
+        let (library_id, name, state, version, updated_at) = columns;
+        Ok(ViewRow {
+            id: view_id.to_string(),
+            library_id,
+            name,
+            state: state_json(view_id, state)?,
+            version,
+            updated_at,
+        })
+    }
 }
 
 /// A view's columns: library id, name, state text, version, updated at.

@@ -827,99 +827,21 @@ async fn admin_errors_exit_non_zero_with_a_message() {
     .await
     .assert_ok();
 
-    // Duplicate user id, duplicate email.
-    admin(
-        d,
-        &db_path,
-        &[
-            "user", "add", "--id", "alice", "--email", "other@x", "--name", "A2",
-        ],
-    )
-    .await
-    .assert_failed(None);
-    admin(
-        d,
-        &db_path,
-        &[
-            "user", "add", "--id", "alice2", "--email", "a@x", "--name", "A2",
-        ],
-    )
-    .await
-    .assert_failed(None);
-    // Unknown owner, unknown library, unknown member.
-    admin(
-        d,
-        &db_path,
-        &[
-            "library", "add", "--id", "lib2", "--name", "L2", "--owner", "ghost",
-        ],
-    )
-    .await
-    .assert_failed(None);
-    admin(
-        d,
-        &db_path,
-        &[
-            "view",
-            "add",
-            "--id",
-            "pv",
-            "--library",
-            "nolib",
-            "--name",
-            "V",
-        ],
-    )
-    .await
-    .assert_failed(None);
-    admin(
-        d,
-        &db_path,
-        &[
-            "member",
-            "set",
-            "--library",
-            "nolib",
-            "--user",
-            "alice",
-            "--role",
-            "EDITOR",
-        ],
-    )
-    .await
-    .assert_failed(None);
-    admin(
-        d,
-        &db_path,
-        &[
-            "member",
-            "set",
-            "--library",
-            "lib",
-            "--user",
-            "ghost",
-            "--role",
-            "EDITOR",
-        ],
-    )
-    .await
-    .assert_failed(None);
-    admin(
-        d,
-        &db_path,
-        &[
-            "member",
-            "set",
-            "--library",
-            "lib",
-            "--user",
-            "alice",
-            "--role",
-            "ADMIN",
-        ],
-    )
-    .await
-    .assert_failed(None);
+    // Each refused: duplicate user id, duplicate email, unknown owner, unknown
+    // library (for a view and for a member), unknown member, bad role.
+    let refused = [
+        "user add --id alice --email other@x --name A2",
+        "user add --id alice2 --email a@x --name A2",
+        "library add --id lib2 --name L2 --owner ghost",
+        "view add --id pv --library nolib --name V",
+        "member set --library nolib --user alice --role EDITOR",
+        "member set --library lib --user ghost --role EDITOR",
+        "member set --library lib --user alice --role ADMIN",
+    ];
+    for command in refused {
+        let args: Vec<&str> = command.split_whitespace().collect();
+        admin(d, &db_path, &args).await.assert_failed(None);
+    }
     // Invalid ids.
     let long = "x".repeat(65);
     for id in ["a b", "a/b", "ü", long.as_str()] {
