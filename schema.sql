@@ -33,3 +33,34 @@ CREATE TABLE IF NOT EXISTS portal_views (
 -- views by library.
 CREATE INDEX IF NOT EXISTS library_members_user ON library_members(user_id);
 CREATE INDEX IF NOT EXISTS portal_views_library ON portal_views(library_id);
+
+-- Beyond SPEC: a log of membership changes, written by triggers so that every
+-- writer (the REST routes, the admin CLI, another node, a sqlite3 shell) is
+-- covered. Running servers poll it and close the affected connections with
+-- 1008 `access revoked` (SPEC §3.4). Old rows are pruned at start.
+CREATE TABLE IF NOT EXISTS membership_changes (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    library_id TEXT NOT NULL,
+    user_id    TEXT NOT NULL,
+    at         INTEGER NOT NULL DEFAULT (CAST(strftime('%s', 'now') AS INTEGER))
+);
+
+CREATE TRIGGER IF NOT EXISTS library_members_role_changed
+AFTER UPDATE OF role ON library_members
+WHEN OLD.role IS NOT NEW.role
+BEGIN
+    INSERT INTO membership_changes (library_id, user_id) VALUES (OLD.library_id, OLD.user_id);
+END;
+
+CREATE TRIGGER IF NOT EXISTS library_members_removed
+AFTER DELETE ON library_members
+BEGIN
+    INSERT INTO membership_changes (library_id, user_id) VALUES (OLD.library_id, OLD.user_id);
+END;
+
+CREATE TRIGGER IF NOT EXISTS library_owner_changed
+AFTER UPDATE OF owner_id ON libraries
+WHEN OLD.owner_id IS NOT NEW.owner_id
+BEGIN
+    INSERT INTO membership_changes (library_id, user_id) VALUES (OLD.id, OLD.owner_id);
+END;

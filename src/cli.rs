@@ -79,6 +79,31 @@ struct ServeArgs {
     /// Seconds shutdown waits for connections to close
     #[arg(long, env = "PORTAL_SHUTDOWN_TIMEOUT", default_value_t = 10)]
     shutdown_timeout: u64,
+    /// Seconds between pings to every connection
+    #[arg(long, env = "PORTAL_PING_INTERVAL", default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..))]
+    ping_interval: u64,
+    /// Seconds a ping may go unanswered before the connection is dropped
+    #[arg(long, env = "PORTAL_PING_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
+    ping_timeout: u64,
+    /// Inbound messages per second per connection (token bucket refill rate)
+    #[arg(long, env = "PORTAL_RATE_PER_SEC", default_value_t = 100)]
+    rate_per_sec: u32,
+    /// Inbound messages a connection may send at once (token bucket size)
+    #[arg(long, env = "PORTAL_RATE_BURST", default_value_t = 200, value_parser = clap::value_parser!(u32).range(1..))]
+    rate_burst: u32,
+    /// Open connections per user, over all views
+    #[arg(long, env = "PORTAL_MAX_CONNS_PER_USER", default_value_t = 32)]
+    max_conns_per_user: usize,
+    /// Open connections per portal view
+    #[arg(long, env = "PORTAL_MAX_CONNS_PER_VIEW", default_value_t = 100_000)]
+    max_conns_per_view: usize,
+    /// Open connections on this server
+    #[arg(long, env = "PORTAL_MAX_CONNS", default_value_t = 200_000)]
+    max_conns: usize,
+    /// Browser origins allowed besides the server's own, comma-separated
+    /// (`https://app.example.com`; `*` allows any origin)
+    #[arg(long, env = "PORTAL_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
     /// SQLite `synchronous` (full: acks survive power loss; normal: they survive a
     /// process crash)
     #[arg(
@@ -302,6 +327,19 @@ fn config(args: &ServeArgs, db_path: PathBuf, secret: String) -> Config {
         max_message_bytes: args.max_message_bytes,
         send_queue_bytes: args.send_queue_bytes,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
+        ping_interval: Duration::from_secs(args.ping_interval),
+        ping_timeout: Duration::from_secs(args.ping_timeout),
+        rate_per_sec: f64::from(args.rate_per_sec),
+        rate_burst: args.rate_burst,
+        max_conns_per_user: args.max_conns_per_user,
+        max_conns_per_view: args.max_conns_per_view,
+        max_conns: args.max_conns,
+        allowed_origins: args
+            .allowed_origins
+            .iter()
+            .map(|o| o.trim().to_string())
+            .filter(|o| !o.is_empty())
+            .collect(),
         sqlite_synchronous: args.sqlite_synchronous,
         ..Config::new(db_path, secret)
     }

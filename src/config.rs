@@ -19,6 +19,25 @@ pub struct Config {
     /// How long shutdown waits for connections to close (SPEC §3.4).
     pub shutdown_timeout: Duration,
     pub sqlite_synchronous: Synchronous,
+    /// How often every connection is pinged (SPEC §3.4).
+    pub ping_interval: Duration,
+    /// How long a ping may go unanswered before the connection is dropped.
+    pub ping_timeout: Duration,
+    /// Inbound messages per second per connection (token bucket refill).
+    pub rate_per_sec: f64,
+    /// Token bucket size: messages a connection may send at once.
+    pub rate_burst: u32,
+    pub max_conns_per_user: usize,
+    pub max_conns_per_view: usize,
+    pub max_conns: usize,
+    /// Browser origins allowed besides the server's own (`*` allows any).
+    pub allowed_origins: Vec<String>,
+    /// How late a presence event may be, so a crowd joining at once produces
+    /// one event per window rather than one per person (SPEC §3.3).
+    pub presence_batch: Duration,
+    /// How often membership changes made by other processes (the admin CLI,
+    /// another node) are looked for.
+    pub revocation_poll: Duration,
 }
 
 impl Config {
@@ -32,6 +51,16 @@ impl Config {
             send_queue_bytes: 1 << 20,
             shutdown_timeout: Duration::from_secs(10),
             sqlite_synchronous: Synchronous::Full,
+            ping_interval: Duration::from_secs(25),
+            ping_timeout: Duration::from_secs(10),
+            rate_per_sec: 100.0,
+            rate_burst: 200,
+            max_conns_per_user: 32,
+            max_conns_per_view: 100_000,
+            max_conns: 200_000,
+            allowed_origins: Vec::new(),
+            presence_batch: Duration::from_millis(100),
+            revocation_poll: Duration::from_millis(250),
         }
     }
 }

@@ -11,7 +11,9 @@ use crate::auth::Tokens;
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::Error;
-use crate::hub::Hub;
+use crate::hub::{Hub, Limits};
+use crate::metrics::Metrics;
+use crate::revocation::{self, Nudge};
 use crate::writer::Writer;
 
 /// Cheap to clone: one `Arc`.
@@ -24,6 +26,9 @@ pub struct Shared {
     pub hub: Arc<Hub>,
     pub writer: Writer,
     pub tokens: Tokens,
+    pub metrics: Arc<Metrics>,
+    /// Asks the revocation watcher to look at the membership log now.
+    pub revocation_nudge: Nudge,
     /// Owned here rather than left to warp: warp's default 128 KiB read buffer
     /// per socket is most of a connection's memory (see STACK.md).
     pub ws_config: WebSocketConfig,
@@ -48,8 +53,29 @@ impl Ctx {
         let path = config.db_path.clone();
         let sync = config.sqlite_synchronous;
         let db = tokio::task::spawn_blocking(move || Db::open(&path, sync)).await??;
-        let hub = Arc::new(Hub::new());
-        let writer = Writer::spawn(db.clone(), hub.clone());
+        let hub = Arc::new(Hub::new(Limits {
+            per_user: config.max_conns_per_user,
+            per_view: config.max_conns_per_view,
+            total: config.max_conns,
+        }));
+        let metrics = Arc::new(Metrics::new());
+        let writer = Writer::spawn(db.clone(), hub.clone(), metrics.clone());
+        let revocation_nudge = Nudge::default();
+        let stop = shutdown.clone();
+        tokio::spawn(until_shutdown(
+            stop.clone(),
+            revocation::watch(
+                db.clone(),
+                hub.clone(),
+                metrics.clone(),
+                config.revocation_poll,
+                revocation_nudge.clone(),
+            ),
+        ));
+        tokio::spawn(until_shutdown(
+            stop,
+            flush_presence(hub.clone(), metrics.clone(), config.presence_batch),
+        ));
         let tokens = Tokens::new(config.jwt_secret.as_bytes(), config.jwt_leeway);
         let max = config.max_message_bytes;
         let ws_config = WebSocketConfig::default()
@@ -62,6 +88,8 @@ impl Ctx {
             hub,
             writer,
             tokens,
+            metrics,
+            revocation_nudge,
             ws_config,
             shutdown,
             sessions: AtomicUsize::new(0),
@@ -99,6 +127,26 @@ impl Ctx {
             }
             notified.await;
         }
+    }
+}
+
+/// Runs a background task until the server shuts down.
+async fn until_shutdown(mut shutdown: watch::Receiver<bool>, task: impl std::future::Future) {
+    tokio::select! {
+        _ = shutdown.wait_for(|down| *down) => {}
+        _ = task => {}
+    }
+}
+
+/// SPEC §3.3's batching: after the first change, wait one window and send
+/// everything that piled up as one event per controller. A crowd of any size
+/// costs each controller at most one presence event per window.
+async fn flush_presence(hub: Arc<Hub>, metrics: Arc<Metrics>, window: std::time::Duration) {
+    loop {
+        hub.presence_changed().await;
+        tokio::time::sleep(window).await;
+        let sent = hub.flush_presence();
+        metrics.presence_events.inc_by(sent as u64);
     }
 }
 

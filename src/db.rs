@@ -449,6 +449,118 @@ pub fn add_view(
     Ok(())
 }
 
+/// What `PUT`/`DELETE /api/libraries/{id}/members/{userId}` asks for.
+#[derive(Debug, Clone)]
+pub enum MemberChange {
+    Set(String),
+    Remove,
+}
+
+/// SPEC §4's membership routes, all checks and the change in one transaction:
+/// unknown caller (401), no such library (404), caller not an owner (403),
+/// no such user or not a member (404), the library's `owner_id` (409).
+/// Applies nothing when `apply` is false (the check before reading a body).
+/// Returns the member's role afterwards (`None` once removed).
+pub fn change_member(
+    conn: &mut Connection,
+    caller: &str,
+    library_id: &str,
+    user_id: &str,
+    change: &MemberChange,
+    apply: bool,
+) -> Result<Option<String>, Error> {
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+    if !user_exists(&tx, caller)? {
+        return Err(Error::UnknownUser);
+    }
+    let owner: Option<String> = if is_valid_id(library_id) {
+        tx.query_row(
+            "SELECT owner_id FROM libraries WHERE id = ?1",
+            [library_id],
+            |r| r.get(0),
+        )
+        .optional()?
+    } else {
+        None
+    };
+    let owner = owner.ok_or(Error::NotFound("library not found"))?;
+    if caller != owner {
+        match member_role(&tx, library_id, caller)?.as_deref() {
+            Some("OWNER") => {}
+            Some(_) => {
+                return Err(Error::Forbidden(
+                    "only the library's owners may manage its members",
+                ))
+            }
+            None => return Err(Error::AccessDenied),
+        }
+    }
+    if !apply {
+        return Ok(None);
+    }
+    if user_id == owner {
+        return Err(Error::Conflict(
+            "the library's owner cannot be changed this way",
+        ));
+    }
+    let role = match change {
+        MemberChange::Set(role) => {
+            if !user_exists(&tx, user_id)? {
+                return Err(Error::NotFound("user not found"));
+            }
+            set_member(&tx, library_id, user_id, role)?;
+            Some(role.clone())
+        }
+        MemberChange::Remove => {
+            if !remove_member(&tx, library_id, user_id)? {
+                return Err(Error::NotFound("not a member of this library"));
+            }
+            None
+        }
+    };
+    tx.commit()?;
+    Ok(role)
+}
+
+/// A membership change recorded by the triggers of schema.sql.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MembershipChange {
+    pub seq: i64,
+    pub library_id: String,
+    pub user_id: String,
+}
+
+/// The newest recorded membership change (where a starting server begins
+/// watching), after pruning entries older than a day.
+pub fn membership_changes_start(conn: &Connection) -> Result<i64, Error> {
+    conn.execute(
+        "DELETE FROM membership_changes WHERE at < CAST(strftime('%s', 'now') AS INTEGER) - 86400",
+        [],
+    )?;
+    Ok(conn.query_row(
+        "SELECT coalesce(max(seq), 0) FROM membership_changes",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
+pub fn membership_changes_since(
+    conn: &Connection,
+    seq: i64,
+) -> Result<Vec<MembershipChange>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT seq, library_id, user_id FROM membership_changes WHERE seq > ?1 ORDER BY seq",
+    )?;
+    let rows = stmt.query_map([seq], |r| {
+        Ok(MembershipChange {
+            seq: r.get(0)?,
+            library_id: r.get(1)?,
+            user_id: r.get(2)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// Rows of one table for the CLI's `list` commands, as (column, value) text.
 pub fn list(conn: &Connection, sql: &str, arg: Option<&str>) -> Result<Vec<Vec<String>>, Error> {
     let mut stmt = conn.prepare(sql)?;

@@ -30,6 +30,14 @@ pub enum Error {
     UnsupportedMediaType,
     NotFound(&'static str),
     Conflict(&'static str),
+    /// The connection's inbound message rate was exceeded.
+    RateLimited,
+    /// A connection limit (per user, per view, server-wide) would be exceeded.
+    TooManyConnections,
+    /// The user's membership changed while connected (SPEC §3.4).
+    AccessRevoked,
+    /// A browser page from an origin not on the allow-list.
+    ForbiddenOrigin,
     /// SQLite or pool failure; the string is for the log only.
     Storage(String),
     Internal(String),
@@ -42,7 +50,11 @@ impl Error {
                 StatusCode::UNAUTHORIZED
             }
             Error::ViewNotFound | Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::AccessDenied | Error::Forbidden(_) => StatusCode::FORBIDDEN,
+            Error::AccessDenied
+            | Error::AccessRevoked
+            | Error::Forbidden(_)
+            | Error::ForbiddenOrigin => StatusCode::FORBIDDEN,
+            Error::TooManyConnections | Error::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Error::UnknownType | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
             Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
@@ -76,6 +88,10 @@ impl Error {
             Error::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Error::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Error::Conflict(_) => "CONFLICT",
+            Error::TooManyConnections => "TOO_MANY_CONNECTIONS",
+            Error::RateLimited => "RATE_LIMITED",
+            Error::AccessRevoked => "ACCESS_REVOKED",
+            Error::ForbiddenOrigin => "FORBIDDEN_ORIGIN",
             Error::Storage(_) | Error::Internal(_) => "INTERNAL",
         }
     }
@@ -89,6 +105,10 @@ impl Error {
             Error::UnknownUser => "unknown user".into(),
             Error::ViewNotFound => "portal view not found".into(),
             Error::AccessDenied => "access denied".into(),
+            Error::TooManyConnections => "too many connections".into(),
+            Error::RateLimited => "rate limit exceeded: slow down".into(),
+            Error::AccessRevoked => "access revoked".into(),
+            Error::ForbiddenOrigin => "origin not allowed".into(),
             Error::Forbidden(m) | Error::NotFound(m) | Error::Conflict(m) => (*m).into(),
             Error::UnknownType => "unknown message type".into(),
             Error::BadRequest(m) => m.clone(),

@@ -15,6 +15,7 @@ use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::model::{Presence, Role};
+use crate::protocol;
 
 /// Locks a mutex even if a thread panicked while holding it: the data under
 /// these locks stays consistent between statements, so a poisoned lock is
@@ -42,6 +43,8 @@ pub struct Outgoing {
 pub struct Batch {
     pub frames: VecDeque<Outgoing>,
     pub close: Option<CloseRequest>,
+    /// Frames discarded because the queue overflowed (a slow consumer).
+    pub dropped: usize,
 }
 
 /// A connection's outbound queue, bounded in bytes (`--send-queue-bytes`).
@@ -66,6 +69,7 @@ struct OutboxInner {
     frames: VecDeque<Outgoing>,
     bytes: usize,
     close: Option<CloseRequest>,
+    dropped: usize,
 }
 
 pub const SLOW_CONSUMER: CloseRequest = CloseRequest {
@@ -94,6 +98,7 @@ impl Outbox {
         if inner.bytes + len > self.limit && !inner.frames.is_empty() {
             // Frames already queued are dropped with the connection: the client
             // is closed and resynchronises from `connected` when it comes back.
+            inner.dropped += inner.frames.len() + 1;
             inner.frames = VecDeque::new();
             inner.bytes = 0;
             inner.close = Some(SLOW_CONSUMER);
@@ -143,6 +148,7 @@ impl Outbox {
         Batch {
             frames: std::mem::take(&mut inner.frames),
             close,
+            dropped: std::mem::take(&mut inner.dropped),
         }
     }
 
@@ -168,6 +174,20 @@ struct Member {
     user_id: Arc<str>,
     role: Role,
     outbox: Arc<Outbox>,
+    /// The room's presence sequence when this connection joined: a controller
+    /// is told only of changes after it (its own join is not news to it).
+    joined_seq: u64,
+    /// The counts this controller last saw, so an event goes out only when
+    /// something changed for it.
+    seen: Presence,
+}
+
+/// A person's first connection opening or last one closing, not yet told.
+struct PresenceChange {
+    seq: u64,
+    user_id: Arc<str>,
+    role: Role,
+    joined: bool,
 }
 
 #[derive(Default)]
@@ -177,6 +197,14 @@ struct RoomInner {
     people: HashMap<(Arc<str>, Role), usize>,
     /// The highest version this process has broadcast for the view.
     last_version: i64,
+    /// Presence changes waiting for the next batch (SPEC §3.3).
+    pending: Vec<PresenceChange>,
+    seq: u64,
+    /// Sequence of the newest controller join: a change older than it cannot be
+    /// cancelled out by its opposite (that controller counted it).
+    last_controller_join: u64,
+    /// Already on the hub's list of rooms to flush.
+    dirty: bool,
 }
 
 impl RoomInner {
@@ -193,23 +221,93 @@ impl RoomInner {
         }
         p
     }
+
+    fn has_controller(&self) -> bool {
+        self.people
+            .keys()
+            .any(|(_, role)| *role == Role::Controller)
+    }
+
+    /// Records a person arriving or leaving. A change that undoes one still
+    /// pending (a tab reloaded within the batch window) cancels it instead:
+    /// no controller hears of a person who left and came straight back.
+    fn record(&mut self, user_id: &Arc<str>, role: Role, joined: bool) {
+        self.seq += 1;
+        let opposite = self.pending.iter().position(|c| {
+            c.joined != joined
+                && c.role == role
+                && c.user_id == *user_id
+                && c.seq > self.last_controller_join
+        });
+        match opposite {
+            Some(i) => {
+                self.pending.remove(i);
+            }
+            None => self.pending.push(PresenceChange {
+                seq: self.seq,
+                user_id: user_id.clone(),
+                role,
+                joined,
+            }),
+        }
+    }
 }
 
 /// The connections of one portal view. Each room has its own lock, so a
 /// broadcast to a crowd in one view does not hold up handshakes to others.
-#[derive(Default)]
 pub struct Room {
+    view_id: Arc<str>,
+    library_id: Arc<str>,
     inner: Mutex<RoomInner>,
 }
 
+/// Connection limits (SPEC §5).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub per_user: usize,
+    pub per_view: usize,
+    pub total: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            per_user: usize::MAX,
+            per_view: usize::MAX,
+            total: usize::MAX,
+        }
+    }
+}
+
 #[derive(Default)]
+struct Rooms {
+    by_view: HashMap<Arc<str>, Arc<Room>>,
+    /// Open connections per user, over all views (the per-user limit).
+    per_user: HashMap<Arc<str>, usize>,
+    total: usize,
+}
+
 pub struct Hub {
-    rooms: Mutex<HashMap<String, Arc<Room>>>,
+    rooms: Mutex<Rooms>,
+    limits: Limits,
     next_key: AtomicU64,
     connections: AtomicU64,
+    /// Rooms whose presence changed since the last flush.
+    dirty: Mutex<Vec<Arc<Room>>>,
+    presence_changed: Notify,
+    /// Bumped by every revocation, so a handshake that looked up its access
+    /// before one and joined after it knows to look again.
+    revocations: AtomicU64,
+}
+
+impl Default for Hub {
+    fn default() -> Self {
+        Hub::new(Limits::default())
+    }
 }
 
 /// What a connection learns when it joins.
+#[derive(Debug)]
 pub struct Joined {
     pub key: u64,
     pub presence: Presence,
@@ -217,66 +315,208 @@ pub struct Joined {
     pub last_version: i64,
 }
 
+/// A join refused by a connection limit.
+#[derive(Debug, PartialEq, Eq)]
+pub struct TooManyConnections;
+
+pub const ACCESS_REVOKED: CloseRequest = CloseRequest {
+    code: 1008,
+    reason: "access revoked",
+};
+
+/// A connection joining a room.
+pub struct Joiner {
+    pub view_id: Arc<str>,
+    pub library_id: Arc<str>,
+    pub user_id: Arc<str>,
+    pub role: Role,
+    pub outbox: Arc<Outbox>,
+}
+
 impl Hub {
-    pub fn new() -> Hub {
-        Hub::default()
+    pub fn new(limits: Limits) -> Hub {
+        Hub {
+            rooms: Mutex::new(Rooms::default()),
+            limits,
+            next_key: AtomicU64::new(0),
+            connections: AtomicU64::new(0),
+            dirty: Mutex::new(Vec::new()),
+            presence_changed: Notify::new(),
+            revocations: AtomicU64::new(0),
+        }
     }
 
     fn room(&self, view_id: &str) -> Option<Arc<Room>> {
-        lock(&self.rooms).get(view_id).cloned()
+        lock(&self.rooms).by_view.get(view_id).cloned()
     }
 
-    /// Adds a connection to a view's room. From here on it receives every
-    /// broadcast of the view, in order, through `outbox`.
-    pub fn join(
-        &self,
-        view_id: &str,
-        user_id: Arc<str>,
-        role: Role,
-        outbox: Arc<Outbox>,
-    ) -> Joined {
+    /// Adds a connection to a view's room, unless a connection limit would be
+    /// exceeded. From here on it receives every broadcast of the view, in
+    /// order, through its outbox.
+    pub fn join(&self, joiner: Joiner) -> Result<Joined, TooManyConnections> {
+        let Joiner {
+            view_id,
+            library_id,
+            user_id,
+            role,
+            outbox,
+        } = joiner;
+        let mut rooms = lock(&self.rooms);
+        let per_user = rooms.per_user.get(&user_id).copied().unwrap_or(0);
+        if rooms.total >= self.limits.total || per_user >= self.limits.per_user {
+            return Err(TooManyConnections);
+        }
+        let room = rooms
+            .by_view
+            .entry(view_id.clone())
+            .or_insert_with(|| {
+                Arc::new(Room {
+                    view_id,
+                    library_id,
+                    inner: Mutex::new(RoomInner::default()),
+                })
+            })
+            .clone();
+        let mut inner = lock(&room.inner);
+        if inner.members.len() >= self.limits.per_view {
+            if inner.members.is_empty() {
+                rooms.by_view.remove(&room.view_id);
+            }
+            return Err(TooManyConnections);
+        }
+        rooms.total += 1;
+        *rooms.per_user.entry(user_id.clone()).or_insert(0) += 1;
+        drop(rooms);
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         self.connections.fetch_add(1, Ordering::Relaxed);
-        let mut rooms = lock(&self.rooms);
-        let room = rooms.entry(view_id.to_string()).or_default().clone();
-        let mut inner = lock(&room.inner);
-        drop(rooms);
-        *inner.people.entry((user_id.clone(), role)).or_insert(0) += 1;
+        let person = (user_id.clone(), role);
+        let first_tab = !inner.people.contains_key(&person);
+        // Only other controllers care; with none online there is nothing to tell.
+        let others_watching = inner.has_controller();
+        *inner.people.entry(person).or_insert(0) += 1;
+        if others_watching {
+            if first_tab {
+                inner.record(&user_id, role, true);
+            }
+            self.mark_dirty(&room, &mut inner);
+        }
+        let joined_seq = inner.seq;
+        if role == Role::Controller {
+            inner.last_controller_join = joined_seq;
+        }
         inner.members.insert(
             key,
             Member {
                 user_id,
                 role,
                 outbox,
+                joined_seq,
+                seen: Presence::default(),
             },
         );
-        Joined {
-            key,
-            presence: inner.presence(),
-            last_version: inner.last_version,
+        // SPEC §3 `connected`: the counts include the new connection.
+        let presence = inner.presence();
+        if let Some(member) = inner.members.get_mut(&key) {
+            member.seen = presence;
         }
+        Ok(Joined {
+            key,
+            presence,
+            last_version: inner.last_version,
+        })
     }
 
     /// Removes a connection; drops the room when it was the last one.
     pub fn leave(&self, view_id: &str, key: u64) {
         let mut rooms = lock(&self.rooms);
-        let Some(room) = rooms.get(view_id).cloned() else {
+        let Some(room) = rooms.by_view.get(view_id).cloned() else {
             return;
         };
         let mut inner = lock(&room.inner);
-        if let Some(member) = inner.members.remove(&key) {
-            self.connections.fetch_sub(1, Ordering::Relaxed);
-            let person = (member.user_id, member.role);
-            if let Some(n) = inner.people.get_mut(&person) {
-                *n -= 1;
-                if *n == 0 {
-                    inner.people.remove(&person);
-                }
+        let Some(member) = inner.members.remove(&key) else {
+            return;
+        };
+        self.connections.fetch_sub(1, Ordering::Relaxed);
+        rooms.total -= 1;
+        if let Some(n) = rooms.per_user.get_mut(&member.user_id) {
+            *n -= 1;
+            if *n == 0 {
+                rooms.per_user.remove(&member.user_id);
             }
         }
         if inner.members.is_empty() {
-            rooms.remove(view_id);
+            rooms.by_view.remove(view_id);
+            return;
         }
+        drop(rooms);
+        let person = (member.user_id, member.role);
+        let mut last_tab = false;
+        if let Some(n) = inner.people.get_mut(&person) {
+            *n -= 1;
+            if *n == 0 {
+                inner.people.remove(&person);
+                last_tab = true;
+            }
+        }
+        if inner.has_controller() {
+            if last_tab {
+                inner.record(&person.0, person.1, false);
+            }
+            self.mark_dirty(&room, &mut inner);
+        }
+    }
+
+    fn mark_dirty(&self, room: &Arc<Room>, inner: &mut RoomInner) {
+        if !inner.dirty {
+            inner.dirty = true;
+            lock(&self.dirty).push(room.clone());
+            self.presence_changed.notify_one();
+        }
+    }
+
+    /// Resolves when some room has presence news (see [`Hub::flush_presence`]).
+    pub async fn presence_changed(&self) {
+        self.presence_changed.notified().await
+    }
+
+    /// Sends every controller of every changed room one `presence` event with
+    /// what changed since the last flush. Called at most once per batch window,
+    /// this bounds presence traffic per controller whatever the crowd does.
+    /// Returns how many events were queued.
+    pub fn flush_presence(&self) -> usize {
+        let rooms = std::mem::take(&mut *lock(&self.dirty));
+        let mut sent = 0;
+        for room in rooms {
+            let mut inner = lock(&room.inner);
+            inner.dirty = false;
+            let pending = std::mem::take(&mut inner.pending);
+            let presence = inner.presence();
+            for member in inner.members.values_mut() {
+                if member.role != Role::Controller {
+                    continue;
+                }
+                let since = member.joined_seq;
+                let news = || pending.iter().filter(move |c| c.seq > since);
+                if news().next().is_none() && member.seen == presence {
+                    continue;
+                }
+                let people = |joined: bool| -> Vec<protocol::Person> {
+                    news()
+                        .filter(|c| c.joined == joined)
+                        .map(|c| protocol::Person {
+                            user_id: &c.user_id,
+                            role: c.role,
+                        })
+                        .collect()
+                };
+                let msg = protocol::presence_event(&people(true), &people(false), presence);
+                member.seen = presence;
+                if member.outbox.push(msg, 0) {
+                    sent += 1;
+                }
+            }
+        }
+        sent
     }
 
     /// Joined connections over all views.
@@ -329,22 +569,35 @@ impl Hub {
     }
 
     pub fn has_controller(&self, view_id: &str) -> bool {
-        self.room(view_id).is_some_and(|room| {
-            lock(&room.inner)
-                .people
-                .keys()
-                .any(|(_, role)| *role == Role::Controller)
-        })
+        self.room(view_id)
+            .is_some_and(|room| lock(&room.inner).has_controller())
     }
 
-    /// Asks every connection to close (shutdown).
-    pub fn close_all(&self, request: CloseRequest) {
-        let rooms: Vec<Arc<Room>> = lock(&self.rooms).values().cloned().collect();
+    /// How many revocations have happened; see [`Hub::revoke`].
+    pub fn revocations(&self) -> u64 {
+        self.revocations.load(Ordering::Acquire)
+    }
+
+    /// Closes a user's connections to a library's views with 1008 `access
+    /// revoked` (SPEC §3.4). Returns how many were asked to close.
+    pub fn revoke(&self, library_id: &str, user_id: &str) -> usize {
+        self.revocations.fetch_add(1, Ordering::AcqRel);
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms)
+            .by_view
+            .values()
+            .filter(|room| &*room.library_id == library_id)
+            .cloned()
+            .collect();
+        let mut closed = 0;
         for room in rooms {
             for member in lock(&room.inner).members.values() {
-                member.outbox.close(request.clone());
+                if &*member.user_id == user_id {
+                    member.outbox.close(ACCESS_REVOKED);
+                    closed += 1;
+                }
             }
         }
+        closed
     }
 }
 
@@ -352,13 +605,43 @@ impl Hub {
 mod tests {
     use super::*;
 
+    fn out() -> Arc<Outbox> {
+        Arc::new(Outbox::new(1 << 20))
+    }
+
+    fn joiner(view: &str, user: &str, role: Role, outbox: Arc<Outbox>) -> Joiner {
+        Joiner {
+            view_id: view.into(),
+            library_id: "lib".into(),
+            user_id: user.into(),
+            role,
+            outbox,
+        }
+    }
+
+    fn join(hub: &Hub, view: &str, user: &str, role: Role) -> (Joined, Arc<Outbox>) {
+        let outbox = out();
+        let joined = hub
+            .join(joiner(view, user, role, outbox.clone()))
+            .expect("join");
+        (joined, outbox)
+    }
+
+    fn texts(outbox: &Outbox) -> Vec<serde_json::Value> {
+        outbox
+            .take()
+            .frames
+            .into_iter()
+            .map(|f| serde_json::from_str(f.msg.to_text().expect("text")).expect("json"))
+            .collect()
+    }
+
     #[test]
     fn presence_counts_people_and_rooms_vanish() {
-        let hub = Hub::new();
-        let out = || Arc::new(Outbox::new(1 << 20));
-        let a1 = hub.join("v", "a".into(), Role::Controller, out());
-        let a2 = hub.join("v", "a".into(), Role::Controller, out());
-        let b = hub.join("v", "b".into(), Role::Viewer, out());
+        let hub = Hub::default();
+        let (a1, _) = join(&hub, "v", "a", Role::Controller);
+        let (a2, _) = join(&hub, "v", "a", Role::Controller);
+        let (b, _) = join(&hub, "v", "b", Role::Viewer);
         assert_eq!(
             b.presence,
             Presence {
@@ -372,20 +655,17 @@ mod tests {
         hub.leave("v", a2.key);
         assert!(!hub.has_controller("v"));
         hub.leave("v", b.key);
-        assert!(lock(&hub.rooms).is_empty());
+        let rooms = lock(&hub.rooms);
+        assert!(rooms.by_view.is_empty() && rooms.per_user.is_empty() && rooms.total == 0);
     }
 
     #[test]
     fn broadcast_skips_sender_and_overflow_closes() {
-        let hub = Hub::new();
+        let hub = Hub::default();
         let small = Arc::new(Outbox::new(10));
-        let sender = hub.join(
-            "v",
-            "a".into(),
-            Role::Controller,
-            Arc::new(Outbox::new(1 << 20)),
-        );
-        hub.join("v", "b".into(), Role::Viewer, small.clone());
+        let (sender, _) = join(&hub, "v", "a", Role::Controller);
+        hub.join(joiner("v", "b", Role::Viewer, small.clone()))
+            .expect("join");
         assert_eq!(
             hub.broadcast("v", &Message::text("12345678"), 1, Some(sender.key)),
             1
@@ -397,5 +677,115 @@ mod tests {
         let batch = small.take();
         assert!(batch.frames.is_empty());
         assert_eq!(batch.close, Some(SLOW_CONSUMER));
+        assert_eq!(batch.dropped, 2);
+    }
+
+    #[test]
+    fn limits_per_user_per_view_and_total() {
+        let hub = Hub::new(Limits {
+            per_user: 2,
+            per_view: 3,
+            total: 4,
+        });
+        let ok = |view: &str, user: &str| hub.join(joiner(view, user, Role::Viewer, out()));
+        let first = ok("v", "a").expect("a1");
+        ok("v", "a").expect("a2");
+        assert_eq!(ok("w", "a").expect_err("per user"), TooManyConnections);
+        ok("v", "b").expect("b1");
+        assert_eq!(ok("v", "c").expect_err("per view"), TooManyConnections);
+        ok("w", "c").expect("c1");
+        assert_eq!(ok("x", "d").expect_err("total"), TooManyConnections);
+        assert!(
+            !lock(&hub.rooms).by_view.contains_key("x"),
+            "no empty room left"
+        );
+        hub.leave("v", first.key);
+        ok("x", "d").expect("a slot freed");
+    }
+
+    #[test]
+    fn presence_events_are_batched_for_controllers_only() {
+        let hub = Hub::default();
+        let (_, controller) = join(&hub, "v", "boss", Role::Controller);
+        assert!(texts(&controller).is_empty(), "no event for one's own join");
+        let (_, viewer) = join(&hub, "v", "v0", Role::Viewer);
+        for i in 1..500 {
+            join(&hub, "v", &format!("v{i}"), Role::Viewer);
+        }
+        join(&hub, "v", "v0", Role::Viewer); // a second tab: no news
+        assert_eq!(hub.flush_presence(), 1, "one event for 501 arrivals");
+        let events = texts(&controller);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["type"], "presence");
+        assert_eq!(events[0]["joined"].as_array().map(Vec::len), Some(500));
+        assert_eq!(events[0]["left"], serde_json::json!([]));
+        assert_eq!(
+            events[0]["presence"],
+            serde_json::json!({"controllers": 1, "viewers": 500, "connections": 502})
+        );
+        assert!(texts(&viewer).is_empty(), "viewers get no presence events");
+        assert_eq!(hub.flush_presence(), 0, "nothing new");
+    }
+
+    #[test]
+    fn a_tab_reloaded_within_the_window_is_no_news_but_a_real_leave_is() {
+        let hub = Hub::default();
+        let (_, controller) = join(&hub, "v", "boss", Role::Controller);
+        let (v, _) = join(&hub, "v", "carol", Role::Viewer);
+        let (w, _) = join(&hub, "v", "dave", Role::Viewer);
+        hub.flush_presence();
+        texts(&controller);
+        hub.leave("v", v.key);
+        join(&hub, "v", "carol", Role::Viewer);
+        hub.leave("v", w.key);
+        hub.flush_presence();
+        let events = texts(&controller);
+        assert_eq!(events.len(), 1);
+        assert_eq!(events[0]["joined"], serde_json::json!([]));
+        assert_eq!(
+            events[0]["left"],
+            serde_json::json!([{"userId": "dave", "role": "viewer"}])
+        );
+    }
+
+    #[test]
+    fn a_later_controller_hears_only_of_later_changes() {
+        let hub = Hub::default();
+        let (_, first) = join(&hub, "v", "boss", Role::Controller);
+        join(&hub, "v", "early", Role::Viewer);
+        let (second_joined, second) = join(&hub, "v", "ed", Role::Controller);
+        assert_eq!(second_joined.presence.viewers, 1);
+        join(&hub, "v", "late", Role::Viewer);
+        hub.flush_presence();
+        let to_first = texts(&first);
+        let names = |e: &serde_json::Value| -> Vec<String> {
+            e["joined"]
+                .as_array()
+                .expect("joined")
+                .iter()
+                .map(|p| p["userId"].as_str().expect("id").to_string())
+                .collect()
+        };
+        assert_eq!(names(&to_first[0]), ["early", "ed", "late"]);
+        assert_eq!(names(&texts(&second)[0]), ["late"]);
+    }
+
+    #[test]
+    fn revoke_closes_only_that_user_in_that_library() {
+        let hub = Hub::default();
+        let (_, a) = join(&hub, "v", "a", Role::Viewer);
+        let (_, b) = join(&hub, "v", "b", Role::Viewer);
+        let other = out();
+        hub.join(Joiner {
+            library_id: "other".into(),
+            ..joiner("w", "a", Role::Viewer, other.clone())
+        })
+        .expect("join");
+        let before = hub.revocations();
+        assert_eq!(hub.revoke("lib", "a"), 1);
+        assert_eq!(hub.revocations(), before + 1);
+        assert_eq!(a.take().close, Some(ACCESS_REVOKED));
+        assert_eq!(b.take().close, None);
+        assert_eq!(other.take().close, None);
     }
 }

@@ -143,6 +143,42 @@ pub fn parse(text: &str, role: Role) -> Result<Inbound, Refusal> {
     Ok(Inbound { id, command })
 }
 
+/// The SPEC §3.1 rate check comes first, but its `RATE_LIMITED` reply still
+/// echoes a valid `id`: reads only the envelope. A frame that is not our
+/// protocol is still `Unsupported` (it closes the socket whatever the rate).
+pub fn rate_limited(text: &str) -> Result<Refusal, Refusal> {
+    if !text.trim_start().starts_with('{') {
+        return Err(Refusal::Unsupported);
+    }
+    let envelope: Envelope = serde_json::from_str(text).map_err(|_| Refusal::Unsupported)?;
+    Ok(Refusal::Reply {
+        error: Error::RateLimited,
+        id: envelope
+            .id
+            .filter(|raw| is_string_or_number(raw))
+            .map(RawValue::to_owned),
+    })
+}
+
+/// The message type for metrics: a known type's name, else `unknown`.
+pub fn type_label(text: &str) -> &'static str {
+    serde_json::from_str::<Envelope>(text)
+        .ok()
+        .and_then(|e| Kind::from_name(&e.ty))
+        .map_or("unknown", Kind::name)
+}
+
+impl Command {
+    /// The message type this command came from.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Command::Ping => "ping",
+            Command::Change { change, .. } => change.message_type(),
+            Command::RequestSync { .. } => "request-sync",
+        }
+    }
+}
+
 fn is_string_or_number(raw: &RawValue) -> bool {
     matches!(
         raw.get().as_bytes().first(),
@@ -304,6 +340,32 @@ pub fn error(error: &Error, id: Option<&RawValue>) -> Message {
         code: error.code(),
         message: error.client_message(),
         id,
+    })
+}
+
+/// A person in a presence event.
+#[derive(Debug, Serialize)]
+pub struct Person<'a> {
+    #[serde(rename = "userId")]
+    pub user_id: &'a str,
+    pub role: Role,
+}
+
+/// SPEC §3.3: who came and went since the controller's last event.
+pub fn presence_event(joined: &[Person], left: &[Person], presence: Presence) -> Message {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        joined: &'a [Person<'a>],
+        left: &'a [Person<'a>],
+        presence: Presence,
+    }
+    to_message(&Wire {
+        ty: "presence",
+        joined,
+        left,
+        presence,
     })
 }
 

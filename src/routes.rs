@@ -14,38 +14,273 @@ use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
 use crate::context::Ctx;
-use crate::db::{self, ViewRow};
+use crate::db::{self, MemberChange, ViewRow};
 use crate::error::Error;
 use crate::merge::Change;
 use crate::model::{Presence, Role};
-use crate::ws;
+use crate::{origin, ws};
 
 /// Every route the server answers, with logging and JSON errors.
 pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
-    ws::portal_view(ctx.clone())
+    let metrics = ctx.metrics.clone();
+    let inner = ws::portal_view(ctx.clone())
         .or(ws::socket_io(ctx.clone()))
         .unify()
         .or(health(ctx.clone()))
         .unify()
+        .or(metrics_route(ctx.clone()))
+        .unify()
         .or(get_view(ctx.clone()))
         .unify()
-        .or(patch_view(ctx))
+        .or(patch_view(ctx.clone()))
+        .unify()
+        .or(put_member(ctx.clone()))
+        .unify()
+        .or(delete_member(ctx.clone()))
+        .unify()
+        .or(preflight(ctx.clone()))
         .unify()
         .recover(recover)
-        .unify()
+        .unify();
+    warp::header::headers_cloned()
+        .and(with_ctx(ctx))
+        .and(inner)
+        .map(|headers: HeaderMap, ctx: Ctx, response: Response| {
+            cors_headers(&headers, &ctx, response)
+        })
         // `info.path()` carries no query string, so `?token=` is never logged.
-        .with(warp::log::custom(|info| {
-            log::info!(
+        .with(warp::log::custom(move |info| {
+            let status = info.status().as_u16();
+            metrics
+                .http_requests
+                .with_label_values(&[&status.to_string()])
+                .observe(info.elapsed().as_secs_f64());
+            log::debug!(
                 target: "portal_sync::http",
                 "{} {} {} {:?}",
                 info.method(),
                 info.path(),
-                info.status().as_u16(),
+                status,
                 info.elapsed()
             )
         }))
         .map(Reply::into_response)
         .boxed()
+}
+
+/// Refuses (403) a browser page whose origin is neither ours nor on
+/// `--allowed-origins`; requests without an `Origin` (non-browser clients) pass.
+pub fn with_origin_check(ctx: Ctx) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::headers_cloned()
+        .and(with_ctx(ctx))
+        .and_then(|headers: HeaderMap, ctx: Ctx| async move {
+            let text = |name| {
+                headers
+                    .get(name)
+                    .and_then(|v: &HeaderValue| v.to_str().ok())
+            };
+            if origin::allowed(
+                text(header::ORIGIN),
+                text(header::HOST),
+                &ctx.config.allowed_origins,
+            ) {
+                Ok(())
+            } else {
+                if let Some(origin) = text(header::ORIGIN) {
+                    log::info!("refused a request from origin {origin:?}");
+                }
+                Err(warp::reject::custom(Error::ForbiddenOrigin))
+            }
+        })
+        .untuple_one()
+}
+
+/// Lets pages from an allow-listed origin read our answers (CORS).
+fn cors_headers(request: &HeaderMap, ctx: &Ctx, mut response: Response) -> Response {
+    let Some(origin) = request.get(header::ORIGIN).cloned() else {
+        return response;
+    };
+    let listed = origin
+        .to_str()
+        .is_ok_and(|o| origin::listed(o, &ctx.config.allowed_origins));
+    if listed {
+        let h = response.headers_mut();
+        h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        h.insert(
+            header::ACCESS_CONTROL_EXPOSE_HEADERS,
+            HeaderValue::from_static("ETag"),
+        );
+        h.append(header::VARY, HeaderValue::from_static("Origin"));
+    }
+    response
+}
+
+/// OPTIONS /api/… (CORS preflight from an allow-listed origin)
+fn preflight(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    // Not `warp::options()`: its 405 for every other method would outrank the
+    // 404 of an unknown /api route.
+    warp::method()
+        .and_then(|method: warp::http::Method| async move {
+            if method == warp::http::Method::OPTIONS {
+                Ok(())
+            } else {
+                Err(warp::reject::not_found())
+            }
+        })
+        .untuple_one()
+        .and(warp::path("api"))
+        .and(with_origin_check(ctx))
+        .map(|| {
+            let mut response = Response::new(Default::default());
+            *response.status_mut() = StatusCode::NO_CONTENT;
+            let h = response.headers_mut();
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_METHODS,
+                HeaderValue::from_static("GET, PATCH, PUT, DELETE"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_HEADERS,
+                HeaderValue::from_static("authorization, content-type, if-match"),
+            );
+            h.insert(
+                header::ACCESS_CONTROL_MAX_AGE,
+                HeaderValue::from_static("600"),
+            );
+            response
+        })
+        .boxed()
+}
+
+/// GET /metrics
+fn metrics_route(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    warp::path!("metrics")
+        .and(warp::get())
+        .and(with_ctx(ctx))
+        .map(|ctx: Ctx| {
+            let mut response = Response::new(ctx.metrics.render().into());
+            response.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+            );
+            response
+        })
+        .boxed()
+}
+
+/// PUT /api/libraries/{libraryId}/members/{userId}
+fn put_member(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    warp::path!("api" / "libraries" / String / "members" / String)
+        .and(warp::put())
+        .and(with_origin_check(ctx.clone()))
+        .and(with_token(ctx.clone()))
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and(with_ctx(ctx))
+        .then(
+            |library_id: String,
+             user_id: String,
+             caller: String,
+             headers: HeaderMap,
+             body,
+             ctx: Ctx| async move {
+                match set_member(&ctx, library_id, user_id, caller, &headers, body).await {
+                    Ok(member) => json_response(StatusCode::OK, &member),
+                    Err(e) => error_response(&e),
+                }
+            },
+        )
+        .boxed()
+}
+
+/// Checks in the order of PATCH: who (401/404/403), then the body
+/// (415/413/400), then the change itself (404/409).
+async fn set_member<S, B>(
+    ctx: &Ctx,
+    library_id: String,
+    user_id: String,
+    caller: String,
+    headers: &HeaderMap,
+    body: S,
+) -> Result<Value, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let probe = MemberChange::Remove;
+    member_call(ctx, &caller, &library_id, &user_id, probe, false).await?;
+    check_content_type(headers)?;
+    let body = read_limited(body, ctx.config.max_message_bytes).await?;
+    let role = match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => match map.get("role").and_then(Value::as_str) {
+            Some(role @ ("OWNER" | "EDITOR" | "VIEWER")) => role.to_string(),
+            _ => {
+                return Err(Error::BadRequest(
+                    "role must be \"OWNER\", \"EDITOR\" or \"VIEWER\"".into(),
+                ))
+            }
+        },
+        Ok(_) => return Err(Error::BadRequest("the body must be a JSON object".into())),
+        Err(e) => return Err(Error::BadRequest(format!("the body is not JSON: {e}"))),
+    };
+    let change = MemberChange::Set(role);
+    let role = member_call(ctx, &caller, &library_id, &user_id, change, true).await?;
+    Ok(json!({"libraryId": library_id, "userId": user_id, "role": role}))
+}
+
+/// DELETE /api/libraries/{libraryId}/members/{userId}
+fn delete_member(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    warp::path!("api" / "libraries" / String / "members" / String)
+        .and(warp::delete())
+        .and(with_origin_check(ctx.clone()))
+        .and(with_token(ctx.clone()))
+        .and(with_ctx(ctx))
+        .then(
+            |library_id: String, user_id: String, caller: String, ctx: Ctx| async move {
+                let removed = member_call(
+                    &ctx,
+                    &caller,
+                    &library_id,
+                    &user_id,
+                    MemberChange::Remove,
+                    true,
+                )
+                .await;
+                match removed {
+                    Ok(_) => {
+                        let mut response = Response::new(Default::default());
+                        *response.status_mut() = StatusCode::NO_CONTENT;
+                        response
+                    }
+                    Err(e) => error_response(&e),
+                }
+            },
+        )
+        .boxed()
+}
+
+/// Runs a membership change and, once committed, wakes the revocation
+/// watcher so the member's connections close now rather than at its next poll.
+async fn member_call(
+    ctx: &Ctx,
+    caller: &str,
+    library_id: &str,
+    user_id: &str,
+    change: MemberChange,
+    apply: bool,
+) -> Result<Option<String>, Error> {
+    let (caller, library, user) = (
+        caller.to_string(),
+        library_id.to_string(),
+        user_id.to_string(),
+    );
+    let role = ctx
+        .db
+        .call(move |conn| db::change_member(conn, &caller, &library, &user, &change, apply))
+        .await?;
+    if apply {
+        ctx.revocation_nudge.now();
+    }
+    Ok(role)
 }
 
 pub fn with_ctx(ctx: Ctx) -> impl Filter<Extract = (Ctx,), Error = Infallible> + Clone {
@@ -103,6 +338,7 @@ fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
 fn get_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "portal-views" / String)
         .and(warp::get())
+        .and(with_origin_check(ctx.clone()))
         .and(with_token(ctx.clone()))
         .and(with_ctx(ctx))
         .then(|view_id: String, user_id: String, ctx: Ctx| async move {
@@ -122,6 +358,7 @@ fn get_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
 fn patch_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "portal-views" / String)
         .and(warp::patch())
+        .and(with_origin_check(ctx.clone()))
         .and(with_token(ctx.clone()))
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())

@@ -16,7 +16,7 @@ use tokio_tungstenite::WebSocketStream;
 use crate::context::Ctx;
 use crate::db::{self, Access};
 use crate::error::Error;
-use crate::hub::{CloseRequest, Outbox, Outgoing};
+use crate::hub::{CloseRequest, Joiner, Outbox, Outgoing};
 use crate::model::Role;
 use crate::protocol::{self, Command, Inbound, Refusal};
 use crate::writer::{Author, Job, Reply};
@@ -47,24 +47,58 @@ where
             return close(&mut ws, SHUTTING_DOWN.code, SHUTTING_DOWN.reason).await;
         }
     };
-    let access = match admitted {
-        Ok(access) => access,
+    let joined = match admitted {
+        Ok(admitted) => Session::join(&ctx, params.view_id, admitted).await,
+        Err(e) => Err(e),
+    };
+    let session = match joined {
+        Ok(session) => session,
         Err(e) => {
             e.log("WebSocket handshake");
-            let reason = e.client_message();
-            return close(&mut ws, e.close_code(), &reason).await;
+            let code = e.close_code();
+            ctx.metrics
+                .refused
+                .with_label_values(&[&code.to_string()])
+                .inc();
+            return close(&mut ws, code, &e.client_message()).await;
         }
     };
-    let Some(session) = Session::join(&ctx, params.view_id, access).await else {
-        return close(&mut ws, 1011, "internal error").await;
+    let role = session.role;
+    ctx.metrics.opened(role);
+    let ended = session.serve(&ctx, &mut ws).await;
+    ctx.metrics.closed(role);
+    let label = match ended {
+        Ended::Closed(code) => code.to_string(),
+        Ended::Peer => "peer".into(),
+        Ended::Dropped => "dropped".into(),
     };
-    session.serve(&ctx, &mut ws).await;
+    ctx.metrics.closes.with_label_values(&[&label]).inc();
+}
+
+/// How a session ended, for the metrics.
+enum Ended {
+    /// We sent this close code.
+    Closed(u16),
+    /// The peer closed, or the transport failed under it.
+    Peer,
+    /// We dropped the TCP connection: a dead peer, or one too slow for even a
+    /// close frame.
+    Dropped,
+}
+
+/// Who was admitted, and the revocation count when their access was read.
+struct Admitted {
+    user_id: String,
+    access: Access,
+    expires: Option<tokio::time::Instant>,
+    revocations: u64,
 }
 
 /// SPEC §3's checks in order: token, expiry, user, view, access.
-async fn admit(ctx: &Ctx, params: &Params) -> Result<(String, Access), Error> {
+async fn admit(ctx: &Ctx, params: &Params) -> Result<Admitted, Error> {
     let token = params.token.as_deref().ok_or(Error::InvalidToken)?;
     let verified = ctx.tokens.verify(token)?;
+    let revocations = ctx.hub.revocations();
     let user_id = verified.user_id;
     let view_id = params.view_id.clone();
     let user = user_id.clone();
@@ -72,7 +106,22 @@ async fn admit(ctx: &Ctx, params: &Params) -> Result<(String, Access), Error> {
         .db
         .call(move |conn| db::access(conn, &user, &view_id))
         .await?;
-    Ok((user_id, access))
+    Ok(Admitted {
+        user_id,
+        access,
+        expires: expiry_instant(verified.exp + ctx.config.jwt_leeway),
+        revocations,
+    })
+}
+
+/// When a token whose `exp` (plus leeway) is `secs` expires, on tokio's clock;
+/// `None` when it is too far away to matter.
+fn expiry_instant(secs: u64) -> Option<tokio::time::Instant> {
+    let at = UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now().checked_add(left)
 }
 
 /// Unsubscribes from the hub however the session ends.
@@ -97,6 +146,8 @@ struct Session {
     /// The last state version written to this socket; older broadcasts (already
     /// in the `connected` snapshot) are dropped.
     last_version: i64,
+    expires: Option<tokio::time::Instant>,
+    rate: RateLimit,
 }
 
 /// What to do after an inbound frame.
@@ -107,33 +158,61 @@ enum Flow {
     Done,
 }
 
+const TOKEN_EXPIRED: CloseRequest = CloseRequest {
+    code: 1008,
+    reason: "token expired",
+};
+
+const RATE_LIMIT_EXCEEDED: (u16, &str) = (1008, "rate limit exceeded");
+
 impl Session {
     /// Joins the view's room *before* taking the snapshot for `connected`, so
     /// that no broadcast can fall between the two.
-    async fn join(ctx: &Ctx, view_id: String, access: (String, Access)) -> Option<Session> {
-        let (user_id, Access { role, mut view }) = access;
+    async fn join(ctx: &Ctx, view_id: String, admitted: Admitted) -> Result<Session, Error> {
+        let Admitted {
+            user_id,
+            access: Access { role, mut view },
+            expires,
+            revocations,
+        } = admitted;
         let user_id: Arc<str> = user_id.into();
         let view_id: Arc<str> = view_id.into();
         let outbox = Arc::new(Outbox::new(ctx.config.send_queue_bytes));
         let joined = ctx
             .hub
-            .join(&view_id, user_id.clone(), role, outbox.clone());
+            .join(Joiner {
+                view_id: view_id.clone(),
+                library_id: view.library_id.as_str().into(),
+                user_id: user_id.clone(),
+                role,
+                outbox: outbox.clone(),
+            })
+            .map_err(|_| Error::TooManyConnections)?;
         let membership = Membership {
             ctx: ctx.clone(),
             view_id: view_id.clone(),
             key: joined.key,
         };
-        if joined.last_version > view.version {
+        if ctx.hub.revocations() != revocations {
+            // A membership changed between our access lookup and our join, too
+            // early for the revocation to have found this connection: look again.
+            let (user, id) = (user_id.to_string(), view_id.to_string());
+            let fresh = ctx
+                .db
+                .call(move |conn| db::access(conn, &user, &id))
+                .await?;
+            if fresh.role != role {
+                return Err(Error::AccessRevoked);
+            }
+            view = fresh.view;
+        } else if joined.last_version > view.version {
             // A change was broadcast between our read and our join: re-read.
             let id = view_id.to_string();
-            match ctx.db.call(move |conn| db::view(conn, &id)).await {
-                Ok(Some(fresh)) => view = fresh,
-                Ok(None) => return None,
-                Err(e) => {
-                    e.log("re-reading a view after join");
-                    return None;
-                }
-            }
+            view = ctx
+                .db
+                .call(move |conn| db::view(conn, &id))
+                .await?
+                .ok_or(Error::ViewNotFound)?;
         }
         let connection_id: Arc<str> = new_connection_id().into();
         outbox.push_front(protocol::connected(&protocol::Connected {
@@ -146,21 +225,31 @@ impl Session {
             presence: joined.presence,
         }));
         log::debug!("connection {connection_id}: user {user_id} joined {view_id} as {role:?}");
-        Some(Session {
+        Ok(Session {
             membership,
             user_id,
             connection_id,
             role,
             outbox,
             last_version: view.version,
+            expires,
+            rate: RateLimit::new(ctx.config.rate_per_sec, ctx.config.rate_burst),
         })
     }
 
-    async fn serve<S>(mut self, ctx: &Ctx, ws: &mut WebSocketStream<S>)
+    async fn serve<S>(mut self, ctx: &Ctx, ws: &mut WebSocketStream<S>) -> Ended
     where
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut reading = true;
+        let ping_interval = ctx.config.ping_interval;
+        let ping_timeout = ctx.config.ping_timeout;
+        let mut liveness = Liveness::new(ping_interval, ping_timeout);
+        let expiry = tokio::time::sleep_until(
+            self.expires
+                .unwrap_or_else(|| tokio::time::Instant::now() + FAR_FUTURE),
+        );
+        tokio::pin!(expiry);
         loop {
             tokio::select! {
                 biased;
@@ -173,34 +262,67 @@ impl Session {
                 }
                 _ = self.outbox.ready() => {
                     let batch = self.outbox.take();
-                    if self.write(ws, batch.frames).await.is_err() {
-                        return; // the peer is gone or stuck: drop the TCP connection
+                    if batch.dropped > 0 {
+                        ctx.metrics.dropped_frames.inc_by(batch.dropped as u64);
+                        ctx.metrics.slow_consumer_closes.inc();
+                    }
+                    if self.write(ws, batch.frames, liveness.write_deadline()).await.is_err() {
+                        // The peer is gone or stuck: drop the TCP connection.
+                        return Ended::Dropped;
                     }
                     if let Some(CloseRequest { code, reason }) = batch.close {
-                        return close(ws, code, reason).await;
+                        close(ws, code, reason).await;
+                        return Ended::Closed(code);
                     }
                 }
-                frame = ws.next(), if reading => match self.on_frame(ctx, frame).await {
-                    Flow::Continue => {}
-                    Flow::Close(code, reason) => {
-                        // Replies already queued go first (SPEC §5: "replies
-                        // already queued are sent first").
-                        self.outbox.close(CloseRequest { code, reason });
-                        reading = false;
+                _ = &mut expiry, if reading && self.expires.is_some() => {
+                    reading = false;
+                    self.outbox.close(TOKEN_EXPIRED);
+                }
+                _ = tokio::time::sleep_until(liveness.next_deadline()), if reading => {
+                    if liveness.is_overdue() {
+                        ctx.metrics.pings_timed_out.inc();
+                        log::debug!("connection {}: no answer to ping", self.connection_id);
+                        return Ended::Dropped;
                     }
-                    Flow::Done => return drain(ws).await,
-                },
+                    let ping = std::collections::VecDeque::from([Outgoing {
+                        msg: Message::Ping(Default::default()),
+                        version: 0,
+                    }]);
+                    liveness.pinged();
+                    if self.write(ws, ping, liveness.write_deadline()).await.is_err() {
+                        return Ended::Dropped;
+                    }
+                }
+                frame = ws.next(), if reading => {
+                    liveness.heard();
+                    match self.on_frame(ctx, frame).await {
+                        Flow::Continue => {}
+                        Flow::Close(code, reason) => {
+                            // Replies already queued go first (SPEC §5: "replies
+                            // already queued are sent first").
+                            self.outbox.close(CloseRequest { code, reason });
+                            reading = false;
+                        }
+                        Flow::Done => {
+                            drain(ws).await;
+                            return Ended::Peer;
+                        }
+                    }
+                }
             }
         }
     }
 
     /// Writes queued frames with one flush. Gives up when the outbox overflows
-    /// meanwhile: the peer is not reading, so not even a close frame would get
-    /// through.
+    /// meanwhile (the peer is not reading, so not even a close frame would get
+    /// through) or when the write outlasts the liveness deadline (a dead peer
+    /// whose TCP window is full never answers a ping either).
     async fn write<S>(
         &mut self,
         ws: &mut WebSocketStream<S>,
         frames: std::collections::VecDeque<Outgoing>,
+        deadline: tokio::time::Instant,
     ) -> Result<(), ()>
     where
         S: AsyncRead + AsyncWrite + Unpin,
@@ -222,6 +344,7 @@ impl Session {
         tokio::select! {
             result = work => result.map_err(|_| ()),
             _ = outbox.overflowed() => Err(()),
+            _ = tokio::time::sleep_until(deadline) => Err(()),
         }
     }
 
@@ -243,17 +366,49 @@ impl Session {
         }
     }
 
-    /// Parse → check against the role → apply (SPEC §3.1).
+    /// Rate → parse → check against the role → apply (SPEC §3.1).
     async fn on_text(&mut self, ctx: &Ctx, text: &str) -> Flow {
-        // Rate limiting (SPEC §5) slots in here, before parsing.
+        let count = |kind: &str, outcome: &str| {
+            ctx.metrics
+                .inbound
+                .with_label_values(&[kind, outcome])
+                .inc();
+        };
+        let verdict = self.rate.check(tokio::time::Instant::now());
+        if verdict != Verdict::Allowed {
+            match protocol::rate_limited(text) {
+                Ok(Refusal::Reply { error, id }) => {
+                    count(protocol::type_label(text), "rate_limited");
+                    self.outbox.push(protocol::error(&error, id.as_deref()), 0);
+                }
+                _ => {
+                    count("invalid", "unsupported");
+                    return Flow::Close(1003, "unsupported data");
+                }
+            }
+            if verdict == Verdict::Exceeded {
+                return Flow::Close(RATE_LIMIT_EXCEEDED.0, RATE_LIMIT_EXCEEDED.1);
+            }
+            return Flow::Continue;
+        }
         let Inbound { id, command } = match protocol::parse(text, self.role) {
             Ok(inbound) => inbound,
-            Err(Refusal::Unsupported) => return Flow::Close(1003, "unsupported data"),
+            Err(Refusal::Unsupported) => {
+                count("invalid", "unsupported");
+                return Flow::Close(1003, "unsupported data");
+            }
             Err(Refusal::Reply { error, id }) => {
+                let outcome = match error {
+                    Error::Forbidden(_) => "forbidden",
+                    Error::UnknownType => "unknown_type",
+                    _ => "bad_request",
+                };
+                count(protocol::type_label(text), outcome);
                 self.outbox.push(protocol::error(&error, id.as_deref()), 0);
                 return Flow::Continue;
             }
         };
+        count(command.name(), "accepted");
         let view_id = &self.membership.view_id;
         match command {
             Command::Ping => {
@@ -297,6 +452,114 @@ impl Session {
             }
         }
         Flow::Continue
+    }
+}
+
+/// Longer than any session: stands in for "never" on tokio's clock.
+const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
+
+/// SPEC §3.4's pings: one every interval; a peer that lets one go unanswered
+/// (no frame of any kind) for the timeout is dead.
+struct Liveness {
+    interval: Duration,
+    timeout: Duration,
+    next_ping: tokio::time::Instant,
+    /// When the outstanding ping must have been answered by.
+    answer_by: Option<tokio::time::Instant>,
+}
+
+impl Liveness {
+    fn new(interval: Duration, timeout: Duration) -> Liveness {
+        Liveness {
+            interval,
+            timeout,
+            next_ping: tokio::time::Instant::now() + interval,
+            answer_by: None,
+        }
+    }
+
+    fn next_deadline(&self) -> tokio::time::Instant {
+        self.answer_by.unwrap_or(self.next_ping)
+    }
+
+    fn is_overdue(&self) -> bool {
+        self.answer_by
+            .is_some_and(|by| tokio::time::Instant::now() >= by)
+    }
+
+    fn pinged(&mut self) {
+        let now = tokio::time::Instant::now();
+        self.answer_by = Some(now + self.timeout);
+        self.next_ping = now + self.interval;
+    }
+
+    fn heard(&mut self) {
+        self.answer_by = None;
+    }
+
+    /// How long a write may block: a peer that reads nothing for a whole ping
+    /// interval plus the timeout is as dead as one that does not answer pings.
+    fn write_deadline(&self) -> tokio::time::Instant {
+        self.answer_by.unwrap_or(self.next_ping + self.timeout)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    Allowed,
+    /// Answer `RATE_LIMITED`.
+    Refused,
+    /// Refused more than 10× the burst within a minute: close 1008.
+    Exceeded,
+}
+
+/// SPEC §5's per-connection token bucket, plus the count of recent refusals
+/// that decides when a flooding connection is closed.
+struct RateLimit {
+    per_sec: f64,
+    burst: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+    /// Refusals within the last minute (kept only while a connection floods).
+    refusals: std::collections::VecDeque<tokio::time::Instant>,
+    max_refusals: usize,
+}
+
+const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
+
+impl RateLimit {
+    fn new(per_sec: f64, burst: u32) -> RateLimit {
+        RateLimit {
+            per_sec,
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: tokio::time::Instant::now(),
+            refusals: std::collections::VecDeque::new(),
+            max_refusals: (burst as usize).saturating_mul(10),
+        }
+    }
+
+    fn check(&mut self, now: tokio::time::Instant) -> Verdict {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.last = now;
+        self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            return Verdict::Allowed;
+        }
+        while self
+            .refusals
+            .front()
+            .is_some_and(|&t| now.saturating_duration_since(t) > REFUSAL_WINDOW)
+        {
+            self.refusals.pop_front();
+        }
+        self.refusals.push_back(now);
+        if self.refusals.len() > self.max_refusals {
+            Verdict::Exceeded
+        } else {
+            Verdict::Refused
+        }
     }
 }
 
@@ -357,4 +620,43 @@ where
 {
     let _live = ctx.session_guard();
     close(&mut ws, code, reason).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_allows_the_burst_then_refills_then_closes_a_flood() {
+        let start = tokio::time::Instant::now();
+        let mut rate = RateLimit::new(10.0, 3);
+        for _ in 0..3 {
+            assert_eq!(rate.check(start), Verdict::Allowed);
+        }
+        assert_eq!(rate.check(start), Verdict::Refused);
+        // 100 ms at 10/s refills one token.
+        let later = start + Duration::from_millis(100);
+        assert_eq!(rate.check(later), Verdict::Allowed);
+        assert_eq!(rate.check(later), Verdict::Refused);
+        // 30 refusals (10 × burst) are tolerated; the 31st closes.
+        for _ in 0..28 {
+            assert_eq!(rate.check(later), Verdict::Refused);
+        }
+        assert_eq!(rate.check(later), Verdict::Exceeded);
+    }
+
+    #[test]
+    fn refusals_older_than_a_minute_are_forgotten() {
+        let start = tokio::time::Instant::now();
+        let mut rate = RateLimit::new(0.0, 1);
+        assert_eq!(rate.check(start), Verdict::Allowed);
+        for _ in 0..10 {
+            assert_eq!(rate.check(start), Verdict::Refused);
+        }
+        let much_later = start + Duration::from_secs(61);
+        for _ in 0..10 {
+            assert_eq!(rate.check(much_later), Verdict::Refused);
+        }
+        assert_eq!(rate.check(much_later), Verdict::Exceeded);
+    }
 }

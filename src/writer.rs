@@ -17,6 +17,7 @@ use crate::db::{self, Db, StoreOp, Stored, ViewRow};
 use crate::error::Error;
 use crate::hub::{CloseRequest, Hub, Outbox};
 use crate::merge::Change;
+use crate::metrics::Metrics;
 use crate::protocol;
 
 /// Most jobs committed in one transaction.
@@ -70,9 +71,9 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn spawn(db: Db, hub: Arc<Hub>) -> Writer {
+    pub fn spawn(db: Db, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Writer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(db, hub, rx));
+        tokio::spawn(run(db, hub, metrics, rx));
         Writer { tx }
     }
 
@@ -118,7 +119,7 @@ impl Writer {
     }
 }
 
-async fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
+async fn run(db: Db, hub: Arc<Hub>, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let (ops, pending): (Vec<Option<StoreOp>>, Vec<Pending>) =
@@ -127,8 +128,13 @@ async fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
         let results = if ops.is_empty() {
             Ok(Vec::new())
         } else {
-            db.call(move |conn| db::apply_batch(conn, &ops)).await
+            metrics.sqlite_batch_size.observe(ops.len() as f64);
+            let timer = metrics.sqlite_write_seconds.start_timer();
+            let results = db.call(move |conn| db::apply_batch(conn, &ops)).await;
+            timer.observe_duration();
+            results
         };
+        let committed = std::time::Instant::now();
         let mut results = match results {
             Ok(results) => results.into_iter(),
             Err(e) => {
@@ -146,8 +152,11 @@ async fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
                         .unwrap_or_else(|| Err(Error::Storage("batch failed".into()))),
                 ),
             };
-            finish(&hub, job, result);
+            finish(&hub, &metrics, job, result);
         }
+        metrics
+            .fanout_seconds
+            .observe(committed.elapsed().as_secs_f64());
     }
 }
 
@@ -237,7 +246,7 @@ pub fn broadcast_portal_view_update(
 }
 
 /// Broadcasts and answers one job after its batch committed (or failed).
-fn finish(hub: &Hub, job: Pending, result: Option<Result<Stored, Error>>) {
+fn finish(hub: &Hub, metrics: &Metrics, job: Pending, result: Option<Result<Stored, Error>>) {
     match job {
         Pending::Barrier(done) => {
             let _ = done.send(());
@@ -251,7 +260,7 @@ fn finish(hub: &Hub, job: Pending, result: Option<Result<Stored, Error>>) {
         } => {
             let result = result.unwrap_or_else(|| Err(Error::Internal("no result".into())));
             if let Ok(stored) = &result {
-                match &author.connection {
+                let delivered = match &author.connection {
                     None => broadcast_portal_view_update(
                         hub,
                         &view_id,
@@ -274,6 +283,8 @@ fn finish(hub: &Hub, job: Pending, result: Option<Result<Stored, Error>>) {
                         hub.broadcast(&view_id, &msg, stored.version, Some(*key))
                     }
                 };
+                metrics.broadcasts.inc();
+                metrics.deliveries.inc_by(delivered as u64);
             }
             match reply {
                 Reply::Rest(tx) => {

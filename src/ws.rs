@@ -21,7 +21,7 @@ use warp::Filter;
 
 use crate::context::Ctx;
 use crate::error::Error;
-use crate::routes::{error_response, with_ctx};
+use crate::routes::{error_response, with_ctx, with_origin_check};
 use crate::session::{self, Params};
 
 /// hyper's upgrade future for this request, if it asked for one. `OnUpgrade` is
@@ -68,6 +68,7 @@ enum Target {
 pub fn portal_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
     warp::path!("ws" / "portal-view" / String)
         .and(warp::get())
+        .and(with_origin_check(ctx.clone()))
         .and(warp::query::<Vec<(String, String)>>())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<UpgradeSlot>())

@@ -1,0 +1,71 @@
+//! Closing connections whose access changed (SPEC §3.4): watches the
+//! `membership_changes` log that schema.sql's triggers fill, whoever changed
+//! the membership (the REST routes, the admin CLI, another node on the same
+//! database), and closes the affected connections with 1008 `access revoked`.
+
+use std::sync::Arc;
+
+use tokio::sync::Notify;
+
+use crate::db::{self, Db};
+use crate::hub::Hub;
+use crate::metrics::Metrics;
+
+/// Wakes the watcher at once (after a REST change) instead of at its next poll.
+#[derive(Clone, Default)]
+pub struct Nudge(Arc<Notify>);
+
+impl Nudge {
+    pub fn now(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Runs until the runtime stops. A storage error skips one poll; the log keeps
+/// the changes, so none is missed.
+pub async fn watch(
+    db: Db,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    every: std::time::Duration,
+    nudge: Nudge,
+) {
+    let mut seen = loop {
+        match db.call(|conn| db::membership_changes_start(conn)).await {
+            Ok(seq) => break seq,
+            Err(e) => {
+                e.log("reading the membership change log");
+                tokio::time::sleep(every).await;
+            }
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = nudge.0.notified() => {}
+        }
+        let since = seen;
+        let changes = match db
+            .call(move |conn| db::membership_changes_since(conn, since))
+            .await
+        {
+            Ok(changes) => changes,
+            Err(e) => {
+                e.log("reading the membership change log");
+                continue;
+            }
+        };
+        for change in changes {
+            seen = change.seq;
+            let closed = hub.revoke(&change.library_id, &change.user_id);
+            if closed > 0 {
+                metrics.revocation_closes.inc_by(closed as u64);
+                log::info!(
+                    "membership of {} in {} changed: closing {closed} connection(s)",
+                    change.user_id,
+                    change.library_id
+                );
+            }
+        }
+    }
+}
