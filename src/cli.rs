@@ -378,34 +378,40 @@ fn serve(
         let listener =
             crate::server::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr().unwrap_or(addr);
+        let shutdown = shutdown_signal()?;
         if let Some(banner) = banner {
             banner(&config, local);
         }
-        crate::server::run(listener, config, shutdown_signal())
+        crate::server::run(listener, config, shutdown)
             .await
             .map_err(|e| e.to_string())
     })
 }
 
-async fn shutdown_signal() {
+/// SIGINT or SIGTERM. The handlers are installed when this is called, not when
+/// the future is first polled: a signal that arrives right after the banner
+/// (which tells scripts the server is up) must still shut down gracefully.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = tokio::signal::ctrl_c() => {}
-                    _ = term.recv() => {}
-                }
+        let install = |kind: SignalKind| {
+            signal(kind).map_err(|e| format!("installing a signal handler: {e}"))
+        };
+        let mut term = install(SignalKind::terminate())?;
+        let mut int = install(SignalKind::interrupt())?;
+        Ok(async move {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = int.recv() => {}
             }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
+        })
     }
     #[cfg(not(unix))]
     {
-        let _ = tokio::signal::ctrl_c().await;
+        Ok(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
     }
 }
 

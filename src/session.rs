@@ -261,13 +261,10 @@ impl Session {
                     self.outbox.close(SHUTTING_DOWN);
                 }
                 _ = self.outbox.ready() => {
-                    let batch = self.outbox.take();
-                    if batch.dropped > 0 {
-                        ctx.metrics.dropped_frames.inc_by(batch.dropped as u64);
-                        ctx.metrics.slow_consumer_closes.inc();
-                    }
+                    let batch = self.take(ctx);
                     if self.write(ws, batch.frames, liveness.write_deadline()).await.is_err() {
                         // The peer is gone or stuck: drop the TCP connection.
+                        self.take(ctx);
                         return Ended::Dropped;
                     }
                     if let Some(CloseRequest { code, reason }) = batch.close {
@@ -312,6 +309,16 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Takes what is queued, counting what an overflow threw away.
+    fn take(&self, ctx: &Ctx) -> crate::hub::Batch {
+        let batch = self.outbox.take();
+        if batch.dropped > 0 {
+            ctx.metrics.dropped_frames.inc_by(batch.dropped as u64);
+            ctx.metrics.slow_consumer_closes.inc();
+        }
+        batch
     }
 
     /// Writes queued frames with one flush. Gives up when the outbox overflows

@@ -1166,3 +1166,170 @@ async fn demo_twice_on_the_same_database_keeps_the_data() {
     assert_eq!(count(&db, "SELECT count(*) FROM library_members"), 3);
     assert_eq!(count(&db, "SELECT count(*) FROM portal_views"), 1);
 }
+
+// ---------------------------------------------------------------------------
+// Process faults and shutdown (SPEC §3.2, §3.4)
+
+/// Sends `n` acked updates `{"n": i}` back to back from bob and returns the
+/// socket; the demo view starts at version 0, so update i becomes version i.
+async fn stream_updates(demo: &Demo, n: usize) -> Client {
+    let mut bob = open_ws(demo.ws_urls[1].as_str().into_client_request().expect("url")).await;
+    assert_eq!(bob.recv().await["type"], "connected");
+    for i in 1..=n {
+        bob.send(json!({"type": "portal-view-update", "payload": {"n": i}, "id": i}))
+            .await;
+    }
+    bob
+}
+
+/// Reads acks until the socket ends; returns the highest acked version.
+async fn read_acks(bob: &mut Client, stop_after: Option<i64>) -> i64 {
+    use futures::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let mut highest = 0;
+    loop {
+        let frame = tokio::time::timeout(WAIT, bob.ws.next())
+            .await
+            .expect("the stream moves");
+        match frame {
+            Some(Ok(Message::Text(t))) => {
+                let m: Value = serde_json::from_str(t.as_str()).expect("json");
+                assert_eq!(m["type"], "ack", "{m}");
+                let v = m["version"].as_i64().expect("version");
+                assert_eq!(m["id"], v, "update i is version i");
+                assert!(v > highest, "acks in order");
+                highest = v;
+                if Some(highest) == stop_after {
+                    return highest;
+                }
+            }
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1001);
+                assert_eq!(frame.reason.as_str(), "server shutting down");
+                return highest;
+            }
+            Some(Ok(_)) => {}
+            None | Some(Err(_)) => return highest,
+        }
+    }
+}
+
+const UNLIMITED_RATE: [(&str, &str); 2] = [
+    ("PORTAL_RATE_PER_SEC", "1000000"),
+    ("PORTAL_RATE_BURST", "1000000"),
+];
+
+/// SIGKILL in the middle of a stream of acknowledged updates: after a restart,
+/// every acknowledged version is stored (`--sqlite-synchronous full`, the
+/// default), and the state is the one of the stored version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_acked_update_survives_kill_9() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_path = dir.path().join("demo.db");
+    let mut demo = start_demo(dir.path(), &db_path, &UNLIMITED_RATE).await;
+    let mut bob = stream_updates(&demo, 2000).await;
+    let acked = read_acks(&mut bob, Some(300)).await;
+    demo.child.start_kill().expect("SIGKILL");
+    let status = tokio::time::timeout(EXIT_WAIT, demo.child.wait())
+        .await
+        .expect("killed in time")
+        .expect("wait");
+    assert_eq!(status.code(), None, "killed by a signal");
+    // Acks that were in flight when the process died count too.
+    let acked = acked.max(read_acks(&mut bob, None).await);
+
+    let restarted = start_demo(dir.path(), &db_path, &[]).await;
+    let stored = db::view(&open_db(&db_path).conn().expect("conn"), "demo")
+        .expect("read")
+        .expect("row");
+    assert!(
+        stored.version >= acked,
+        "acked version {acked} lost: stored {}",
+        stored.version
+    );
+    let state: Value = serde_json::from_str(stored.state.get()).expect("state");
+    assert_eq!(state["n"], stored.version, "state matches its version");
+    let (code, logs) = restarted.stop().await;
+    assert_eq!(code, Some(0), "{logs}");
+}
+
+/// SIGTERM while a controller is streaming: what was already received is
+/// committed and acked before the 1001 close, the acked versions are stored,
+/// and the process exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_mid_stream_finishes_pending_writes_then_closes_1001() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_path = dir.path().join("demo.db");
+    let demo = start_demo(dir.path(), &db_path, &UNLIMITED_RATE).await;
+    let mut carol = open_ws(demo.ws_urls[2].as_str().into_client_request().expect("url")).await;
+    assert_eq!(carol.recv().await["type"], "connected");
+    let mut bob = stream_updates(&demo, 500).await;
+    let stop = tokio::spawn(demo.stop());
+    let acked = read_acks(&mut bob, None).await;
+    // The viewer gets every committed version, in order, then the 1001.
+    let mut seen = 0;
+    loop {
+        use futures::StreamExt;
+        use tokio_tungstenite::tungstenite::Message;
+        match tokio::time::timeout(WAIT, carol.ws.next())
+            .await
+            .expect("in time")
+        {
+            Some(Ok(Message::Text(t))) => {
+                let m: Value = serde_json::from_str(t.as_str()).expect("json");
+                assert_eq!(m["version"], seen + 1, "gapless: {m}");
+                seen += 1;
+            }
+            Some(Ok(Message::Close(Some(frame)))) => {
+                assert_eq!(u16::from(frame.code), 1001);
+                break;
+            }
+            Some(Ok(_)) => {}
+            other => panic!("the viewer's socket ended without a close: {other:?}"),
+        }
+    }
+    let (code, logs) = tokio::time::timeout(EXIT_WAIT + RUN_WAIT, stop)
+        .await
+        .expect("stopped in time")
+        .expect("stop task");
+    assert_eq!(code, Some(0), "{logs}");
+    let stored = db::view(&open_db(&db_path).conn().expect("conn"), "demo")
+        .expect("read")
+        .expect("row");
+    assert!(acked > 0, "some updates were acked before the close");
+    assert!(
+        stored.version >= acked,
+        "acked {acked}, stored {}",
+        stored.version
+    );
+}
+
+/// A database file that is not SQLite: `serve` refuses to start with a message
+/// instead of serving errors.
+#[tokio::test]
+async fn serve_refuses_a_corrupt_database_file() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_path = dir.path().join("corrupt.db");
+    std::fs::write(&db_path, vec![0x5a; 64 * 1024]).expect("write garbage");
+    let db = db_path.to_str().expect("utf-8");
+    let out = run(
+        dir.path(),
+        &[
+            "serve",
+            "--addr",
+            "127.0.0.1:0",
+            "--db",
+            db,
+            "--jwt-secret",
+            "s",
+        ],
+        &[],
+    )
+    .await;
+    out.assert_failed(Some("not a database"));
+    assert_eq!(
+        std::fs::read(&db_path).expect("read back"),
+        vec![0x5a; 64 * 1024],
+        "the file was left as it was"
+    );
+}
