@@ -21,6 +21,7 @@ pub mod protocol;
 pub mod routes;
 pub mod server;
 pub mod session;
+pub mod web;
 pub mod writer;
 pub mod ws;
 

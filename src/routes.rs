@@ -31,6 +31,9 @@ pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .unify()
         .or(patch_view(ctx))
         .unify()
+        // The browser pages and their assets (web.rs).
+        .or(crate::web::routes())
+        .unify()
         .recover(recover)
         .unify()
         // `info.path()` carries no query string, so `?token=` is never logged.
