@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every check and test of portal-sync: formatting, lints, unit and
-# integration tests (real server, real sockets, temp SQLite files).
+# integration tests (real server, real sockets, temp SQLite files), then the
+# browser tests (scripts/browser-test.sh: the pages in headless Chromium).
 # This is the README's test command, and .ci/run runs exactly this.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,6 +25,16 @@ cargo build --locked --examples
 echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --locked --lib --bins --tests 2>&1 | tee "$log"
-# One closing line for the whole run (cargo prints one per test binary).
-awk '/^test result:/ { p += $4; f += $6 } END { printf "all tests: %d passed, %d failed\n", p, f }' "$log"
+status=0
+cargo test --locked --lib --bins --tests 2>&1 | tee "$log" || status=1
+echo "== browser tests"
+bash scripts/browser-test.sh 2>&1 | tee -a "$log" || status=1
+# One closing line for the whole run: cargo prints one line per test binary,
+# browser-test.sh one for its run. A stage that failed without counting a
+# failed test (a build error, a crash) counts as one failure.
+awk -v broken="$status" '
+  /^test result:/ { p += $4; f += $6 }
+  /^browser tests: [0-9]+ passed, [0-9]+ failed$/ { p += $3; f += $5 }
+  END { if (broken && f == 0) f = 1; printf "all tests: %d passed, %d failed\n", p, f }
+' "$log"
+exit "$status"

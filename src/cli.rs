@@ -485,6 +485,14 @@ fn print_demo(config: &Config, addr: SocketAddr) {
         };
         let url = format!("ws://{host}/ws/portal-view/{DEMO_VIEW}?token={token}");
         println!("{name} ({what})");
+        // The browser pages (web.rs); the token rides in the URL fragment.
+        for (label, page) in [
+            ("Presenter page:", "presenter"),
+            ("Viewer page:   ", "viewer"),
+        ] {
+            let url = crate::web::page_url(&format!("http://{host}"), page, &token, DEMO_VIEW);
+            println!("  {label} {url}");
+        }
         println!("  WebSocket URL (wscat, or `new WebSocket(url)` in a browser console):");
         println!("    {url}");
         println!("  wscat:  npx wscat -c '{url}'");

@@ -40,6 +40,9 @@ pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .unify()
         .or(preflight(ctx.clone()))
         .unify()
+        // The browser pages and their assets (web.rs).
+        .or(crate::web::routes())
+        .unify()
         .recover(recover)
         .unify();
     warp::header::headers_cloned()

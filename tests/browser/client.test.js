@@ -1,0 +1,289 @@
+// web/client.js on its own, in Node, with a scripted fake WebSocket: the
+// sequencing, ack, gap and reconnect rules, message by message. The browser
+// tests (pages.test.js) then show the same client working against the server.
+
+import assert from 'node:assert/strict';
+import { describe, test } from 'node:test';
+
+import {
+  PortalClient,
+  RECONNECT_BASE_MS,
+  RECONNECT_CAP_MS,
+  backoffMs,
+  changeOf,
+  mergePatch,
+  shouldReconnect,
+} from '../../web/client.js';
+
+class FakeSocket {
+  static all = [];
+
+  constructor(url) {
+    this.url = url;
+    this.sent = [];
+    this.closedWith = null;
+    FakeSocket.all.push(this);
+  }
+
+  send(text) {
+    this.sent.push(JSON.parse(text));
+  }
+
+  close(code, reason) {
+    this.closedWith = { code, reason };
+    this.onclose?.({ code, reason });
+  }
+
+  /** A message from the server. */
+  deliver(message) {
+    this.onmessage?.({ data: JSON.stringify(message) });
+  }
+
+  /** The server (or the network) closes the socket. */
+  drop(code, reason = '') {
+    this.onclose?.({ code, reason });
+  }
+}
+
+const STATE = { currentItem: '1', items: { 1: { title: 'One' }, 2: { title: 'Two' } } };
+
+/** A started client whose socket has received `connected` as `role` at version 5. */
+function connectedClient(role, { fetch } = {}) {
+  FakeSocket.all = [];
+  const client = new PortalClient({
+    view: 'demo',
+    token: 'tok en',
+    origin: 'http://127.0.0.1:3000',
+    WebSocket: FakeSocket,
+    fetch: fetch ?? (() => Promise.reject(new Error('no fetch in this test'))),
+    random: () => 0,
+  });
+  const statuses = [];
+  client.addEventListener('status', (e) => statuses.push(e.detail));
+  client.start();
+  const socket = FakeSocket.all[0];
+  socket.deliver({
+    type: 'connected',
+    portalViewId: 'demo',
+    connectionId: 'c1',
+    userId: role === 'controller' ? 'alice' : 'carol',
+    role,
+    state: structuredClone(STATE),
+    version: 5,
+    presence: { controllers: 1, viewers: 1, connections: 2 },
+  });
+  return { client, socket, statuses };
+}
+
+const broadcast = (version, payload, type = 'portal-view-update') => ({ type, payload, version, from: { userId: 'bob', connectionId: 'c2' } });
+
+describe('pure helpers', () => {
+  test('mergePatch follows RFC 7386', () => {
+    const cases = [
+      [{ a: 'b' }, { a: 'c' }, { a: 'c' }],
+      [{ a: 'b' }, { b: 'c' }, { a: 'b', b: 'c' }],
+      [{ a: 'b', b: 'c' }, { a: null }, { b: 'c' }],
+      [{ a: ['b'] }, { a: 'c' }, { a: 'c' }],
+      [{ a: { b: 'c' } }, { a: { b: 'd', c: null } }, { a: { b: 'd' } }],
+      [['a', 'b'], ['c', 'd'], ['c', 'd']],
+      [{ a: 'b' }, ['c'], ['c']],
+      [{ e: null }, { a: 1 }, { e: null, a: 1 }],
+      [[1, 2], { a: 'b', c: null }, { a: 'b' }],
+      [{}, { a: { bb: { ccc: null } } }, { a: { bb: {} } }],
+    ];
+    for (const [target, patch, expected] of cases) {
+      const copy = structuredClone(target);
+      assert.deepEqual(mergePatch(target, patch), expected, `${JSON.stringify(target)} + ${JSON.stringify(patch)}`);
+      assert.deepEqual(target, copy, 'the target is not mutated');
+    }
+  });
+
+  test('an item-update is a merge of the rest into state.items[itemId]', () => {
+    assert.deepEqual(changeOf('item-update', { itemId: 7, title: 'x' }), { kind: 'merge', patch: { items: { 7: { title: 'x' } } } });
+    assert.deepEqual(mergePatch({ items: 'junk' }, changeOf('item-update', { itemId: 'a', t: 1 }).patch), { items: { a: { t: 1 } } });
+    assert.equal(changeOf('item-update', { title: 'no id' }), null);
+    assert.equal(changeOf('ping', undefined), null);
+    assert.equal(changeOf('sync-response', [1]), null);
+  });
+
+  test('reconnect after every close but 1000 and 1008 (except a live access revoked)', () => {
+    for (const code of [1001, 1006, 1011, 1013, 1003, 1009, 1002]) assert.equal(shouldReconnect(code, '', true), true, `${code}`);
+    assert.equal(shouldReconnect(1000, '', true), false);
+    for (const reason of ['invalid token', 'token expired', 'access denied', 'too many connections', 'rate limit exceeded']) {
+      assert.equal(shouldReconnect(1008, reason, true), false, reason);
+    }
+    assert.equal(shouldReconnect(1008, 'access revoked', true), true);
+    assert.equal(shouldReconnect(1008, 'access revoked', false), false, 'a refused handshake never loops');
+  });
+
+  test('backoff doubles with jitter up to the cap', () => {
+    for (let attempt = 0; attempt < 12; attempt += 1) {
+      const ceiling = Math.min(RECONNECT_CAP_MS, RECONNECT_BASE_MS * 2 ** attempt);
+      assert.equal(backoffMs(attempt, () => 0), ceiling / 2);
+      assert.equal(backoffMs(attempt, () => 1), ceiling);
+    }
+    assert.equal(backoffMs(40, () => 1), RECONNECT_CAP_MS);
+  });
+});
+
+describe('PortalClient', () => {
+  test('connects with the token in the query and takes state, version and role from connected', () => {
+    const { client, socket, statuses } = connectedClient('viewer');
+    assert.equal(socket.url, 'ws://127.0.0.1:3000/ws/portal-view/demo?token=tok%20en');
+    assert.equal(client.status, 'live');
+    assert.equal(client.role, 'viewer');
+    assert.equal(client.version, 5);
+    assert.deepEqual(client.state, STATE);
+    assert.deepEqual(statuses.map((s) => s.status), ['connecting', 'live']);
+  });
+
+  test('applies broadcasts in order and ignores versions it already has', () => {
+    const { client, socket } = connectedClient('viewer');
+    socket.deliver(broadcast(6, { currentItem: '2' }));
+    socket.deliver(broadcast(7, { itemId: '2', title: 'Deux' }, 'item-update'));
+    socket.deliver(broadcast(6, { currentItem: '1' }));
+    socket.deliver(broadcast(7, { currentItem: '1' }));
+    assert.equal(client.version, 7);
+    assert.equal(client.state.currentItem, '2');
+    assert.equal(client.state.items['2'].title, 'Deux');
+    assert.deepEqual(socket.sent, [], 'in order: nothing to ask');
+  });
+
+  test('a viewer that sees a gap sends request-sync, holds later changes, and catches up from the answer', () => {
+    const { client, socket } = connectedClient('viewer');
+    socket.deliver(broadcast(7, { currentItem: '2' })); // 6 is missing
+    assert.equal(client.version, 5, 'not applied across the gap');
+    assert.deepEqual(socket.sent.map((m) => m.type), ['request-sync']);
+    socket.deliver(broadcast(8, { visible: false }));
+    assert.equal(socket.sent.length, 1, 'one request per gap');
+    // The server answers itself (no controller online) with the state at 7.
+    socket.deliver({ type: 'sync-response', payload: { ...STATE, currentItem: '2' }, version: 7, source: 'server', id: socket.sent[0].id });
+    assert.equal(client.version, 8, 'the held change 8 follows the snapshot at 7');
+    assert.equal(client.state.currentItem, '2');
+    assert.equal(client.state.visible, false);
+  });
+
+  test("a controller that sees a gap re-reads the view over REST with its bearer token", async () => {
+    const calls = [];
+    let answer;
+    const fetch = (url, init) => {
+      calls.push({ url, init });
+      return new Promise((resolve) => (answer = resolve));
+    };
+    const { client, socket } = connectedClient('controller', { fetch });
+    socket.deliver(broadcast(7, { currentItem: '2' }));
+    assert.equal(calls.length, 1);
+    assert.equal(calls[0].url, 'http://127.0.0.1:3000/api/portal-views/demo');
+    assert.equal(calls[0].init.headers.Authorization, 'Bearer tok en');
+    assert.equal(socket.sent.length, 0, 'controllers may not send request-sync');
+    socket.deliver(broadcast(8, { visible: false }));
+    answer({ ok: true, json: async () => ({ state: { ...STATE, currentItem: '2' }, version: 7 }) });
+    await new Promise((r) => setImmediate(r));
+    assert.equal(client.version, 8);
+    assert.equal(client.state.currentItem, '2');
+    assert.equal(client.state.visible, false);
+  });
+
+  test('own changes show at once, are confirmed by their ack, and are undone by an error', async () => {
+    const { client, socket } = connectedClient('controller');
+    const accepted = client.updateView({ currentItem: '2' });
+    assert.equal(client.state.currentItem, '2', 'shown before the ack');
+    assert.equal(client.version, 5);
+    const sent = socket.sent.at(-1);
+    assert.equal(sent.type, 'portal-view-update');
+    socket.deliver({ type: 'ack', id: sent.id, version: 6 });
+    assert.deepEqual(await accepted, { version: 6 });
+    assert.equal(client.version, 6);
+
+    const refused = client.updateItem('1', { title: 'Nope' });
+    assert.equal(client.state.items['1'].title, 'Nope');
+    socket.deliver({ type: 'error', code: 'BAD_REQUEST', message: 'no', id: socket.sent.at(-1).id });
+    await assert.rejects(refused, { code: 'BAD_REQUEST' });
+    assert.equal(client.state.items['1'].title, 'One', 'reverted');
+    assert.equal(client.version, 6);
+  });
+
+  test('a broadcast that lands between a send and its ack comes first, as on the server', () => {
+    const { client, socket } = connectedClient('controller');
+    client.updateView({ currentItem: '2' });
+    socket.deliver(broadcast(6, { currentItem: '1', visible: false })); // committed before ours
+    assert.equal(client.state.currentItem, '2', 'our pending change still shows on top');
+    socket.deliver({ type: 'ack', id: socket.sent.at(-1).id, version: 7 });
+    assert.equal(client.version, 7);
+    assert.deepEqual({ c: client.state.currentItem, v: client.state.visible }, { c: '2', v: false });
+  });
+
+  test('a controller answers a burst of request-sync with one sync-response of its state', (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, socket } = connectedClient('controller');
+    socket.deliver({ type: 'request-sync', from: { userId: 'carol', connectionId: 'c3' } });
+    socket.deliver({ type: 'request-sync', from: { userId: 'dave', connectionId: 'c4' } });
+    t.mock.timers.tick(1000);
+    const answers = socket.sent.filter((m) => m.type === 'sync-response');
+    assert.equal(answers.length, 1);
+    assert.deepEqual(answers[0].payload, client.state);
+  });
+
+  test('reconnects with backoff after 1006 and re-syncs from the new connected', (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, socket, statuses } = connectedClient('viewer');
+    const pending = client.send('ping');
+    socket.drop(1006);
+    assert.equal(client.status, 'reconnecting');
+    assert.deepEqual(statuses.at(-1), { status: 'reconnecting', code: 1006, reason: '', delayMs: RECONNECT_BASE_MS / 2 });
+    t.mock.timers.tick(RECONNECT_BASE_MS / 2 - 1);
+    assert.equal(FakeSocket.all.length, 1, 'waits out the backoff');
+    t.mock.timers.tick(1);
+    assert.equal(FakeSocket.all.length, 2);
+    const second = FakeSocket.all[1];
+    second.deliver({ type: 'connected', role: 'viewer', userId: 'carol', state: { currentItem: '9' }, version: 42, presence: {} });
+    assert.equal(client.status, 'live');
+    assert.equal(client.version, 42);
+    assert.deepEqual(client.state, { currentItem: '9' });
+    // A late message from the old socket changes nothing.
+    socket.deliver(broadcast(43, { currentItem: 'old' }));
+    assert.equal(client.version, 42);
+    return pending;
+  });
+
+  test('does not reconnect after 1008, and keeps the reason', (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, socket, statuses } = connectedClient('viewer');
+    socket.drop(1008, 'token expired');
+    t.mock.timers.tick(60_000);
+    assert.equal(FakeSocket.all.length, 1);
+    assert.equal(client.status, 'closed');
+    assert.deepEqual(statuses.at(-1), { status: 'closed', code: 1008, reason: 'token expired', delayMs: null });
+  });
+
+  test('unacked changes are rejected when the connection drops', async (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, socket } = connectedClient('controller');
+    const change = client.updateView({ currentItem: '2' });
+    socket.drop(1011, 'internal error');
+    await assert.rejects(change, { code: 'OFFLINE' });
+    assert.equal(client.state.currentItem, '1', 'the unconfirmed change is no longer shown');
+    await assert.rejects(client.updateView({ currentItem: '2' }), { code: 'OFFLINE' });
+  });
+
+  test('presence events keep the audience and the counts', () => {
+    const { client, socket } = connectedClient('controller');
+    assert.deepEqual([...client.audience], [['alice', 'controller']]);
+    socket.deliver({ type: 'presence', joined: [{ userId: 'carol', role: 'viewer' }], left: [], presence: { controllers: 1, viewers: 1, connections: 2 } });
+    assert.deepEqual([...client.audience.keys()], ['alice', 'carol']);
+    socket.deliver({ type: 'presence', joined: [], left: [{ userId: 'carol', role: 'viewer' }], presence: { controllers: 1, viewers: 0, connections: 1 } });
+    assert.deepEqual([...client.audience.keys()], ['alice']);
+    assert.deepEqual(client.presence, { controllers: 1, viewers: 0, connections: 1 });
+  });
+
+  test('a re-sync nobody answers ends in a reconnect, whose connected brings the state', (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, socket } = connectedClient('viewer');
+    socket.deliver(broadcast(9, { currentItem: '2' }));
+    t.mock.timers.tick(5000);
+    assert.equal(socket.closedWith?.code, 4000);
+    t.mock.timers.tick(0);
+    assert.equal(FakeSocket.all.length, 2, 'reconnected at once');
+    assert.equal(client.status, 'reconnecting');
+  });
+});

@@ -1,0 +1,172 @@
+// What the sign-in, presenter and viewer pages share: credentials, the sign-in
+// form, the connection status, the version, and the stage that shows the
+// current item. Everything from the state is put in the page as text
+// (`textContent`), never as HTML: items are written by any controller.
+
+const STORAGE_KEY = 'portal-sync:credentials';
+const ID_PATTERN = /^[A-Za-z0-9_-]{1,64}$/;
+
+/**
+ * The token and view id: from the URL fragment (`#token=…&view=…`, as the
+ * demo prints them; a fragment never reaches the server, its logs or a
+ * Referer), else from this tab's sessionStorage. A fragment is moved into
+ * sessionStorage and wiped from the address bar, so the token does not linger
+ * in history or on a screen share, and a reload still works.
+ */
+export function readCredentials() {
+  const hash = new URLSearchParams(location.hash.slice(1));
+  if (hash.has('token')) {
+    const credentials = { token: hash.get('token'), view: hash.get('view') || 'demo' };
+    sessionStorage.setItem(STORAGE_KEY, JSON.stringify(credentials));
+    history.replaceState(null, '', location.pathname + location.search);
+    return credentials;
+  }
+  try {
+    const stored = JSON.parse(sessionStorage.getItem(STORAGE_KEY) ?? 'null');
+    if (stored && typeof stored.token === 'string' && typeof stored.view === 'string') return stored;
+  } catch {
+    // unreadable: sign in again
+  }
+  return null;
+}
+
+export function forgetCredentials() {
+  sessionStorage.removeItem(STORAGE_KEY);
+}
+
+/** `h('p', {class: 'x', dataset: {testid: 'y'}}, 'text', child)`: a small element builder. */
+export function h(tag, attributes = {}, ...children) {
+  const element = document.createElement(tag);
+  for (const [name, value] of Object.entries(attributes)) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name === 'dataset') Object.assign(element.dataset, value);
+    else if (name.startsWith('on')) element.addEventListener(name.slice(2), value);
+    else element.setAttribute(name, value === true ? '' : String(value));
+  }
+  element.append(...children.filter((c) => c !== null && c !== undefined && c !== false));
+  return element;
+}
+
+/**
+ * The sign-in step: a token and a portal view id, then the presenter or the
+ * viewer page. `note` says why it is shown (e.g. the token was refused).
+ */
+export function signInForm({ view = 'demo', note = '' } = {}) {
+  const form = h(
+    'form',
+    { class: 'sign-in', dataset: { testid: 'sign-in' } },
+    h('h1', {}, 'Sign in to a portal view'),
+    note ? h('p', { class: 'note', dataset: { testid: 'sign-in-note' } }, note) : null,
+    h(
+      'label',
+      {},
+      'Token',
+      h('input', { name: 'token', type: 'password', autocomplete: 'off', required: true, dataset: { testid: 'token-input' } }),
+    ),
+    h(
+      'label',
+      {},
+      'Portal view',
+      h('input', { name: 'view', value: view, required: true, pattern: ID_PATTERN.source.slice(1, -1), dataset: { testid: 'view-input' } }),
+    ),
+    h(
+      'div',
+      { class: 'actions' },
+      h('button', { type: 'submit', name: 'page', value: 'presenter', dataset: { testid: 'open-presenter' } }, 'Open presenter'),
+      h('button', { type: 'submit', name: 'page', value: 'viewer', dataset: { testid: 'open-viewer' } }, 'Open viewer'),
+    ),
+    h('p', { class: 'hint' }, 'portal-sync demo prints ready-made links for alice, bob and carol.'),
+  );
+  form.addEventListener('submit', (event) => {
+    event.preventDefault();
+    const data = new FormData(form);
+    const page = event.submitter?.value === 'viewer' ? 'viewer' : 'presenter';
+    sessionStorage.setItem(STORAGE_KEY, JSON.stringify({ token: String(data.get('token')).trim(), view: String(data.get('view')).trim() }));
+    location.assign(`/${page}`);
+  });
+  return form;
+}
+
+const CLOSE_WORDS = {
+  1000: 'closed',
+  1001: 'server going away',
+  1006: 'connection lost',
+  1011: 'server error',
+  1013: 'server overloaded',
+};
+
+/** Keeps the status badge and the version in step with the client. */
+export function bindStatus(client, statusElement, versionElement) {
+  let tick = null;
+  const render = ({ status, code, reason, delayMs }) => {
+    clearInterval(tick);
+    statusElement.dataset.state = status;
+    statusElement.dataset.code = code ?? '';
+    const cause = code ? `${reason || CLOSE_WORDS[code] || 'closed'} (${code})` : '';
+    if (status === 'connecting') statusElement.textContent = 'Connecting…';
+    else if (status === 'live') statusElement.textContent = 'Live';
+    else if (status === 'closed') statusElement.textContent = `Closed: ${cause || 'stopped'}`;
+    else if (status === 'reconnecting' && delayMs !== null) {
+      const due = Date.now() + delayMs;
+      const show = () => {
+        const seconds = Math.max(0, Math.ceil((due - Date.now()) / 1000));
+        statusElement.textContent = `Reconnecting: ${cause}, retry in ${seconds} s`;
+      };
+      show();
+      tick = setInterval(show, 500);
+    } else statusElement.textContent = `Reconnecting…${cause ? ` ${cause}` : ''}`;
+    statusElement.title = statusElement.textContent;
+  };
+  client.addEventListener('status', (event) => render(event.detail));
+  client.addEventListener('state', () => {
+    versionElement.textContent = `version ${client.version}`;
+    versionElement.dataset.version = String(client.version);
+  });
+}
+
+function isObject(value) {
+  return value !== null && typeof value === 'object' && !Array.isArray(value);
+}
+
+/** The ids of `state.items` in presentation order: numeric ids by number, then the rest by name. */
+export function itemIds(state) {
+  const items = isObject(state.items) ? state.items : {};
+  return Object.keys(items).sort((a, b) => a.localeCompare(b, 'en', { numeric: true }));
+}
+
+/** A field of an item as text (items are free-form JSON). */
+export function field(item, name) {
+  const value = isObject(item) ? item[name] : undefined;
+  if (value === undefined || value === null) return '';
+  return typeof value === 'string' ? value : JSON.stringify(value);
+}
+
+/**
+ * Draws the current item into `stage` (the big view viewers see). `preview`
+ * is the presenter's copy: it keeps showing the item when it is hidden from
+ * viewers, marked as such.
+ */
+export function renderStage(stage, state, { preview = false } = {}) {
+  const ids = itemIds(state);
+  const current = state.currentItem === undefined || state.currentItem === null ? null : String(state.currentItem);
+  const item = current !== null && isObject(state.items) ? state.items[current] : undefined;
+  const visible = state.visible !== false;
+  stage.dataset.itemId = current ?? '';
+  stage.dataset.visible = String(visible);
+  stage.replaceChildren();
+  if (!visible && !preview) {
+    stage.append(h('p', { class: 'stage-hidden', dataset: { testid: 'hidden-notice' } }, 'The presenter has hidden the screen.'));
+    return;
+  }
+  if (!visible) stage.append(h('p', { class: 'badge', dataset: { testid: 'hidden-notice' } }, 'Hidden from viewers'));
+  if (item === undefined) {
+    stage.append(h('p', { class: 'stage-empty', dataset: { testid: 'item-title' } }, current === null ? 'Nothing to show yet.' : `Item ${current} does not exist.`));
+    return;
+  }
+  const position = ids.indexOf(current);
+  stage.append(
+    h('h1', { class: 'stage-title', dataset: { testid: 'item-title' } }, field(item, 'title') || `Item ${current}`),
+    h('p', { class: 'stage-body', dataset: { testid: 'item-body' } }, field(item, 'body')),
+    h('p', { class: 'stage-position', dataset: { testid: 'item-position' } }, position >= 0 ? `${position + 1} / ${ids.length}` : ''),
+  );
+}

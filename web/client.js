@@ -1,0 +1,415 @@
+// The portal-sync browser client: one WebSocket to one portal view, kept in
+// sync across disconnects, gaps and restarts. Pages read `client.state`,
+// `client.version`, `client.role` and listen for events; they never touch the
+// socket or the wire format themselves.
+//
+// Events (CustomEvent, details in brackets):
+//   status    the connection changed   {status, code, reason, delayMs}
+//   state     the state or version changed {cause, from}
+//   presence  who is watching changed  {joined, left}
+//   reply     the server refused a message {code, message, id}
+//   request   a viewer asked for a sync (controllers only) {from}
+
+/** First reconnect delay; doubles per failed attempt up to RECONNECT_CAP_MS. */
+export const RECONNECT_BASE_MS = 500;
+export const RECONNECT_CAP_MS = 15000;
+/** How long a re-sync may take before the client reconnects instead. */
+export const RESYNC_TIMEOUT_MS = 5000;
+/** Controllers wait this long before answering `request-sync`, so that a burst
+ * of requests (a room of viewers noticing the same gap) costs one answer. */
+export const SYNC_ANSWER_DELAY_MS = 100;
+/** Our own close code for "re-sync took too long: reconnect now". */
+const RESYNC_CLOSE = 4000;
+
+/**
+ * Whether a close is worth reconnecting after. 1008 is the server saying no
+ * (bad or expired token, no access, too many connections, rate limit):
+ * retrying would fail the same way, so the client stops and shows the reason.
+ * The one 1008 that asks for a reconnect is `access revoked` on a live
+ * connection (SPEC §4: the user "reconnect[s] with the new role"); if access
+ * is gone for good, that reconnect gets `access denied` and stops there.
+ * 1000 is a normal close (ours). Everything else (1001 shutdown, 1006 network,
+ * 1011 server error, 1013 slow consumer, …) is temporary.
+ */
+export function shouldReconnect(code, reason, wasLive) {
+  if (code === 1000) return false;
+  if (code === 1008) return wasLive && String(reason).startsWith('access revoked');
+  return true;
+}
+
+/** Exponential backoff with "equal jitter": half the delay fixed, half random,
+ * so a room of clients dropped by one restart does not return in one wave. */
+export function backoffMs(attempt, random = Math.random) {
+  const ceiling = Math.min(RECONNECT_CAP_MS, RECONNECT_BASE_MS * 2 ** attempt);
+  return Math.round(ceiling / 2 + random() * (ceiling / 2));
+}
+
+function isObject(value) {
+  return value !== null && typeof value === 'object' && !Array.isArray(value);
+}
+
+/** RFC 7386 JSON Merge Patch, as the server applies it; returns a new value. */
+export function mergePatch(target, patch) {
+  if (!isObject(patch)) return structuredClone(patch);
+  const result = isObject(target) ? { ...target } : {};
+  for (const [key, value] of Object.entries(patch)) {
+    if (value === null) delete result[key];
+    else result[key] = mergePatch(result[key], value);
+  }
+  return result;
+}
+
+/**
+ * What a message of `type` with `payload` does to the state, or null when it
+ * changes nothing. An item-update is the merge patch {items: {[id]: rest}}:
+ * that is what "merge the rest into state.items[id]" means under RFC 7386.
+ */
+export function changeOf(type, payload) {
+  switch (type) {
+    case 'portal-view-update':
+      return isObject(payload) ? { kind: 'merge', patch: payload } : null;
+    case 'item-update': {
+      if (!isObject(payload) || payload.itemId === undefined) return null;
+      const { itemId, ...rest } = payload;
+      return { kind: 'merge', patch: { items: { [String(itemId)]: rest } } };
+    }
+    case 'sync-response':
+      return isObject(payload) ? { kind: 'replace', state: payload } : null;
+    default:
+      return null;
+  }
+}
+
+function applyChange(state, change) {
+  return change.kind === 'replace' ? structuredClone(change.state) : mergePatch(state, change.patch);
+}
+
+export class PortalClient extends EventTarget {
+  /**
+   * @param {object} options
+   * @param {string} options.view   the portal view id
+   * @param {string} options.token  a JWT; sent as `?token=` (browsers cannot set headers on a WebSocket)
+   * @param {string} [options.origin]  http(s)://host:port of the server; defaults to the page's
+   * @param {typeof WebSocket} [options.WebSocket]  for tests outside a browser
+   * @param {typeof fetch} [options.fetch]
+   * @param {() => number} [options.random]
+   */
+  constructor({ view, token, origin, WebSocket: WS, fetch: fetchImpl, random } = {}) {
+    super();
+    this.view = view;
+    this.token = token;
+    const base = new URL(origin ?? globalThis.location.origin);
+    const wsScheme = base.protocol === 'https:' ? 'wss:' : 'ws:';
+    this.wsUrl = `${wsScheme}//${base.host}/ws/portal-view/${encodeURIComponent(view)}?token=${encodeURIComponent(token)}`;
+    this.apiUrl = `${base.origin}/api/portal-views/${encodeURIComponent(view)}`;
+    this.WebSocket = WS ?? globalThis.WebSocket;
+    this.fetch = fetchImpl ?? globalThis.fetch.bind(globalThis);
+    this.random = random ?? Math.random;
+
+    /** idle | connecting | live | reconnecting | closed */
+    this.status = 'idle';
+    /** The last close: {code, reason}. */
+    this.lastClose = null;
+    this.role = null;
+    this.userId = null;
+    this.connectionId = null;
+    this.presence = { controllers: 0, viewers: 0, connections: 0 };
+    /** userId -> role of the people we know are here (from presence events). */
+    this.audience = new Map();
+    /** The state as the server stored it at `version`. */
+    this.confirmed = {};
+    this.version = null;
+    /** What pages show: `confirmed` plus our changes the server has not acked yet. */
+    this.state = {};
+    /** The socket in use; exposed for debugging from the console. */
+    this.socket = null;
+
+    this._attempt = 0;
+    this._stopped = false;
+    this._wasLive = false;
+    this._reconnectTimer = null;
+    this._nextId = 1;
+    /** id -> {change, resolve, reject}, in the order sent. */
+    this._pending = new Map();
+    /** version -> change received after a gap, applied once the gap is filled. */
+    this._buffer = new Map();
+    /** The re-sync under way: {timer}, or null. */
+    this._resync = null;
+    this._answerTimer = null;
+    this._restartAfterClose = false;
+  }
+
+  /** Opens the connection; it then stays open until `stop()` or a 1008. */
+  start() {
+    this._stopped = false;
+    if (!this.socket && !this._reconnectTimer) this._open();
+    return this;
+  }
+
+  stop() {
+    this._stopped = true;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    if (this.socket) this.socket.close(1000, 'bye');
+    else this._setStatus('closed', { code: 1000, reason: 'stopped' });
+  }
+
+  /**
+   * Sends a client message. State changes resolve with `{version}` when the
+   * server acks them and reject with the server's `error` (`err.code`), or
+   * when the connection drops first; other types resolve once sent.
+   */
+  send(type, payload) {
+    if (this.status !== 'live' || !this.socket) {
+      return Promise.reject(Object.assign(new Error('not connected'), { code: 'OFFLINE' }));
+    }
+    const id = this._nextId++;
+    const message = payload === undefined ? { type, id } : { type, payload, id };
+    const change = changeOf(type, payload);
+    if (!change) {
+      this.socket.send(JSON.stringify(message));
+      return Promise.resolve({});
+    }
+    return new Promise((resolve, reject) => {
+      this._pending.set(id, { change, resolve, reject });
+      this.socket.send(JSON.stringify(message));
+      this._publish('local');
+    });
+  }
+
+  updateView(patch) {
+    return this.send('portal-view-update', patch);
+  }
+
+  updateItem(itemId, fields) {
+    return this.send('item-update', { ...fields, itemId });
+  }
+
+  /** Replaces the stored state with what this presenter shows (`sync-response`). */
+  sendFullSync() {
+    return this.send('sync-response', this.state);
+  }
+
+  // -------------------------------------------------------------------------
+
+  _open() {
+    this._reconnectTimer = null;
+    this._setStatus(this._wasLive || this._attempt > 0 ? 'reconnecting' : 'connecting', {});
+    const ws = new this.WebSocket(this.wsUrl);
+    this.socket = ws;
+    ws.onmessage = (event) => {
+      if (ws !== this.socket) return;
+      let message;
+      try {
+        message = JSON.parse(event.data);
+      } catch {
+        return;
+      }
+      if (isObject(message)) this._onMessage(message);
+    };
+    ws.onclose = (event) => {
+      if (ws === this.socket) this._onClose(event.code, event.reason ?? '');
+    };
+  }
+
+  _onClose(code, reason) {
+    const wasLive = this.status === 'live';
+    const resyncRestart = this._restartAfterClose;
+    this._restartAfterClose = false;
+    this.socket = null;
+    this.lastClose = { code, reason };
+    this._endResync();
+    clearTimeout(this._answerTimer);
+    this._answerTimer = null;
+    this._buffer.clear();
+    const lost = [...this._pending.values()];
+    this._pending.clear();
+    for (const p of lost) {
+      p.reject(Object.assign(new Error('connection lost before the server confirmed'), { code: 'OFFLINE' }));
+    }
+    if (lost.length) this._publish('revert');
+    if (this._stopped) return this._setStatus('closed', { code, reason });
+    if (!resyncRestart && !shouldReconnect(code, reason, wasLive)) {
+      return this._setStatus('closed', { code, reason });
+    }
+    const delayMs = resyncRestart ? 0 : backoffMs(this._attempt++, this.random);
+    this._reconnectTimer = setTimeout(() => this._open(), delayMs);
+    this._setStatus('reconnecting', { code, reason, delayMs });
+  }
+
+  _onMessage(message) {
+    switch (message.type) {
+      case 'connected':
+        return this._onConnected(message);
+      case 'ack': {
+        const pending = this._pending.get(message.id);
+        if (!pending) return;
+        this._pending.delete(message.id);
+        pending.resolve({ version: message.version });
+        return this._sequence(message.version, pending.change, 'ack', null);
+      }
+      case 'error': {
+        const pending = this._pending.get(message.id);
+        if (pending) {
+          this._pending.delete(message.id);
+          pending.reject(Object.assign(new Error(message.message), { code: message.code }));
+          this._publish('revert');
+        }
+        return this._emit('reply', { code: message.code, message: message.message, id: message.id });
+      }
+      case 'portal-view-update':
+      case 'item-update':
+      case 'sync-response': {
+        const change = changeOf(message.type, message.payload);
+        if (!change || typeof message.version !== 'number') return;
+        return this._sequence(message.version, change, message.source === 'server' ? 'snapshot' : 'broadcast', message.from ?? null);
+      }
+      case 'request-sync':
+        if (this.role === 'controller') this._scheduleSyncAnswer();
+        return this._emit('request', { from: message.from ?? null });
+      case 'presence':
+        return this._onPresence(message);
+      default:
+        return undefined; // pong, and whatever later versions add
+    }
+  }
+
+  _onConnected(message) {
+    this.role = message.role;
+    this.userId = message.userId;
+    this.connectionId = message.connectionId;
+    if (isObject(message.presence)) this.presence = message.presence;
+    // We are told of others coming and going from now on; we know we are here.
+    this.audience = new Map([[message.userId, message.role]]);
+    this._buffer.clear();
+    this.confirmed = isObject(message.state) ? message.state : {};
+    this.version = message.version;
+    this._attempt = 0;
+    this._wasLive = true;
+    this._setStatus('live', {});
+    this._publish('connected');
+    this._emit('presence', { joined: [], left: [] });
+  }
+
+  _onPresence(message) {
+    if (isObject(message.presence)) this.presence = message.presence;
+    const joined = Array.isArray(message.joined) ? message.joined : [];
+    const left = Array.isArray(message.left) ? message.left : [];
+    for (const { userId, role } of joined) this.audience.set(userId, role);
+    for (const { userId } of left) this.audience.delete(userId);
+    this._emit('presence', { joined, left });
+  }
+
+  /**
+   * Applies the change that produced `version`, in version order. Versions we
+   * already have are ignored; a full state (`replace`) is applied whatever came
+   * before it; anything after a gap waits in the buffer while the client
+   * re-syncs.
+   */
+  _sequence(version, change, cause, from) {
+    if (this.version === null) return;
+    if (change.kind === 'replace') return this._snapshot(change.state, version, cause, from);
+    if (version <= this.version) return;
+    if (version !== this.version + 1) {
+      this._buffer.set(version, change);
+      return this._startResync();
+    }
+    this.confirmed = applyChange(this.confirmed, change);
+    this.version = version;
+    this._drain();
+    this._publish(cause, from);
+  }
+
+  /** A full state at `version` (a sync-response or a REST read). */
+  _snapshot(state, version, cause, from) {
+    if (version < this.version) return;
+    this.confirmed = structuredClone(state);
+    this.version = version;
+    this._drain();
+    this._publish(cause, from);
+  }
+
+  /** Applies buffered changes that now follow on; re-syncs again if a gap is left. */
+  _drain() {
+    while (this._buffer.has(this.version + 1)) {
+      const change = this._buffer.get(this.version + 1);
+      this._buffer.delete(this.version + 1);
+      this.confirmed = applyChange(this.confirmed, change);
+      this.version += 1;
+    }
+    for (const v of this._buffer.keys()) if (v <= this.version) this._buffer.delete(v);
+    if (this._buffer.size === 0) this._endResync();
+    else if (this._resync) {
+      // The snapshot did not reach past the gap: ask again.
+      this._endResync();
+      this._startResync();
+    }
+  }
+
+  /**
+   * A state-changing message skipped a version. A viewer asks the controllers
+   * (`request-sync`; with none online the server answers itself); a controller
+   * reads the stored view over REST. If neither answers in time, reconnecting
+   * brings the state with `connected`.
+   */
+  _startResync() {
+    if (this._resync || !this.socket) return;
+    const socket = this.socket;
+    const timer = setTimeout(() => this._restart(socket, 'resync timed out'), RESYNC_TIMEOUT_MS);
+    this._resync = { timer };
+    this._emit('resync', { via: this.role === 'controller' ? 'rest' : 'request-sync' });
+    if (this.role !== 'controller') {
+      socket.send(JSON.stringify({ type: 'request-sync', id: this._nextId++ }));
+      return;
+    }
+    this.fetch(this.apiUrl, {
+      headers: { Authorization: `Bearer ${this.token}`, Accept: 'application/json' },
+      cache: 'no-store',
+    })
+      .then((response) => (response.ok ? response.json() : Promise.reject(new Error(`HTTP ${response.status}`))))
+      .then((view) => {
+        if (this.socket === socket && isObject(view.state)) this._snapshot(view.state, view.version, 'snapshot', null);
+      })
+      .catch(() => this._restart(socket, 'resync failed'));
+  }
+
+  /** Closes `socket` (if still ours) and reconnects at once: `connected` brings the state. */
+  _restart(socket, reason) {
+    if (this.socket !== socket) return;
+    this._restartAfterClose = true;
+    socket.close(RESYNC_CLOSE, reason);
+  }
+
+  _endResync() {
+    if (!this._resync) return;
+    clearTimeout(this._resync.timer);
+    this._resync = null;
+  }
+
+  /** Answers viewers' `request-sync` with this presenter's state, once per burst,
+   * and only while it is itself in sync (a stale answer would overwrite newer state). */
+  _scheduleSyncAnswer() {
+    if (this._answerTimer) return;
+    this._answerTimer = setTimeout(() => {
+      this._answerTimer = null;
+      if (this.status === 'live' && !this._resync) this.sendFullSync().catch(() => {});
+    }, SYNC_ANSWER_DELAY_MS);
+  }
+
+  /** Recomputes `state` (confirmed + pending) and tells the page. */
+  _publish(cause, from = null) {
+    let state = this.confirmed;
+    for (const { change } of this._pending.values()) state = applyChange(state, change);
+    this.state = state;
+    this._emit('state', { cause, from });
+  }
+
+  _setStatus(status, { code = null, reason = '', delayMs = null }) {
+    this.status = status;
+    this._emit('status', { status, code, reason, delayMs });
+  }
+
+  _emit(name, detail) {
+    this.dispatchEvent(new CustomEvent(name, { detail }));
+  }
+}

@@ -1,0 +1,27 @@
+// The viewer page: the current item, large, updating live. No controls: what
+// is shown is whatever the presenter last stored.
+
+import { PortalClient } from './client.js';
+import { bindStatus, readCredentials, renderStage, signInForm } from './app.js';
+
+const stage = document.querySelector('[data-testid=stage]');
+const who = document.querySelector('[data-testid=who]');
+const credentials = readCredentials();
+
+if (!credentials) {
+  document.querySelector('#app').replaceChildren(signInForm({ note: 'Sign in to watch a portal view.' }));
+  document.querySelector('[data-testid=status]').textContent = 'Signed out';
+} else {
+  const client = new PortalClient(credentials);
+  // A debugging handle (the console can reach the socket anyway).
+  window.portal = { client };
+  bindStatus(client, document.querySelector('[data-testid=status]'), document.querySelector('[data-testid=version]'));
+  client.addEventListener('state', () => renderStage(stage, client.state));
+  client.addEventListener('status', ({ detail }) => {
+    if (detail.status === 'live') who.textContent = `${client.userId} · ${client.view}`;
+    if (detail.status === 'closed' && detail.code === 1008) {
+      document.querySelector('#app').replaceChildren(signInForm({ view: client.view, note: `The server refused this link: ${detail.reason}.` }));
+    }
+  });
+  client.start();
+}
