@@ -313,6 +313,9 @@ pub struct Joined {
     pub presence: Presence,
     /// The last version broadcast to the room before this connection was in it.
     pub last_version: i64,
+    /// This connection created the room: broadcasts committed before the join
+    /// reached no one here, so the snapshot must be read after the join.
+    pub new_room: bool,
 }
 
 /// A join refused by a connection limit.
@@ -331,6 +334,9 @@ pub struct Joiner {
     pub user_id: Arc<str>,
     pub role: Role,
     pub outbox: Arc<Outbox>,
+    /// The view's version as read before joining: where a new room's ordered
+    /// delivery starts (with Redis, the sequencer fills from there).
+    pub base_version: i64,
 }
 
 impl Hub {
@@ -360,8 +366,10 @@ impl Hub {
             user_id,
             role,
             outbox,
+            base_version,
         } = joiner;
         let mut rooms = lock(&self.rooms);
+        let new_room = !rooms.by_view.contains_key(&view_id);
         let per_user = rooms.per_user.get(&user_id).copied().unwrap_or(0);
         if rooms.total >= self.limits.total || per_user >= self.limits.per_user {
             return Err(TooManyConnections);
@@ -373,7 +381,10 @@ impl Hub {
                 Arc::new(Room {
                     view_id,
                     library_id,
-                    inner: Mutex::new(RoomInner::default()),
+                    inner: Mutex::new(RoomInner {
+                        last_version: base_version,
+                        ..RoomInner::default()
+                    }),
                 })
             })
             .clone();
@@ -423,6 +434,7 @@ impl Hub {
             key,
             presence,
             last_version: inner.last_version,
+            new_room,
         })
     }
 
@@ -554,6 +566,39 @@ impl Hub {
         delivered
     }
 
+    /// The last version delivered to a view's room, if this node has one.
+    pub fn last_version(&self, view_id: &str) -> Option<i64> {
+        self.room(view_id)
+            .map(|room| lock(&room.inner).last_version)
+    }
+
+    /// Every room with its last delivered version (the cluster's catch-up).
+    pub fn room_versions(&self) -> Vec<(Arc<str>, i64)> {
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms).by_view.values().cloned().collect();
+        rooms
+            .into_iter()
+            .map(|room| {
+                let v = lock(&room.inner).last_version;
+                (room.view_id.clone(), v)
+            })
+            .collect()
+    }
+
+    /// Closes every connection of a view whose broadcasts cannot be delivered
+    /// in order any more; they reconnect and resynchronise from `connected`.
+    /// The room then continues from `version`.
+    pub fn resync_room(&self, view_id: &str, version: i64, request: CloseRequest) -> usize {
+        let Some(room) = self.room(view_id) else {
+            return 0;
+        };
+        let mut inner = lock(&room.inner);
+        inner.last_version = inner.last_version.max(version);
+        for member in inner.members.values() {
+            member.outbox.close(request.clone());
+        }
+        inner.members.len()
+    }
+
     /// Sends a frame to the view's controllers; returns how many got it.
     pub fn send_to_controllers(&self, view_id: &str, msg: &Message) -> usize {
         let Some(room) = self.room(view_id) else {
@@ -616,6 +661,7 @@ mod tests {
             user_id: user.into(),
             role,
             outbox,
+            base_version: 0,
         }
     }
 

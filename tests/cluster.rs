@@ -1,0 +1,317 @@
+//! Several nodes on one database fanning out through a real Redis
+//! (`PORTAL_REDIS_URL`, e.g. `redis://127.0.0.1:6379`). Unset: every test is
+//! skipped with a note; set but Redis does not answer: every test fails.
+//! Each test uses its own random channel prefix, so tests (and people) sharing
+//! the Redis do not see each other's messages.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{spawn_app_with, spawn_peer, Client, TestApp, WAIT};
+use portal_sync::Config;
+use serde_json::{json, Value};
+
+/// The Redis URL, or `None` (after a note) when the cluster tests are off.
+async fn redis_url() -> Option<String> {
+    let Ok(url) = std::env::var("PORTAL_REDIS_URL") else {
+        eprintln!("note: PORTAL_REDIS_URL is not set: skipping the cluster tests");
+        return None;
+    };
+    let client = redis::Client::open(url.as_str()).expect("PORTAL_REDIS_URL is a Redis URL");
+    let pong: String = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .expect("PORTAL_REDIS_URL is set but Redis does not answer");
+        redis::cmd("PING")
+            .query_async::<String>(&mut conn)
+            .await
+            .expect("Redis answers PING")
+    })
+    .await
+    .expect("Redis answers in time");
+    assert_eq!(pong, "PONG");
+    Some(url)
+}
+
+fn random_prefix() -> String {
+    let mut bytes = [0u8; 8];
+    getrandom::fill(&mut bytes).expect("randomness");
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!("portal-sync-test-{hex}")
+}
+
+/// `n` nodes on one database and one Redis channel prefix.
+async fn cluster(url: &str, n: usize) -> Vec<TestApp> {
+    let prefix = random_prefix();
+    let with_redis = |config: &mut Config| {
+        config.redis_url = Some(url.to_string());
+        config.redis_prefix = prefix.clone();
+    };
+    let first = spawn_app_with(with_redis).await;
+    let mut nodes = Vec::with_capacity(n);
+    for _ in 1..n {
+        let mut config = first.config.clone();
+        with_redis(&mut config);
+        nodes.push(spawn_peer(&first, config).await);
+    }
+    nodes.insert(0, first);
+    for node in &nodes {
+        wait_redis_up(node).await;
+    }
+    nodes
+}
+
+async fn health(node: &TestApp) -> Value {
+    node.http()
+        .get(node.http_url("/health"))
+        .send()
+        .await
+        .expect("health")
+        .json()
+        .await
+        .expect("json")
+}
+
+async fn wait_redis_up(node: &TestApp) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let body = health(node).await;
+        if body["redis"] == "up" {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "node never reached Redis: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Reads state-change broadcasts until `last`, checking that they come in
+/// version order with no gap and no duplicate; returns their payloads.
+/// `skip` holds versions this client is not sent (its own changes).
+async fn collect_until(client: &mut Client, last: i64, skip: &[i64]) -> Vec<(i64, Value)> {
+    let mut version = client.connected["version"].as_i64().expect("version");
+    let mut got = Vec::new();
+    while version < last {
+        let msg = client.recv().await;
+        let Some(v) = msg["version"].as_i64() else {
+            continue; // ack, presence
+        };
+        if msg["type"] == "ack" {
+            continue;
+        }
+        let mut expected = version + 1;
+        while skip.contains(&expected) {
+            expected += 1;
+        }
+        assert_eq!(v, expected, "after version {version}: {msg}");
+        version = v;
+        got.push((v, msg["payload"].clone()));
+    }
+    got
+}
+
+async fn patch(node: &TestApp, user: &str, body: Value) -> Value {
+    let response = node
+        .http()
+        .patch(node.http_url("/api/portal-views/pv1"))
+        .bearer_auth(node.token(user))
+        .json(&body)
+        .send()
+        .await
+        .expect("patch");
+    assert_eq!(response.status(), 200);
+    response.json().await.expect("json")
+}
+
+#[tokio::test]
+async fn three_nodes_deliver_every_version_in_order() {
+    let Some(url) = redis_url().await else { return };
+    let nodes = cluster(&url, 3).await;
+    let mut controller = nodes[0].connect("pv1", "ed").await;
+    let mut viewer_b = nodes[1].connect("pv1", "v1").await;
+    let mut viewer_c = nodes[2].connect("pv1", "v2").await;
+    let mut viewer_a = nodes[0].connect("pv1", "42").await;
+    let mut own = Vec::new();
+    for i in 0..100 {
+        controller
+            .send(json!({"type": "portal-view-update", "payload": {"n": i}, "id": i}))
+            .await;
+        if i % 10 == 0 {
+            patch(&nodes[2], "owner", json!({"rest": i})).await;
+        }
+    }
+    // The controller's acks tell which versions were its own.
+    while own.len() < 100 {
+        let msg = controller.recv().await;
+        if msg["type"] == "ack" {
+            own.push(msg["version"].as_i64().expect("version"));
+        }
+    }
+    let last = nodes[0].stored("pv1").version;
+    assert_eq!(last, 110);
+    for viewer in [&mut viewer_a, &mut viewer_b, &mut viewer_c] {
+        let got = collect_until(viewer, last, &[]).await;
+        assert_eq!(got.len(), 110);
+    }
+}
+
+#[tokio::test]
+async fn concurrent_controllers_on_two_nodes_give_one_sequence() {
+    let Some(url) = redis_url().await else { return };
+    let nodes = cluster(&url, 2).await;
+    let ed = nodes[0].connect("pv1", "ed").await;
+    let om = nodes[1].connect("pv1", "om").await;
+    let mut viewers = vec![
+        nodes[0].connect("pv1", "v1").await,
+        nodes[1].connect("pv1", "v2").await,
+    ];
+    let run = |mut client: Client, key: &'static str| async move {
+        for i in 0..150 {
+            client
+                .send(json!({"type": "portal-view-update", "payload": {key: i}, "id": i}))
+                .await;
+        }
+        let (mut acks, mut seen) = (Vec::new(), Vec::new());
+        while acks.len() < 150 {
+            let msg = client.recv().await;
+            match (msg["type"].as_str(), msg["version"].as_i64()) {
+                (Some("ack"), Some(v)) => acks.push(v),
+                (Some("portal-view-update"), Some(v)) => seen.push(v),
+                _ => {}
+            }
+        }
+        (client, acks, seen)
+    };
+    let ((ed, ed_acks, ed_seen), (om, om_acks, om_seen)) = tokio::join!(run(ed, "a"), run(om, "b"));
+    let last = nodes[0].stored("pv1").version;
+    assert_eq!(last, 300);
+    let stored = nodes[0].stored_state("pv1");
+    for viewer in &mut viewers {
+        let got = collect_until(viewer, last, &[]).await;
+        let mut state = serde_json::Map::new();
+        for (_, payload) in got {
+            for (k, v) in payload.as_object().expect("object") {
+                state.insert(k.clone(), v.clone());
+            }
+        }
+        assert_eq!(Value::Object(state), stored);
+    }
+    // Each controller gets every version but its own, in order.
+    for (mut client, acks, mut seen) in [(ed, ed_acks, ed_seen), (om, om_acks, om_seen)] {
+        while seen.len() + acks.len() < 300 {
+            let msg = client.recv().await;
+            if let (Some("portal-view-update"), Some(v)) =
+                (msg["type"].as_str(), msg["version"].as_i64())
+            {
+                seen.push(v);
+            }
+        }
+        assert!(seen.windows(2).all(|w| w[0] < w[1]), "in order: {seen:?}");
+        let mut all: Vec<i64> = seen.iter().chain(acks.iter()).copied().collect();
+        all.sort_unstable();
+        assert_eq!(all, (1..=300).collect::<Vec<_>>());
+    }
+}
+
+#[tokio::test]
+async fn nodes_recover_when_their_redis_connections_are_killed() {
+    let Some(url) = redis_url().await else { return };
+    let nodes = cluster(&url, 2).await;
+    let mut controller = nodes[0].connect("pv1", "ed").await;
+    let mut viewer = nodes[1].connect("pv1", "v1").await;
+    let killer = redis::Client::open(url.as_str()).expect("url");
+    let mut conn = killer
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    for i in 0..60 {
+        controller
+            .send(json!({"type": "portal-view-update", "payload": {"n": i}}))
+            .await;
+        if i == 20 {
+            let _: redis::Value = redis::cmd("CLIENT")
+                .arg(&["KILL", "TYPE", "pubsub"])
+                .query_async(&mut conn)
+                .await
+                .expect("client kill pubsub");
+        }
+        if i == 40 {
+            let _: redis::Value = redis::cmd("CLIENT")
+                .arg(&["KILL", "TYPE", "normal", "SKIPME", "yes"])
+                .query_async(&mut conn)
+                .await
+                .expect("client kill normal");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let got = collect_until(&mut viewer, 60, &[]).await;
+    assert_eq!(got.len(), 60);
+    assert_eq!(nodes[1].stored("pv1").version, 60);
+    // Both nodes report Redis as up again, and changes flow through it again.
+    for node in &nodes {
+        wait_redis_up(node).await;
+    }
+    controller
+        .send(json!({"type": "portal-view-update", "payload": {"n": "after"}}))
+        .await;
+    viewer.connected["version"] = json!(60);
+    let got = collect_until(&mut viewer, 61, &[]).await;
+    assert_eq!(got[0].1, json!({"n": "after"}));
+}
+
+#[tokio::test]
+async fn a_revocation_on_one_node_closes_sockets_on_another() {
+    let Some(url) = redis_url().await else { return };
+    let nodes = cluster(&url, 2).await;
+    let mut viewer = nodes[1].connect("pv1", "v1").await;
+    let response = nodes[0]
+        .http()
+        .delete(nodes[0].http_url("/api/libraries/lib1/members/v1"))
+        .bearer_auth(nodes[0].token("owner"))
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(response.status(), 204);
+    viewer.assert_closed(1008, "access revoked").await;
+}
+
+#[tokio::test]
+async fn request_sync_reaches_a_controller_on_another_node() {
+    let Some(url) = redis_url().await else { return };
+    let nodes = cluster(&url, 2).await;
+    let mut controller = nodes[0].connect("pv1", "ed").await;
+    let mut viewer = nodes[1].connect("pv1", "v1").await;
+    viewer.send(json!({"type": "request-sync"})).await;
+    let forwarded = controller.recv_type("request-sync").await;
+    assert_eq!(forwarded["from"]["userId"], "v1");
+    // The controller answers; the viewer gets it through the cluster.
+    controller
+        .send(json!({"type": "sync-response", "payload": {"slide": 3}}))
+        .await;
+    let msg = viewer.recv_type("sync-response").await;
+    assert!(msg["version"].as_i64().is_some(), "{msg}");
+}
+
+#[tokio::test]
+async fn health_reports_redis_down_and_serving_continues() {
+    let Some(_) = redis_url().await else { return };
+    // A port nothing listens on: the node serves, and says Redis is down.
+    let node = spawn_app_with(|config: &mut Config| {
+        config.redis_url = Some("redis://127.0.0.1:1".into());
+        config.redis_prefix = random_prefix();
+    })
+    .await;
+    let body = health(&node).await;
+    assert_eq!(body["redis"], "down", "{body}");
+    let mut controller = node.connect("pv1", "ed").await;
+    let mut viewer = node.connect("pv1", "v1").await;
+    controller
+        .send(json!({"type": "portal-view-update", "payload": {"x": 1}}))
+        .await;
+    let got = collect_until(&mut viewer, 1, &[]).await;
+    assert_eq!(got, vec![(1, json!({"x": 1}))]);
+}
