@@ -25,7 +25,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::db::{self, Db};
 use crate::error::Error;
-use crate::hub::{CloseRequest, Hub};
+use crate::hub::{CloseRequest, Hub, Summary};
 use crate::metrics::Metrics;
 
 /// How often every local room is compared with the stored version, so that a
@@ -56,7 +56,11 @@ struct Envelope {
     /// The sender's hub key on `node`, left out of the delivery.
     #[serde(default)]
     conn: Option<u64>,
+    #[serde(default)]
     message: String,
+    /// Set on presence news: the sending node's connections to `view`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    summary: Option<Summary>,
 }
 
 /// What the sequencer handles, in arrival order.
@@ -71,6 +75,11 @@ enum Event {
     RequestSync {
         view: String,
         message: String,
+    },
+    Presence {
+        view: String,
+        node: String,
+        summary: Summary,
     },
     /// Redis (re)connected: anything may have been missed meanwhile.
     CatchUp,
@@ -96,6 +105,7 @@ impl Cluster {
         db: Db,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
+        presence_window: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Result<Arc<Cluster>, Error> {
         let client = redis::Client::open(url)
@@ -111,6 +121,8 @@ impl Cluster {
             subscribed: Arc::new(AtomicBool::new(false)),
             publishing: Arc::new(AtomicBool::new(false)),
         });
+        let reload = Arc::new(AtomicBool::new(true));
+        hub.share_presence();
         spawn_until(
             shutdown.clone(),
             subscribe(
@@ -118,7 +130,20 @@ impl Cluster {
                 channel.clone(),
                 events,
                 cluster.subscribed.clone(),
+                reload.clone(),
             ),
+        );
+        spawn_until(
+            shutdown.clone(),
+            share_presence(Sharing {
+                client: client.clone(),
+                prefix: prefix.to_string(),
+                channel: channel.clone(),
+                node_id: node_id.clone(),
+                hub: hub.clone(),
+                reload,
+                window: presence_window,
+            }),
         );
         spawn_until(
             shutdown.clone(),
@@ -142,6 +167,7 @@ impl Cluster {
             version,
             conn,
             message,
+            summary: None,
         };
         if let Ok(text) = serde_json::to_string(&envelope) {
             let _ = self.publish.send(text);
@@ -164,6 +190,7 @@ impl Cluster {
             version: 0,
             conn: None,
             message: message.to_string(),
+            summary: None,
         };
         if let Ok(text) = serde_json::to_string(&envelope) {
             let _ = self.publish.send(text);
@@ -190,6 +217,7 @@ async fn subscribe(
     channel: String,
     events: mpsc::UnboundedSender<Event>,
     up: Arc<AtomicBool>,
+    reload: Arc<AtomicBool>,
 ) {
     let mut first = true;
     loop {
@@ -201,6 +229,7 @@ async fn subscribe(
                 }
                 first = false;
                 let _ = events.send(Event::CatchUp);
+                reload.store(true, Ordering::Release);
                 let mut ping = tokio::time::interval(PING);
                 ping.tick().await;
                 loop {
@@ -209,6 +238,9 @@ async fn subscribe(
                             let Some(msg) = msg else { break };
                             let Ok(text) = msg.get_payload::<String>() else { continue };
                             match serde_json::from_str::<Envelope>(&text) {
+                                Ok(Envelope { summary: Some(summary), node, view, .. }) => {
+                                    let _ = events.send(Event::Presence { view, node, summary });
+                                }
                                 Ok(e) if e.version > 0 => {
                                     let _ = events.send(Event::Change {
                                         view: e.view,
@@ -337,6 +369,11 @@ async fn sequencer(
                         Event::RequestSync { view, message } => {
                             seq.hub.send_to_controllers(&view, &Message::text(message));
                         }
+                        Event::Presence { view, node, summary } => {
+                            if node != *seq.node_id {
+                                seq.hub.apply_remote(&view, &node, Some(summary));
+                            }
+                        }
                         Event::CatchUp => catch_up = true,
                     }
                 }
@@ -440,4 +477,190 @@ impl Sequencer {
             }
         }
     }
+}
+
+/// A node's heartbeat key lives this long: a node killed without a goodbye
+/// leaves everyone's presence within about this time plus [`BEAT`].
+const NODE_TTL: Duration = Duration::from_secs(5);
+/// How often a node refreshes its heartbeat and looks for dead nodes.
+const BEAT: Duration = Duration::from_millis(1500);
+
+struct Sharing {
+    client: redis::Client,
+    prefix: String,
+    channel: String,
+    node_id: Arc<str>,
+    hub: Arc<Hub>,
+    /// Set by the subscriber after every (re)subscription.
+    reload: Arc<AtomicBool>,
+    /// The presence batching window: local changes go out at most this often.
+    window: Duration,
+}
+
+/// Tells the other nodes about this node's connections (one summary per
+/// changed view per window, kept in the hash `<prefix>:presence:<view>` and
+/// published), keeps this node's heartbeat key alive, and drops the
+/// connections of nodes whose heartbeat expired.
+async fn share_presence(s: Sharing) {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(REDIS_TIMEOUT))
+        .set_response_timeout(Some(REDIS_TIMEOUT));
+    let mut conn: Option<redis::aio::MultiplexedConnection> = None;
+    let mut tick = tokio::time::interval(s.window);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_beat: Option<tokio::time::Instant> = None;
+    loop {
+        tick.tick().await;
+        if conn.is_none() {
+            match s
+                .client
+                .get_multiplexed_async_connection_with_config(&config)
+                .await
+            {
+                Ok(c) => {
+                    conn = Some(c);
+                    last_beat = None;
+                    s.hub.share_all_again();
+                    s.reload.store(true, Ordering::Release);
+                }
+                Err(_) => continue,
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        if let Err(e) = share_once(&s, c, &mut last_beat).await {
+            log::warn!("redis: sharing presence failed: {e}; reconnecting");
+            conn = None;
+            s.hub.share_all_again();
+        }
+    }
+}
+
+async fn share_once(
+    s: &Sharing,
+    c: &mut redis::aio::MultiplexedConnection,
+    last_beat: &mut Option<tokio::time::Instant>,
+) -> redis::RedisResult<()> {
+    let node_key = |node: &str| format!("{}:node:{node}", s.prefix);
+    let view_key = |view: &str| format!("{}:presence:{view}", s.prefix);
+    if last_beat.is_none_or(|at| at.elapsed() >= BEAT) {
+        redis::cmd("SET")
+            .arg(node_key(&s.node_id))
+            .arg(1)
+            .arg("PX")
+            .arg(NODE_TTL.as_millis() as u64)
+            .query_async::<()>(c)
+            .await?;
+        *last_beat = Some(tokio::time::Instant::now());
+        for node in s.hub.remote_nodes() {
+            let alive: bool = redis::cmd("EXISTS")
+                .arg(node_key(&node))
+                .query_async(c)
+                .await?;
+            if !alive {
+                let views = s.hub.forget_node(&node);
+                log::info!(
+                    "node {node} is gone: its connections to {} view(s) left",
+                    views.len()
+                );
+                for view in views {
+                    redis::cmd("HDEL")
+                        .arg(view_key(&view))
+                        .arg(&*node)
+                        .query_async::<()>(c)
+                        .await?;
+                }
+            }
+        }
+    }
+    if s.reload.swap(false, Ordering::AcqRel) {
+        reload(s, c).await?;
+    }
+    for (view, summary) in s.hub.take_summaries() {
+        if summary.connections == 0 {
+            redis::cmd("HDEL")
+                .arg(view_key(&view))
+                .arg(&*s.node_id)
+                .query_async::<()>(c)
+                .await?;
+        } else {
+            let text = serde_json::to_string(&summary).unwrap_or_default();
+            redis::cmd("HSET")
+                .arg(view_key(&view))
+                .arg(&*s.node_id)
+                .arg(text)
+                .query_async::<()>(c)
+                .await?;
+        }
+        let envelope = Envelope {
+            node: s.node_id.to_string(),
+            view: view.to_string(),
+            version: 0,
+            conn: None,
+            message: String::new(),
+            summary: Some(summary),
+        };
+        redis::cmd("PUBLISH")
+            .arg(&s.channel)
+            .arg(serde_json::to_string(&envelope).unwrap_or_default())
+            .query_async::<()>(c)
+            .await?;
+    }
+    Ok(())
+}
+
+/// Reads every node's summaries from Redis (live nodes only).
+async fn reload(s: &Sharing, c: &mut redis::aio::MultiplexedConnection) -> redis::RedisResult<()> {
+    let prefix = format!("{}:presence:", s.prefix);
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, batch): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(c)
+            .await?;
+        keys.extend(batch);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let mut alive: std::collections::HashMap<String, bool> = Default::default();
+    let mut entries = Vec::new();
+    for key in keys {
+        let view = key[prefix.len()..].to_string();
+        let fields: Vec<(String, String)> = redis::cmd("HGETALL").arg(&key).query_async(c).await?;
+        for (node, text) in fields {
+            if node == *s.node_id {
+                continue;
+            }
+            let live = match alive.get(&node) {
+                Some(live) => *live,
+                None => {
+                    let live: bool = redis::cmd("EXISTS")
+                        .arg(format!("{}:node:{node}", s.prefix))
+                        .query_async(c)
+                        .await?;
+                    alive.insert(node.clone(), live);
+                    live
+                }
+            };
+            if !live {
+                redis::cmd("HDEL")
+                    .arg(&key)
+                    .arg(&node)
+                    .query_async::<()>(c)
+                    .await?;
+                continue;
+            }
+            if let Ok(summary) = serde_json::from_str::<Summary>(&text) {
+                entries.push((view.clone(), node, summary));
+            }
+        }
+    }
+    s.hub.replace_remote(entries);
+    Ok(())
 }

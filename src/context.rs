@@ -69,6 +69,7 @@ impl Ctx {
                 db.clone(),
                 hub.clone(),
                 metrics.clone(),
+                config.presence_batch,
                 shutdown.clone(),
             )?),
             None => None,

@@ -451,7 +451,9 @@ impl Session {
                 if let (Some(cluster), Ok(text)) = (&ctx.cluster, msg.to_text()) {
                     cluster.request_sync(view_id, text);
                 }
-                if ctx.hub.send_to_controllers(view_id, &msg) == 0 {
+                if ctx.hub.send_to_controllers(view_id, &msg) == 0
+                    && !ctx.hub.has_remote_controller(view_id)
+                {
                     let job = Job::Snapshot {
                         view_id: view_id.clone(),
                         outbox: self.outbox.clone(),

@@ -8,9 +8,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::{spawn_app_with, spawn_peer, Client, TestApp, WAIT};
+use common::{open_ws, spawn_app_with, spawn_peer, Client, TestApp, WAIT};
 use portal_sync::Config;
 use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// The Redis URL, or `None` (after a note) when the cluster tests are off.
 async fn redis_url() -> Option<String> {
@@ -44,10 +45,20 @@ fn random_prefix() -> String {
 
 /// `n` nodes on one database and one Redis channel prefix.
 async fn cluster(url: &str, n: usize) -> Vec<TestApp> {
-    let prefix = random_prefix();
+    cluster_with(url, n, &random_prefix(), |_| {}).await
+}
+
+async fn cluster_with(
+    url: &str,
+    n: usize,
+    prefix: &str,
+    tweak: impl Fn(&mut Config),
+) -> Vec<TestApp> {
+    let prefix = prefix.to_string();
     let with_redis = |config: &mut Config| {
         config.redis_url = Some(url.to_string());
         config.redis_prefix = prefix.clone();
+        tweak(config);
     };
     let first = spawn_app_with(with_redis).await;
     let mut nodes = Vec::with_capacity(n);
@@ -314,4 +325,153 @@ async fn health_reports_redis_down_and_serving_continues() {
         .await;
     let got = collect_until(&mut viewer, 1, &[]).await;
     assert_eq!(got, vec![(1, json!({"x": 1}))]);
+}
+
+/// A real `portal-sync serve` process on `first`'s database: a node that can
+/// be SIGKILLed. Killed when dropped.
+struct ChildNode {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl ChildNode {
+    async fn start(first: &TestApp, url: &str, prefix: &str) -> ChildNode {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("free port")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+        let child = std::process::Command::new(env!("CARGO_BIN_EXE_portal-sync"))
+            .arg("serve")
+            .arg("--addr")
+            .arg(addr.to_string())
+            .env("PORTAL_DB", &first.db_path)
+            .env("PORTAL_JWT_SECRET", common::SECRET)
+            .env("PORTAL_REDIS_URL", url)
+            .env("PORTAL_REDIS_PREFIX", prefix)
+            .env("PORTAL_SQLITE_SYNCHRONOUS", "normal")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start the binary");
+        let node = ChildNode { child, addr };
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let up = reqwest::get(format!("http://{addr}/health")).await;
+            if let Ok(response) = up {
+                let body: Value = response.json().await.expect("json");
+                if body["redis"] == "up" {
+                    return node;
+                }
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "child node did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn connect(&self, first: &TestApp, user: &str) -> Client {
+        let url = format!(
+            "ws://{}/ws/portal-view/pv1?token={}",
+            self.addr,
+            first.token(user)
+        );
+        let mut client = open_ws(url.into_client_request().expect("request")).await;
+        let connected = client.recv().await;
+        assert_eq!(connected["type"], "connected", "{connected}");
+        client.connected = connected;
+        client
+    }
+}
+
+impl Drop for ChildNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Reads presence events until `check` accepts one.
+async fn presence_until(client: &mut Client, check: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let mut seen = Vec::new();
+    loop {
+        let event = client.recv_type("presence").await;
+        seen.push(event.clone());
+        if check(&event) {
+            return seen;
+        }
+    }
+}
+
+fn names(events: &[Value], list: &str) -> Vec<String> {
+    let mut names: Vec<String> = events
+        .iter()
+        .flat_map(|e| e[list].as_array().cloned().unwrap_or_default())
+        .map(|p| p["userId"].as_str().expect("userId").to_string())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn presence_covers_every_node_and_a_killed_node_leaves() {
+    let Some(url) = redis_url().await else { return };
+    let prefix = random_prefix();
+    let nodes = cluster_with(&url, 2, &prefix, |_| {}).await;
+    let mut child = ChildNode::start(&nodes[0], &url, &prefix).await;
+    let mut controller = nodes[0].connect("pv1", "ed").await;
+    let _v1 = nodes[1].connect("pv1", "v1").await;
+    let _v2 = child.connect(&nodes[0], "v2").await;
+    let _v42 = nodes[0].connect("pv1", "42").await;
+    let events = presence_until(&mut controller, |e| e["presence"]["viewers"] == 3).await;
+    assert_eq!(names(&events, "joined"), ["42", "v1", "v2"]);
+    assert_eq!(events.last().expect("event")["presence"]["connections"], 4);
+    // A second controller on the child node counts everyone, on every node.
+    let om = child.connect(&nodes[0], "om").await;
+    assert_eq!(
+        om.connected["presence"],
+        json!({"controllers": 2, "viewers": 3, "connections": 5})
+    );
+    presence_until(&mut controller, |e| e["presence"]["controllers"] == 2).await;
+    // SIGKILL: no goodbye; its connections leave once its heartbeat expires.
+    let killed = std::time::Instant::now();
+    let _ = child.child.kill();
+    let _ = child.child.wait();
+    let events = presence_until(&mut controller, |e| e["presence"]["viewers"] == 2).await;
+    let left = names(&events, "left");
+    assert!(left.contains(&"v2".to_string()), "{events:?}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(9),
+        "left after {:?}",
+        killed.elapsed()
+    );
+    let last = events.last().expect("event");
+    assert_eq!(
+        last["presence"],
+        json!({"controllers": 1, "viewers": 2, "connections": 3})
+    );
+    drop(om);
+}
+
+#[tokio::test]
+async fn the_per_user_limit_counts_every_node() {
+    let Some(url) = redis_url().await else { return };
+    let nodes = cluster_with(&url, 2, &random_prefix(), |c| c.max_conns_per_user = 2).await;
+    let _a = nodes[0].connect("pv1", "v1").await;
+    let _b = nodes[1].connect("pv2", "v1").await;
+    // The other node hears of each connection within a presence window.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for node in &nodes {
+        let mut third = node
+            .open(&node.ws_url("pv1", Some(&node.token("v1"))))
+            .await;
+        third.assert_closed(1008, "too many connections").await;
+    }
+    drop(_b);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nodes[0].connect("pv1", "v1").await;
 }
