@@ -74,6 +74,7 @@ enum Event {
     },
     RequestSync {
         view: String,
+        node: String,
         message: String,
     },
     Presence {
@@ -253,6 +254,7 @@ async fn subscribe(
                                 Ok(e) => {
                                     let _ = events.send(Event::RequestSync {
                                         view: e.view,
+                                        node: e.node,
                                         message: e.message,
                                     });
                                 }
@@ -366,8 +368,11 @@ async fn sequencer(
                         Event::Change { view, version, node, conn, message } => {
                             changes.push((view, version, node, conn, message));
                         }
-                        Event::RequestSync { view, message } => {
-                            seq.hub.send_to_controllers(&view, &Message::text(message));
+                        Event::RequestSync { view, node, message } => {
+                            // This node's own controllers got it directly.
+                            if node != *seq.node_id {
+                                seq.hub.send_to_controllers(&view, &Message::text(message));
+                            }
                         }
                         Event::Presence { view, node, summary } => {
                             if node != *seq.node_id {

@@ -1077,4 +1077,46 @@ mod tests {
         assert_eq!(b.take().close, None);
         assert_eq!(other.take().close, None);
     }
+
+    #[test]
+    fn other_nodes_count_in_presence_limits_and_news() {
+        let hub = Hub::new(Limits {
+            per_user: 2,
+            ..Limits::default()
+        });
+        let (_, controller) = join(&hub, "v", "boss", Role::Controller);
+        let summary = |people: &[(&str, Role, usize)]| Summary {
+            people: people
+                .iter()
+                .map(|(u, r, n)| (u.to_string(), *r, *n))
+                .collect(),
+            connections: people.iter().map(|p| p.2).sum(),
+        };
+        hub.apply_remote("v", "n2", Some(summary(&[("carol", Role::Viewer, 2)])));
+        hub.flush_presence();
+        let events = texts(&controller);
+        assert_eq!(
+            events[0]["joined"],
+            serde_json::json!([{"userId": "carol", "role": "viewer"}])
+        );
+        assert_eq!(
+            events[0]["presence"],
+            serde_json::json!({"controllers": 1, "viewers": 1, "connections": 3})
+        );
+        // carol's tab here is her third: no news, and over the per-user limit.
+        assert_eq!(
+            hub.join(joiner("v", "carol", Role::Viewer, out()))
+                .expect_err("limit counts every node"),
+            TooManyConnections
+        );
+        // The node dies: carol leaves.
+        assert_eq!(hub.forget_node("n2").len(), 1);
+        hub.flush_presence();
+        let events = texts(&controller);
+        assert_eq!(
+            events[0]["left"],
+            serde_json::json!([{"userId": "carol", "role": "viewer"}])
+        );
+        assert_eq!(hub.presence("v").connections, 1);
+    }
 }

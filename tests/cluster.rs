@@ -9,6 +9,7 @@ mod common;
 use std::time::Duration;
 
 use common::{open_ws, spawn_app_with, spawn_peer, Client, TestApp, WAIT};
+use futures::StreamExt;
 use portal_sync::Config;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -121,6 +122,18 @@ async fn collect_until(client: &mut Client, last: i64, skip: &[i64]) -> Vec<(i64
         assert_eq!(v, expected, "after version {version}: {msg}");
         version = v;
         got.push((v, msg["payload"].clone()));
+    }
+    got
+}
+
+/// Every message that arrives within `wait`.
+async fn read_for(client: &mut Client, wait: Duration) -> Vec<Value> {
+    let mut got = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    while let Ok(Some(Ok(frame))) = tokio::time::timeout_at(deadline, client.ws.next()).await {
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = frame {
+            got.push(serde_json::from_str(text.as_str()).expect("json"));
+        }
     }
     got
 }
@@ -295,10 +308,15 @@ async fn request_sync_reaches_a_controller_on_another_node() {
     let Some(url) = redis_url().await else { return };
     let nodes = cluster(&url, 2).await;
     let mut controller = nodes[0].connect("pv1", "ed").await;
+    let mut local = nodes[1].connect("pv1", "om").await;
     let mut viewer = nodes[1].connect("pv1", "v1").await;
-    viewer.send(json!({"type": "request-sync"})).await;
+    viewer.send(json!({"type": "request-sync", "id": 1})).await;
     let forwarded = controller.recv_type("request-sync").await;
     assert_eq!(forwarded["from"]["userId"], "v1");
+    // The controller on the viewer's own node gets it once, not twice.
+    local.recv_type("request-sync").await;
+    let rest: Vec<Value> = read_for(&mut local, Duration::from_millis(500)).await;
+    assert!(rest.iter().all(|m| m["type"] != "request-sync"), "{rest:?}");
     // The controller answers; the viewer gets it through the cluster.
     controller
         .send(json!({"type": "sync-response", "payload": {"slide": 3}}))
