@@ -94,6 +94,7 @@ pub struct Cluster {
     publish: mpsc::UnboundedSender<String>,
     subscribed: Arc<AtomicBool>,
     publishing: Arc<AtomicBool>,
+    sharing: Sharing,
 }
 
 impl Cluster {
@@ -115,14 +116,24 @@ impl Cluster {
         let node_id: Arc<str> = crate::session::new_connection_id().into();
         let (events, events_rx) = mpsc::unbounded_channel();
         let (publish, publish_rx) = mpsc::unbounded_channel();
+        let reload = Arc::new(AtomicBool::new(true));
+        let sharing = Sharing {
+            client: client.clone(),
+            prefix: prefix.to_string(),
+            channel: channel.clone(),
+            node_id: node_id.clone(),
+            hub: hub.clone(),
+            reload: reload.clone(),
+            window: presence_window,
+        };
         let cluster = Arc::new(Cluster {
             node_id: node_id.clone(),
             events: events.clone(),
             publish,
             subscribed: Arc::new(AtomicBool::new(false)),
             publishing: Arc::new(AtomicBool::new(false)),
+            sharing: sharing.clone(),
         });
-        let reload = Arc::new(AtomicBool::new(true));
         hub.share_presence();
         spawn_until(
             shutdown.clone(),
@@ -134,24 +145,30 @@ impl Cluster {
                 reload.clone(),
             ),
         );
-        spawn_until(
-            shutdown.clone(),
-            share_presence(Sharing {
-                client: client.clone(),
-                prefix: prefix.to_string(),
-                channel: channel.clone(),
-                node_id: node_id.clone(),
-                hub: hub.clone(),
-                reload,
-                window: presence_window,
-            }),
-        );
+        spawn_until(shutdown.clone(), share_presence(sharing));
         spawn_until(
             shutdown.clone(),
             publisher(client, channel, publish_rx, cluster.publishing.clone()),
         );
         spawn_until(shutdown, sequencer(node_id, db, hub, metrics, events_rx));
         Ok(cluster)
+    }
+
+    /// At the end of a graceful shutdown (every local connection closed): tells
+    /// the other nodes at once, instead of letting them wait for this node's
+    /// heartbeat to expire. Best effort, bounded by a timeout.
+    pub async fn goodbye(&self) {
+        let s = &self.sharing;
+        let _ = tokio::time::timeout(REDIS_TIMEOUT, async {
+            let mut c = s.client.get_multiplexed_async_connection().await?;
+            s.reload.store(false, Ordering::Release);
+            share_once(s, &mut c, &mut Some(tokio::time::Instant::now())).await?;
+            redis::cmd("DEL")
+                .arg(format!("{}:node:{}", s.prefix, s.node_id))
+                .query_async::<()>(&mut c)
+                .await
+        })
+        .await;
     }
 
     /// Whether this node can reach Redis both ways (`/health`).
@@ -449,6 +466,7 @@ impl Sequencer {
                 Vec::new()
             }
         };
+        log::debug!("{view}: versions {from}..={to} filled from the database");
         for row in rows {
             if self.hub.last_version(view) == Some(row.version - 1) {
                 self.deliver(view, row.version, &row.node, row.conn, row.message);
@@ -490,6 +508,7 @@ const NODE_TTL: Duration = Duration::from_secs(5);
 /// How often a node refreshes its heartbeat and looks for dead nodes.
 const BEAT: Duration = Duration::from_millis(1500);
 
+#[derive(Clone)]
 struct Sharing {
     client: redis::Client,
     prefix: String,

@@ -493,3 +493,23 @@ async fn the_per_user_limit_counts_every_node() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     nodes[0].connect("pv1", "v1").await;
 }
+
+#[tokio::test]
+async fn a_node_shut_down_gracefully_leaves_presence_at_once() {
+    let Some(url) = redis_url().await else { return };
+    let mut nodes = cluster(&url, 2).await;
+    let mut controller = nodes[0].connect("pv1", "ed").await;
+    let mut viewer = nodes[1].connect("pv1", "v1").await;
+    presence_until(&mut controller, |e| e["presence"]["viewers"] == 1).await;
+    // The viewer answers the server's 1001 close, so shutdown does not linger.
+    tokio::spawn(async move { while let Some(Ok(_)) = viewer.ws.next().await {} });
+    let stopped = std::time::Instant::now();
+    nodes[1].shutdown().await.expect("clean shutdown");
+    let events = presence_until(&mut controller, |e| e["presence"]["viewers"] == 0).await;
+    assert_eq!(names(&events, "left"), ["v1"]);
+    assert!(
+        stopped.elapsed() < Duration::from_secs(3),
+        "left after {:?}",
+        stopped.elapsed()
+    );
+}
