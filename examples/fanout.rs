@@ -80,6 +80,9 @@ async fn run(
         config.sqlite_synchronous = Synchronous::Normal;
         config.redis_url = redis.clone();
         config.redis_prefix = prefix.clone();
+        // The controller sends faster than SPEC's default per-connection rate.
+        config.rate_per_sec = 100_000.0;
+        config.rate_burst = 100_000;
         let listener = portal_sync::server::bind("127.0.0.1:0".parse()?)?;
         addrs.push(listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -105,7 +108,8 @@ async fn run(
         readers.push(tokio::spawn(async move {
             let mut latencies = Vec::with_capacity(updates);
             while latencies.len() < updates {
-                let Some(Ok(Message::Text(text))) = ws.next().await else {
+                let next = tokio::time::timeout(Duration::from_secs(10), ws.next()).await;
+                let Ok(Some(Ok(Message::Text(text)))) = next else {
                     break;
                 };
                 let msg: serde_json::Value =
