@@ -336,6 +336,7 @@ async fn health_reports_redis_down_and_serving_continues() {
     .await;
     let body = health(&node).await;
     assert_eq!(body["redis"], "down", "{body}");
+    assert_eq!(body["status"], "ok", "degraded, still serving: {body}");
     let mut controller = node.connect("pv1", "ed").await;
     let mut viewer = node.connect("pv1", "v1").await;
     controller
