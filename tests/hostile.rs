@@ -1988,7 +1988,7 @@ fn cases(app: &TestApp) -> Vec<Case> {
             status(404, Some("NOT_FOUND")),
         ),
         raw(
-            "rest: GET with a querystring naming another view → 200 for the path's view",
+            "rest: GET with a querystring naming another view → 200 (the query is ignored)",
             http(
                 "GET",
                 "/api/portal-views/pv1?id=pv3&portalViewId=pv3&token=x",
