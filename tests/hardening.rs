@@ -928,3 +928,52 @@ async fn unusable_storage_gives_1011_and_503_then_recovers() {
     assert_eq!(owner.recv_type("ack").await["version"], 1);
     assert_eq!(app.stored_state("pv1"), json!({"a": 2}));
 }
+
+/// A state may nest at most 64 levels (`merge::MAX_STATE_DEPTH`), so that every
+/// stored state can be read back, by the server and by clients whose JSON
+/// parsers stop at 128 levels: one level deeper is `BAD_REQUEST` (400 on REST).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_depth_is_bounded_at_the_limit() {
+    let app = spawn_app().await;
+    let nested = |k: usize| -> Value {
+        let mut v = json!({});
+        for _ in 1..k {
+            v = json!({ "a": v });
+        }
+        v
+    };
+    let mut owner = app.connect("pv1", "owner").await;
+    // state.items.x.deep.<61 levels>: 64 in all.
+    owner
+        .send(
+            json!({"type": "item-update", "payload": {"itemId": "x", "deep": nested(61)}, "id": 1}),
+        )
+        .await;
+    assert_eq!(owner.recv().await["type"], "ack");
+    owner
+        .send(
+            json!({"type": "item-update", "payload": {"itemId": "x", "deep": nested(62)}, "id": 2}),
+        )
+        .await;
+    let refused = owner.recv().await;
+    assert_eq!(refused["code"], "BAD_REQUEST", "{refused}");
+    assert_eq!(refused["id"], 2);
+    let patch = |k: usize| {
+        app.http()
+            .patch(app.http_url("/api/portal-views/pv1"))
+            .bearer_auth(app.token("owner"))
+            .header("content-type", "application/json")
+            .body(json!({ "deep": nested(k) }).to_string())
+            .send()
+    };
+    assert_eq!(patch(63).await.expect("patch").status(), 200);
+    assert_eq!(patch(64).await.expect("patch").status(), 400);
+    assert_eq!(app.stored("pv1").version, 2);
+    // The stored state reads back, and the view stays writable.
+    let fresh = app.connect("pv1", "v1").await;
+    assert_eq!(fresh.connected["version"], 2);
+    owner
+        .send(json!({"type": "portal-view-update", "payload": {"n": 1}, "id": 3}))
+        .await;
+    assert_eq!(owner.recv_type("ack").await["version"], 3);
+}

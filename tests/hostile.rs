@@ -2234,8 +2234,8 @@ async fn final_exchange(app: &TestApp) {
 }
 
 // ---------------------------------------------------------------------------
-// Server bugs found by this suite: each test states what SPEC wants and fails
-// today. Run them with `cargo test --test hostile -- --ignored`.
+// Server bugs this suite found (fixed since): each test states what SPEC
+// wants.
 
 /// An `item-update` nests its payload two levels below the state
 /// (`state.items[itemId]`), so a payload nested 126 deep (accepted: serde_json
@@ -2252,7 +2252,6 @@ async fn final_exchange(app: &TestApp) {
 /// test accepts both answers to the deep message and requires the view to stay
 /// writable.
 #[tokio::test]
-#[ignore = "bug: an item-update nested 126 deep is acked, then every later write to the view fails (WS 1011, PATCH 500)"]
 async fn deep_item_update_leaves_the_view_writable() {
     let _serial = SERIAL.lock().await;
     let app = spawn_app().await;
@@ -2311,7 +2310,6 @@ async fn deep_item_update_leaves_the_view_writable() {
 /// already says so; the answer should not depend on the client sending (or
 /// never sending) a gigabyte first.
 #[tokio::test]
-#[ignore = "bug: a PATCH announcing Content-Length over --max-message-bytes with no body is never answered (no 413, no timeout)"]
 async fn patch_announcing_an_oversized_body_is_answered_413() {
     let _serial = SERIAL.lock().await;
     let app = Arc::new(spawn_app().await);
@@ -2346,7 +2344,6 @@ async fn patch_announcing_an_oversized_body_is_answered_413() {
 /// server under the hardening issue should give up on a stalled body too (an
 /// answer such as 408, or a close, within the bound here).
 #[tokio::test]
-#[ignore = "bug: a PATCH whose body stalls half-way holds its connection forever (no body read timeout)"]
 async fn patch_with_a_stalled_body_times_out() {
     let _serial = SERIAL.lock().await;
     let app = Arc::new(spawn_app().await);
