@@ -220,19 +220,14 @@ where
 {
     let probe = MemberChange::Remove;
     member_call(ctx, &caller, &library_id, &user_id, probe, false).await?;
-    check_content_type(headers)?;
-    let body = read_limited(body, headers, ctx.config.max_message_bytes).await?;
-    let role = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(map)) => match map.get("role").and_then(Value::as_str) {
-            Some(role @ ("OWNER" | "EDITOR" | "VIEWER")) => role.to_string(),
-            _ => {
-                return Err(Error::BadRequest(
-                    "role must be \"OWNER\", \"EDITOR\" or \"VIEWER\"".into(),
-                ))
-            }
-        },
-        Ok(_) => return Err(Error::BadRequest("the body must be a JSON object".into())),
-        Err(e) => return Err(Error::BadRequest(format!("the body is not JSON: {e}"))),
+    let body = json_object_body(headers, body, ctx.config.max_message_bytes).await?;
+    let role = match body.get("role").and_then(Value::as_str) {
+        Some(role @ ("OWNER" | "EDITOR" | "VIEWER")) => role.to_string(),
+        _ => {
+            return Err(Error::BadRequest(
+                "role must be \"OWNER\", \"EDITOR\" or \"VIEWER\"".into(),
+            ))
+        }
     };
     let change = MemberChange::Set(role);
     let role = member_call(ctx, &caller, &library_id, &user_id, change, true).await?;
@@ -409,13 +404,7 @@ where
             "only controllers may change a portal view",
         ));
     }
-    check_content_type(headers)?;
-    let body = read_limited(body, headers, ctx.config.max_message_bytes).await?;
-    let patch = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => return Err(Error::BadRequest("the body must be a JSON object".into())),
-        Err(e) => return Err(Error::BadRequest(format!("the body is not JSON: {e}"))),
-    };
+    let patch = json_object_body(headers, body, ctx.config.max_message_bytes).await?;
     let payload: Box<RawValue> = serde_json::value::to_raw_value(&patch)
         .map_err(|e| Error::Internal(format!("serializing a patch: {e}")))?;
     let change = Change::Merge(patch);
@@ -427,6 +416,26 @@ where
     ctx.writer
         .change_and_wait(&view_id, change, payload, &user_id, if_match)
         .await
+}
+
+/// A PATCH or PUT body, checked in SPEC §4's order: Content-Type (415), size
+/// (413), a JSON object (400).
+async fn json_object_body<S, B>(
+    headers: &HeaderMap,
+    body: S,
+    limit: usize,
+) -> Result<serde_json::Map<String, Value>, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    check_content_type(headers)?;
+    let body = read_limited(body, headers, limit).await?;
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::BadRequest("the body must be a JSON object".into())),
+        Err(e) => Err(Error::BadRequest(format!("the body is not JSON: {e}"))),
+    }
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {

@@ -265,6 +265,11 @@ async fn member_request(
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+async fn put_role(app: &TestApp, caller: &str, user: &str, role: &str) -> (u16, Value) {
+    let body = json!({ "role": role }).to_string();
+    member_request(app, reqwest::Method::PUT, caller, "lib1", user, Some(&body)).await
+}
+
 fn stored_role(app: &TestApp, library: &str, user: &str) -> Option<String> {
     let c = app.db.conn().expect("conn");
     db::member_role(&c, library, user).expect("role")
@@ -303,15 +308,7 @@ async fn a_role_change_closes_and_the_user_returns_with_the_new_role() {
     assert_eq!(ed.connected["role"], "controller");
     let mut om = app.connect("pv1", "om").await;
     // Setting the same role again changes nothing: no close.
-    let (status, body) = member_request(
-        &app,
-        reqwest::Method::PUT,
-        "om",
-        "lib1",
-        "ed",
-        Some(r#"{"role":"EDITOR"}"#),
-    )
-    .await;
+    let (status, body) = put_role(&app, "om", "ed", "EDITOR").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body,
@@ -319,15 +316,7 @@ async fn a_role_change_closes_and_the_user_returns_with_the_new_role() {
     );
     ed.assert_alive().await;
 
-    let (status, body) = member_request(
-        &app,
-        reqwest::Method::PUT,
-        "om",
-        "lib1",
-        "ed",
-        Some(r#"{"role":"VIEWER"}"#),
-    )
-    .await;
+    let (status, body) = put_role(&app, "om", "ed", "VIEWER").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["role"], "VIEWER");
     ed.assert_closed(1008, "access revoked").await;
@@ -337,15 +326,7 @@ async fn a_role_change_closes_and_the_user_returns_with_the_new_role() {
     assert_eq!(stored_role(&app, "lib1", "ed").as_deref(), Some("VIEWER"));
 
     // A new member is added with 200; nothing to close.
-    let (status, body) = member_request(
-        &app,
-        reqwest::Method::PUT,
-        "owner",
-        "lib1",
-        "outsider",
-        Some(r#"{"role":"EDITOR"}"#),
-    )
-    .await;
+    let (status, body) = put_role(&app, "owner", "outsider", "EDITOR").await;
     assert_eq!(status, 200, "{body}");
     let outsider = app.connect("pv1", "outsider").await;
     assert_eq!(outsider.connected["role"], "controller");
