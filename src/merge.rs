@@ -29,10 +29,36 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// How deep a portal view's state may nest (the state object is level 1).
+/// serde_json reads at most 128 levels, and every message that carries the
+/// state wraps it one or two levels deeper, so a state much deeper than this
+/// could be stored but never read back, by the server or its clients.
+pub const MAX_STATE_DEPTH: usize = 64;
+
+/// Levels of nesting: a scalar is 0, `{}` or `[]` is 1.
+pub fn depth(value: &Value) -> usize {
+    match value {
+        Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
+        Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn object_depth(map: &Map<String, Value>) -> usize {
+    1 + map.values().map(depth).max().unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn depth_counts_levels() {
+        assert_eq!(depth(&json!(1)), 0);
+        assert_eq!(depth(&json!({})), 1);
+        assert_eq!(depth(&json!({"a": [1, {"b": 2}]})), 3);
+    }
 
     fn apply(target: Value, patch: Value) -> Value {
         let mut t = target;
@@ -97,6 +123,26 @@ pub enum Change {
 }
 
 impl Change {
+    /// How deep the state gets where this change lands: an item's patch sits
+    /// two levels below the state (`state.items[id]`).
+    pub fn depth(&self) -> usize {
+        match self {
+            Change::Merge(map) | Change::Replace(map) => object_depth(map),
+            Change::Item { patch, .. } => 2 + object_depth(patch),
+        }
+    }
+
+    /// Refuses a change that would nest the state deeper than
+    /// [`MAX_STATE_DEPTH`].
+    pub fn check_depth(&self) -> Result<(), crate::Error> {
+        if self.depth() > MAX_STATE_DEPTH {
+            return Err(crate::Error::BadRequest(format!(
+                "payload nested too deeply: a state may be at most {MAX_STATE_DEPTH} levels deep"
+            )));
+        }
+        Ok(())
+    }
+
     /// The message type that carries this change on the wire.
     pub fn message_type(&self) -> &'static str {
         match self {

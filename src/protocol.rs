@@ -213,6 +213,7 @@ pub fn command(kind: Kind, payload: Option<&RawValue>) -> Result<Command, Error>
             Change::Item { item_id, patch }
         }
     };
+    change.check_depth()?;
     let payload = payload
         .map(RawValue::to_owned)
         .ok_or_else(|| Error::Internal("payload checked above".into()))?;

@@ -123,16 +123,25 @@ fn preflight(ctx: Ctx) -> BoxedFilter<(Response,)> {
     // Not `warp::options()`: its 405 for every other method would outrank the
     // 404 of an unknown /api route.
     warp::method()
-        .and_then(|method: warp::http::Method| async move {
-            if method == warp::http::Method::OPTIONS {
-                Ok(())
-            } else {
-                Err(warp::reject::not_found())
-            }
-        })
+        .and(warp::header::headers_cloned())
+        .and(with_ctx(ctx))
+        .and_then(
+            |method: warp::http::Method, headers: HeaderMap, ctx: Ctx| async move {
+                let listed = headers
+                    .get(header::ORIGIN)
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|o| origin::listed(o, &ctx.config.allowed_origins));
+                // Only a cross-origin page that is allowed needs an answer;
+                // anything else falls through to the routes' own 404/405.
+                if method == warp::http::Method::OPTIONS && listed {
+                    Ok(())
+                } else {
+                    Err(warp::reject::not_found())
+                }
+            },
+        )
         .untuple_one()
         .and(warp::path("api"))
-        .and(with_origin_check(ctx))
         .map(|| {
             let mut response = Response::new(Default::default());
             *response.status_mut() = StatusCode::NO_CONTENT;
@@ -211,19 +220,14 @@ where
 {
     let probe = MemberChange::Remove;
     member_call(ctx, &caller, &library_id, &user_id, probe, false).await?;
-    check_content_type(headers)?;
-    let body = read_limited(body, ctx.config.max_message_bytes).await?;
-    let role = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(map)) => match map.get("role").and_then(Value::as_str) {
-            Some(role @ ("OWNER" | "EDITOR" | "VIEWER")) => role.to_string(),
-            _ => {
-                return Err(Error::BadRequest(
-                    "role must be \"OWNER\", \"EDITOR\" or \"VIEWER\"".into(),
-                ))
-            }
-        },
-        Ok(_) => return Err(Error::BadRequest("the body must be a JSON object".into())),
-        Err(e) => return Err(Error::BadRequest(format!("the body is not JSON: {e}"))),
+    let body = json_object_body(headers, body, ctx.config.max_message_bytes).await?;
+    let role = match body.get("role").and_then(Value::as_str) {
+        Some(role @ ("OWNER" | "EDITOR" | "VIEWER")) => role.to_string(),
+        _ => {
+            return Err(Error::BadRequest(
+                "role must be \"OWNER\", \"EDITOR\" or \"VIEWER\"".into(),
+            ))
+        }
     };
     let change = MemberChange::Set(role);
     let role = member_call(ctx, &caller, &library_id, &user_id, change, true).await?;
@@ -409,22 +413,38 @@ where
             "only controllers may change a portal view",
         ));
     }
-    check_content_type(headers)?;
-    let body = read_limited(body, ctx.config.max_message_bytes).await?;
-    let patch = match serde_json::from_slice::<Value>(&body) {
-        Ok(Value::Object(map)) => map,
-        Ok(_) => return Err(Error::BadRequest("the body must be a JSON object".into())),
-        Err(e) => return Err(Error::BadRequest(format!("the body is not JSON: {e}"))),
-    };
+    let patch = json_object_body(headers, body, ctx.config.max_message_bytes).await?;
     let payload: Box<RawValue> = serde_json::value::to_raw_value(&patch)
         .map_err(|e| Error::Internal(format!("serializing a patch: {e}")))?;
+    let change = Change::Merge(patch);
+    change.check_depth()?;
     let if_match = headers
         .get(header::IF_MATCH)
         .map(|v| parse_if_match(v.to_str().unwrap_or("")))
         .unwrap_or(None);
     ctx.writer
-        .change_and_wait(&view_id, Change::Merge(patch), payload, &user_id, if_match)
+        .change_and_wait(&view_id, change, payload, &user_id, if_match)
         .await
+}
+
+/// A PATCH or PUT body, checked in SPEC §4's order: Content-Type (415), size
+/// (413), a JSON object (400).
+async fn json_object_body<S, B>(
+    headers: &HeaderMap,
+    body: S,
+    limit: usize,
+) -> Result<serde_json::Map<String, Value>, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    check_content_type(headers)?;
+    let body = read_limited(body, headers, limit).await?;
+    match serde_json::from_slice::<Value>(&body) {
+        Ok(Value::Object(map)) => Ok(map),
+        Ok(_) => Err(Error::BadRequest("the body must be a JSON object".into())),
+        Err(e) => Err(Error::BadRequest(format!("the body is not JSON: {e}"))),
+    }
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
@@ -442,27 +462,50 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
     }
 }
 
-/// Reads a body, refusing (413) as soon as it passes `limit`, whatever
-/// Content-Length claimed.
-async fn read_limited<S, B>(mut body: S, limit: usize) -> Result<BytesMut, Error>
+/// How long a request body may take to arrive once its head is read (hyper's
+/// header timeout covers only the head): a client that stalls mid-body must
+/// not hold a connection and a task forever.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Reads a body, refusing (413) a `Content-Length` over `limit` before reading
+/// anything and any body as soon as it passes `limit` (a chunked body has no
+/// length to trust); a body that stalls gets 400 after [`BODY_TIMEOUT`].
+async fn read_limited<S, B>(
+    mut body: S,
+    headers: &HeaderMap,
+    limit: usize,
+) -> Result<BytesMut, Error>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    let mut out = BytesMut::new();
-    while let Some(chunk) = body.next().await {
-        let mut chunk = chunk.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
-        if out.len() + chunk.remaining() > limit {
-            return Err(Error::PayloadTooLarge);
-        }
-        while chunk.has_remaining() {
-            let part = chunk.chunk();
-            out.extend_from_slice(part);
-            let n = part.len();
-            chunk.advance(n);
-        }
+    let announced = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if announced.is_some_and(|n| n > limit as u64) {
+        return Err(Error::PayloadTooLarge);
     }
-    Ok(out)
+    let read = async {
+        let mut out = BytesMut::new();
+        while let Some(chunk) = body.next().await {
+            let mut chunk =
+                chunk.map_err(|e| Error::BadRequest(format!("reading the body: {e}")))?;
+            if out.len() + chunk.remaining() > limit {
+                return Err(Error::PayloadTooLarge);
+            }
+            while chunk.has_remaining() {
+                let part = chunk.chunk();
+                out.extend_from_slice(part);
+                let n = part.len();
+                chunk.advance(n);
+            }
+        }
+        Ok(out)
+    };
+    tokio::time::timeout(BODY_TIMEOUT, read)
+        .await
+        .map_err(|_| Error::BadRequest("the request body did not arrive in time".into()))?
 }
 
 /// `If-Match`: `*` (any version), or a list of `"<version>"` / bare numbers.

@@ -265,6 +265,11 @@ async fn member_request(
     (status, serde_json::from_str(&text).unwrap_or(Value::Null))
 }
 
+async fn put_role(app: &TestApp, caller: &str, user: &str, role: &str) -> (u16, Value) {
+    let body = json!({ "role": role }).to_string();
+    member_request(app, reqwest::Method::PUT, caller, "lib1", user, Some(&body)).await
+}
+
 fn stored_role(app: &TestApp, library: &str, user: &str) -> Option<String> {
     let c = app.db.conn().expect("conn");
     db::member_role(&c, library, user).expect("role")
@@ -303,15 +308,7 @@ async fn a_role_change_closes_and_the_user_returns_with_the_new_role() {
     assert_eq!(ed.connected["role"], "controller");
     let mut om = app.connect("pv1", "om").await;
     // Setting the same role again changes nothing: no close.
-    let (status, body) = member_request(
-        &app,
-        reqwest::Method::PUT,
-        "om",
-        "lib1",
-        "ed",
-        Some(r#"{"role":"EDITOR"}"#),
-    )
-    .await;
+    let (status, body) = put_role(&app, "om", "ed", "EDITOR").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body,
@@ -319,15 +316,7 @@ async fn a_role_change_closes_and_the_user_returns_with_the_new_role() {
     );
     ed.assert_alive().await;
 
-    let (status, body) = member_request(
-        &app,
-        reqwest::Method::PUT,
-        "om",
-        "lib1",
-        "ed",
-        Some(r#"{"role":"VIEWER"}"#),
-    )
-    .await;
+    let (status, body) = put_role(&app, "om", "ed", "VIEWER").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["role"], "VIEWER");
     ed.assert_closed(1008, "access revoked").await;
@@ -337,15 +326,7 @@ async fn a_role_change_closes_and_the_user_returns_with_the_new_role() {
     assert_eq!(stored_role(&app, "lib1", "ed").as_deref(), Some("VIEWER"));
 
     // A new member is added with 200; nothing to close.
-    let (status, body) = member_request(
-        &app,
-        reqwest::Method::PUT,
-        "owner",
-        "lib1",
-        "outsider",
-        Some(r#"{"role":"EDITOR"}"#),
-    )
-    .await;
+    let (status, body) = put_role(&app, "owner", "outsider", "EDITOR").await;
     assert_eq!(status, 200, "{body}");
     let outsider = app.connect("pv1", "outsider").await;
     assert_eq!(outsider.connected["role"], "controller");
@@ -927,4 +908,53 @@ async fn unusable_storage_gives_1011_and_503_then_recovers() {
         .await;
     assert_eq!(owner.recv_type("ack").await["version"], 1);
     assert_eq!(app.stored_state("pv1"), json!({"a": 2}));
+}
+
+/// A state may nest at most 64 levels (`merge::MAX_STATE_DEPTH`), so that every
+/// stored state can be read back, by the server and by clients whose JSON
+/// parsers stop at 128 levels: one level deeper is `BAD_REQUEST` (400 on REST).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_depth_is_bounded_at_the_limit() {
+    let app = spawn_app().await;
+    let nested = |k: usize| -> Value {
+        let mut v = json!({});
+        for _ in 1..k {
+            v = json!({ "a": v });
+        }
+        v
+    };
+    let mut owner = app.connect("pv1", "owner").await;
+    // state.items.x.deep.<61 levels>: 64 in all.
+    owner
+        .send(
+            json!({"type": "item-update", "payload": {"itemId": "x", "deep": nested(61)}, "id": 1}),
+        )
+        .await;
+    assert_eq!(owner.recv().await["type"], "ack");
+    owner
+        .send(
+            json!({"type": "item-update", "payload": {"itemId": "x", "deep": nested(62)}, "id": 2}),
+        )
+        .await;
+    let refused = owner.recv().await;
+    assert_eq!(refused["code"], "BAD_REQUEST", "{refused}");
+    assert_eq!(refused["id"], 2);
+    let patch = |k: usize| {
+        app.http()
+            .patch(app.http_url("/api/portal-views/pv1"))
+            .bearer_auth(app.token("owner"))
+            .header("content-type", "application/json")
+            .body(json!({ "deep": nested(k) }).to_string())
+            .send()
+    };
+    assert_eq!(patch(63).await.expect("patch").status(), 200);
+    assert_eq!(patch(64).await.expect("patch").status(), 400);
+    assert_eq!(app.stored("pv1").version, 2);
+    // The stored state reads back, and the view stays writable.
+    let fresh = app.connect("pv1", "v1").await;
+    assert_eq!(fresh.connected["version"], 2);
+    owner
+        .send(json!({"type": "portal-view-update", "payload": {"n": 1}, "id": 3}))
+        .await;
+    assert_eq!(owner.recv_type("ack").await["version"], 3);
 }

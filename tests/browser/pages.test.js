@@ -330,6 +330,31 @@ test('presence events update the audience panel', TEST, () =>
   }),
 );
 
+test('the audience panel follows the server\'s own presence events', TEST, () =>
+  withServer(async (server, pages) => {
+    const presenter = await open(pages, server.users.alice.presenter);
+    const p = presenter.page;
+    await waitStatus(p, 'live');
+    const people = () => byTestId(p, 'audience-list').locator('li').evaluateAll((items) => items.map((li) => `${li.dataset.userId}:${li.dataset.role}`));
+    const carol = await open(pages, server.users.carol.viewer);
+    await waitStatus(carol.page, 'live');
+    await waitText(p, 'count-viewers', '1');
+    const same = (want) => async () => JSON.stringify(await people()) === JSON.stringify(want);
+    await eventually(same(['alice:controller', 'carol:viewer']), { what: 'carol in the audience' });
+    assert.match(await text(p, 'activity'), /carol joined \(viewer\)/);
+    // A second tab of carol is no news: the counts change, the list does not.
+    const second = await open(pages, server.users.carol.viewer);
+    await waitStatus(second.page, 'live');
+    await waitText(p, 'count-connections', '3');
+    assert.equal(await text(p, 'count-viewers'), '1');
+    await second.context.close();
+    await carol.context.close();
+    await waitText(p, 'count-viewers', '0');
+    await eventually(same(['alice:controller']), { what: 'carol gone from the audience' });
+    assert.match(await text(p, 'activity'), /carol left \(viewer\)/);
+  }),
+);
+
 test('item text is shown as text: markup in a title does not become HTML', TEST, () =>
   withServer(async (server, pages) => {
     const viewer = await open(pages, server.users.carol.viewer);
