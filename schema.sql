@@ -64,3 +64,16 @@ WHEN OLD.owner_id IS NOT NEW.owner_id
 BEGIN
     INSERT INTO membership_changes (library_id, user_id) VALUES (OLD.id, OLD.owner_id);
 END;
+
+-- Multi-node fan-out (--redis-url): every broadcast is stored with its state
+-- change, in the same transaction, so a node that missed one on Redis (a
+-- reordering, a Redis restart) fills the gap from here. Kept to the last 4096
+-- per view; unused (empty) on a single node.
+CREATE TABLE IF NOT EXISTS portal_view_events (
+    view_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    node TEXT NOT NULL,
+    conn INTEGER,
+    message TEXT NOT NULL,
+    PRIMARY KEY (view_id, version)
+) WITHOUT ROWID;

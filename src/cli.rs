@@ -113,6 +113,13 @@ struct ServeArgs {
         default_value = "full"
     )]
     sqlite_synchronous: Synchronous,
+    /// Redis for running several nodes on one database (`redis://127.0.0.1:6379`);
+    /// unset: a single node, no Redis needed
+    #[arg(long, env = "PORTAL_REDIS_URL", hide_env_values = true)]
+    redis_url: Option<String>,
+    /// Prefix of this cluster's Redis channels and keys
+    #[arg(long, env = "PORTAL_REDIS_PREFIX", default_value = "portal-sync")]
+    redis_prefix: String,
 }
 
 #[derive(Subcommand, Debug)]
@@ -341,6 +348,8 @@ fn config(args: &ServeArgs, db_path: PathBuf, secret: String) -> Config {
             .filter(|o| !o.is_empty())
             .collect(),
         sqlite_synchronous: args.sqlite_synchronous,
+        redis_url: args.redis_url.clone().filter(|u| !u.is_empty()),
+        redis_prefix: args.redis_prefix.clone(),
         ..Config::new(db_path, secret)
     }
 }

@@ -38,6 +38,12 @@ pub struct Config {
     /// How often membership changes made by other processes (the admin CLI,
     /// another node) are looked for.
     pub revocation_poll: Duration,
+    /// Several nodes on one database fan out through this Redis; `None` is a
+    /// single node that needs no Redis.
+    pub redis_url: Option<String>,
+    /// Prefix of the Redis channel, so clusters (and tests) sharing a Redis
+    /// stay apart.
+    pub redis_prefix: String,
 }
 
 impl Config {
@@ -61,6 +67,8 @@ impl Config {
             allowed_origins: Vec::new(),
             presence_batch: Duration::from_millis(100),
             revocation_poll: Duration::from_millis(250),
+            redis_url: None,
+            redis_prefix: "portal-sync".into(),
         }
     }
 }

@@ -8,6 +8,7 @@ use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::auth::Tokens;
+use crate::cluster::Cluster;
 use crate::config::Config;
 use crate::db::Db;
 use crate::error::Error;
@@ -25,6 +26,8 @@ pub struct Shared {
     pub db: Db,
     pub hub: Arc<Hub>,
     pub writer: Writer,
+    /// Set with `--redis-url`: this node is one of several (see `cluster`).
+    pub cluster: Option<Arc<Cluster>>,
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
     /// Asks the revocation watcher to look at the membership log now.
@@ -59,7 +62,19 @@ impl Ctx {
             total: config.max_conns,
         }));
         let metrics = Arc::new(Metrics::new());
-        let writer = Writer::spawn(db.clone(), hub.clone(), metrics.clone());
+        let cluster = match &config.redis_url {
+            Some(url) => Some(Cluster::start(
+                url,
+                &config.redis_prefix,
+                db.clone(),
+                hub.clone(),
+                metrics.clone(),
+                config.presence_batch,
+                shutdown.clone(),
+            )?),
+            None => None,
+        };
+        let writer = Writer::spawn(db.clone(), hub.clone(), metrics.clone(), cluster.clone());
         let revocation_nudge = Nudge::default();
         let stop = shutdown.clone();
         tokio::spawn(until_shutdown(
@@ -87,6 +102,7 @@ impl Ctx {
             db,
             hub,
             writer,
+            cluster,
             tokens,
             metrics,
             revocation_nudge,

@@ -236,12 +236,111 @@ pub struct StoreOp {
     pub if_match: Option<Vec<i64>>,
     /// Return the whole row as of this op (REST answers, server sync-responses).
     pub want_row: bool,
+    /// With Redis configured: the change's broadcast, stored in
+    /// `portal_view_events` in the same transaction, so that another node can
+    /// fill a gap in what Redis delivered (see `cluster`).
+    pub event: Option<EventTemplate>,
+}
+
+/// What a change's broadcast is made of; rendered once its version is known.
+#[derive(Debug)]
+pub struct EventTemplate {
+    pub message_type: &'static str,
+    pub payload: Box<serde_json::value::RawValue>,
+    pub user_id: std::sync::Arc<str>,
+    /// The sending connection (hub key, connection id); `None` for REST.
+    pub connection: Option<(u64, std::sync::Arc<str>)>,
+    /// The node that committed it, so the sender's own socket is skipped.
+    pub node: std::sync::Arc<str>,
+}
+
+impl EventTemplate {
+    /// The broadcast frame's text, exactly as a single node would send it.
+    pub fn render(&self, version: i64) -> String {
+        let msg = match &self.connection {
+            None => crate::protocol::change_broadcast(
+                "portal-view-update",
+                &self.payload,
+                version,
+                &crate::protocol::From {
+                    user_id: &self.user_id,
+                    connection_id: None,
+                },
+                Some("rest"),
+            ),
+            Some((_, connection_id)) => crate::protocol::change_broadcast(
+                self.message_type,
+                &self.payload,
+                version,
+                &crate::protocol::From {
+                    user_id: &self.user_id,
+                    connection_id: Some(connection_id),
+                },
+                None,
+            ),
+        };
+        msg.into_text()
+            .map(|t| t.as_str().to_string())
+            .unwrap_or_default()
+    }
+}
+
+/// Stored broadcasts kept per view: enough to fill any gap a Redis hiccup
+/// leaves, small enough to stay cheap.
+pub const EVENTS_KEPT: i64 = 4096;
+
+/// One stored broadcast (see [`EventTemplate`]).
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub version: i64,
+    pub node: String,
+    pub conn: Option<u64>,
+    pub message: String,
+}
+
+/// The stored broadcasts of a view with versions in `from..=to`, in order.
+pub fn events_between(
+    conn: &Connection,
+    view_id: &str,
+    from: i64,
+    to: i64,
+) -> Result<Vec<StoredEvent>, Error> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT version, node, conn, message FROM portal_view_events \
+         WHERE view_id = ?1 AND version BETWEEN ?2 AND ?3 ORDER BY version",
+    )?;
+    let rows = stmt.query_map(params![view_id, from, to], |r| {
+        Ok(StoredEvent {
+            version: r.get(0)?,
+            node: r.get(1)?,
+            conn: r.get::<_, Option<i64>>(2)?.map(|k| k as u64),
+            message: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<Vec<_>, _>>()?)
+}
+
+/// Current versions of the given views (missing views are left out).
+pub fn versions(conn: &Connection, view_ids: &[String]) -> Result<Vec<(String, i64)>, Error> {
+    let mut stmt = conn.prepare_cached("SELECT version FROM portal_views WHERE id = ?1")?;
+    let mut out = Vec::with_capacity(view_ids.len());
+    for id in view_ids {
+        if let Some(v) = stmt
+            .query_row(params![id], |r| r.get::<_, i64>(0))
+            .optional()?
+        {
+            out.push((id.clone(), v));
+        }
+    }
+    Ok(out)
 }
 
 #[derive(Debug)]
 pub struct Stored {
     pub version: i64,
     pub row: Option<ViewRow>,
+    /// The rendered broadcast, when the op carried an [`EventTemplate`].
+    pub event: Option<String>,
 }
 
 struct Loaded {
@@ -299,11 +398,26 @@ pub fn apply_batch(
                 continue;
             }
         }
+        let mut event = None;
         if let Some(change) = &op.change {
             change.apply(&mut entry.state);
             entry.version += 1;
             entry.updated_at = Some(now.clone());
             entry.dirty = true;
+            if let Some(template) = &op.event {
+                let text = template.render(entry.version);
+                let conn_key = template.connection.as_ref().map(|(k, _)| *k as i64);
+                tx.prepare_cached(
+                    "INSERT OR REPLACE INTO portal_view_events (view_id, version, node, conn, message) \
+                     VALUES (?1, ?2, ?3, ?4, ?5)",
+                )?
+                .execute(params![op.view_id, entry.version, &*template.node, conn_key, text])?;
+                tx.prepare_cached(
+                    "DELETE FROM portal_view_events WHERE view_id = ?1 AND version <= ?2",
+                )?
+                .execute(params![op.view_id, entry.version - EVENTS_KEPT])?;
+                event = Some(text);
+            }
         }
         let row = op
             .want_row
@@ -312,6 +426,7 @@ pub fn apply_batch(
         results.push(Ok(Stored {
             version: entry.version,
             row,
+            event,
         }));
     }
     {
@@ -633,24 +748,28 @@ mod tests {
                 change: merge(json!({"a":1})),
                 if_match: None,
                 want_row: false,
+                event: None,
             },
             StoreOp {
                 view_id: "nope".into(),
                 change: merge(json!({"a":1})),
                 if_match: None,
                 want_row: false,
+                event: None,
             },
             StoreOp {
                 view_id: "pv".into(),
                 change: merge(json!({"b":2})),
                 if_match: Some(vec![0]),
                 want_row: false,
+                event: None,
             },
             StoreOp {
                 view_id: "pv".into(),
                 change: merge(json!({"a":null})),
                 if_match: Some(vec![1]),
                 want_row: true,
+                event: None,
             },
         ];
         let results = apply_batch(&mut c, &ops).expect("commit");
@@ -690,6 +809,7 @@ mod tests {
                                 change: Some(Change::Merge(patch)),
                                 if_match: None,
                                 want_row: false,
+                                event: None,
                             };
                             let mut results = apply_batch(&mut c, &[op]).expect("commit");
                             results.remove(0).expect("applied").version

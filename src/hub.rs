@@ -205,21 +205,46 @@ struct RoomInner {
     last_controller_join: u64,
     /// Already on the hub's list of rooms to flush.
     dirty: bool,
+    /// People and connections of this view on other nodes (cluster mode),
+    /// summed over nodes; kept up to date by [`Hub::apply_remote`].
+    remote_people: HashMap<(Arc<str>, Role), usize>,
+    remote_connections: usize,
 }
 
 impl RoomInner {
     fn presence(&self) -> Presence {
         let mut p = Presence {
-            connections: self.members.len(),
+            connections: self.members.len() + self.remote_connections,
             ..Presence::default()
         };
-        for (_, role) in self.people.keys() {
+        let remote_only = self
+            .remote_people
+            .keys()
+            .filter(|person| !self.people.contains_key(*person));
+        for (_, role) in self.people.keys().chain(remote_only) {
             match role {
                 Role::Controller => p.controllers += 1,
                 Role::Viewer => p.viewers += 1,
             }
         }
         p
+    }
+
+    /// Whether a person has a connection to the view on any node.
+    fn is_present(&self, person: &(Arc<str>, Role)) -> bool {
+        self.people.contains_key(person) || self.remote_people.contains_key(person)
+    }
+
+    /// This node's share of the view, as other nodes receive it.
+    fn summary(&self) -> Summary {
+        Summary {
+            people: self
+                .people
+                .iter()
+                .map(|((user, role), n)| (user.to_string(), *role, *n))
+                .collect(),
+            connections: self.members.len(),
+        }
     }
 
     fn has_controller(&self) -> bool {
@@ -279,6 +304,43 @@ impl Default for Limits {
     }
 }
 
+/// One node's connections to one view (cluster mode): what presence and the
+/// per-user limit need from it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Summary {
+    /// (user, role, connections)
+    pub people: Vec<(String, Role, usize)>,
+    pub connections: usize,
+}
+
+/// What this node knows of the other nodes' connections (cluster mode).
+#[derive(Default)]
+struct Remote {
+    by_view: HashMap<Arc<str>, HashMap<Arc<str>, Summary>>,
+    /// Connections per user on other nodes, over all views.
+    per_user: HashMap<Arc<str>, usize>,
+}
+
+impl Remote {
+    /// The view's remote people and connections, summed over nodes.
+    fn aggregate(&self, view_id: &str) -> (HashMap<(Arc<str>, Role), usize>, usize) {
+        let mut people = HashMap::new();
+        let mut connections = 0;
+        for summary in self
+            .by_view
+            .get(view_id)
+            .into_iter()
+            .flat_map(|n| n.values())
+        {
+            connections += summary.connections;
+            for (user, role, n) in &summary.people {
+                *people.entry((Arc::from(user.as_str()), *role)).or_insert(0) += n;
+            }
+        }
+        (people, connections)
+    }
+}
+
 #[derive(Default)]
 struct Rooms {
     by_view: HashMap<Arc<str>, Arc<Room>>,
@@ -298,6 +360,11 @@ pub struct Hub {
     /// Bumped by every revocation, so a handshake that looked up its access
     /// before one and joined after it knows to look again.
     revocations: AtomicU64,
+    /// Other nodes' connections. Lock order: `rooms`, then `remote`, then a room.
+    remote: Mutex<Remote>,
+    /// Cluster mode: views whose local connections changed since this node
+    /// last told the others (see [`Hub::take_summaries`]).
+    shared: Mutex<Option<std::collections::HashSet<Arc<str>>>>,
 }
 
 impl Default for Hub {
@@ -313,6 +380,9 @@ pub struct Joined {
     pub presence: Presence,
     /// The last version broadcast to the room before this connection was in it.
     pub last_version: i64,
+    /// This connection created the room: broadcasts committed before the join
+    /// reached no one here, so the snapshot must be read after the join.
+    pub new_room: bool,
 }
 
 /// A join refused by a connection limit.
@@ -331,6 +401,9 @@ pub struct Joiner {
     pub user_id: Arc<str>,
     pub role: Role,
     pub outbox: Arc<Outbox>,
+    /// The view's version as read before joining: where a new room's ordered
+    /// delivery starts (with Redis, the sequencer fills from there).
+    pub base_version: i64,
 }
 
 impl Hub {
@@ -343,7 +416,171 @@ impl Hub {
             dirty: Mutex::new(Vec::new()),
             presence_changed: Notify::new(),
             revocations: AtomicU64::new(0),
+            remote: Mutex::new(Remote::default()),
+            shared: Mutex::new(None),
         }
+    }
+
+    /// Cluster mode: from now on, local presence changes are collected for
+    /// [`Hub::take_summaries`].
+    pub fn share_presence(&self) {
+        let mut shared = lock(&self.shared);
+        if shared.is_none() {
+            *shared = Some(Default::default());
+        }
+    }
+
+    fn shared_changed(&self, view_id: &Arc<str>) {
+        if let Some(set) = lock(&self.shared).as_mut() {
+            set.insert(view_id.clone());
+        }
+    }
+
+    /// Marks every local view as changed, so all are told again (after Redis
+    /// came back, it may have lost them).
+    pub fn share_all_again(&self) {
+        let views: Vec<Arc<str>> = lock(&self.rooms).by_view.keys().cloned().collect();
+        if let Some(set) = lock(&self.shared).as_mut() {
+            set.extend(views);
+        }
+    }
+
+    /// This node's summary of every view whose connections changed since the
+    /// last call (an empty summary for a view it no longer has).
+    pub fn take_summaries(&self) -> Vec<(Arc<str>, Summary)> {
+        let views = match lock(&self.shared).as_mut() {
+            Some(set) => std::mem::take(set),
+            None => return Vec::new(),
+        };
+        views
+            .into_iter()
+            .map(|view| {
+                let summary = self
+                    .room(&view)
+                    .map(|room| lock(&room.inner).summary())
+                    .unwrap_or_default();
+                (view, summary)
+            })
+            .collect()
+    }
+
+    /// Another node's connections to a view changed (`None`: it has none, or
+    /// it died). Updates counts, per-user totals and the `joined`/`left` news
+    /// for this node's controllers.
+    pub fn apply_remote(&self, view_id: &str, node: &str, summary: Option<Summary>) {
+        let rooms = lock(&self.rooms);
+        let mut remote = lock(&self.remote);
+        let view: Arc<str> = view_id.into();
+        let nodes = remote.by_view.entry(view.clone()).or_default();
+        let old = match summary.filter(|s| s.connections > 0) {
+            Some(new) => nodes.insert(node.into(), new.clone()),
+            None => nodes.remove(node),
+        };
+        let new_people: Vec<(String, usize)> = nodes
+            .get(node)
+            .map(|s| s.people.iter().map(|(u, _, n)| (u.clone(), *n)).collect())
+            .unwrap_or_default();
+        if nodes.is_empty() {
+            remote.by_view.remove(&view);
+        }
+        for (user, _, n) in old.iter().flat_map(|s| s.people.iter()) {
+            if let Some(count) = remote.per_user.get_mut(user.as_str()) {
+                *count = count.saturating_sub(*n);
+                if *count == 0 {
+                    remote.per_user.remove(user.as_str());
+                }
+            }
+        }
+        for (user, n) in new_people {
+            *remote.per_user.entry(user.as_str().into()).or_insert(0) += n;
+        }
+        let Some(room) = rooms.by_view.get(view_id).cloned() else {
+            return;
+        };
+        let (people, connections) = remote.aggregate(view_id);
+        drop(remote);
+        drop(rooms);
+        let mut inner = lock(&room.inner);
+        let before: Vec<(Arc<str>, Role)> = inner
+            .remote_people
+            .keys()
+            .chain(people.keys())
+            .cloned()
+            .collect::<std::collections::HashSet<_>>()
+            .into_iter()
+            .collect();
+        let was: Vec<bool> = before.iter().map(|p| inner.is_present(p)).collect();
+        let changed = inner.remote_people != people || inner.remote_connections != connections;
+        inner.remote_people = people;
+        inner.remote_connections = connections;
+        if !changed || !inner.has_controller() {
+            return;
+        }
+        for (person, was) in before.iter().zip(was) {
+            let is = inner.is_present(person);
+            if is != was {
+                inner.record(&person.0, person.1, is);
+            }
+        }
+        self.mark_dirty(&room, &mut inner);
+    }
+
+    /// Forgets everything about a node (it died, or Redis lost track of it);
+    /// returns the views it had.
+    pub fn forget_node(&self, node: &str) -> Vec<Arc<str>> {
+        let views: Vec<Arc<str>> = lock(&self.remote)
+            .by_view
+            .iter()
+            .filter(|(_, nodes)| nodes.contains_key(node))
+            .map(|(view, _)| view.clone())
+            .collect();
+        for view in &views {
+            self.apply_remote(view, node, None);
+        }
+        views
+    }
+
+    /// Replaces everything known of other nodes with what Redis holds (after
+    /// (re)subscribing, messages may have been missed).
+    pub fn replace_remote(&self, entries: Vec<(String, String, Summary)>) {
+        let fresh: std::collections::HashSet<(String, String)> = entries
+            .iter()
+            .map(|(view, node, _)| (view.clone(), node.clone()))
+            .collect();
+        let stale: Vec<(Arc<str>, Arc<str>)> = lock(&self.remote)
+            .by_view
+            .iter()
+            .flat_map(|(view, nodes)| nodes.keys().map(move |node| (view.clone(), node.clone())))
+            .filter(|(view, node)| !fresh.contains(&(view.to_string(), node.to_string())))
+            .collect();
+        for (view, node) in stale {
+            self.apply_remote(&view, &node, None);
+        }
+        for (view, node, summary) in entries {
+            self.apply_remote(&view, &node, Some(summary));
+        }
+    }
+
+    /// The other nodes this node knows to have connections.
+    pub fn remote_nodes(&self) -> Vec<Arc<str>> {
+        let mut nodes: Vec<Arc<str>> = lock(&self.remote)
+            .by_view
+            .values()
+            .flat_map(|n| n.keys().cloned())
+            .collect();
+        nodes.sort();
+        nodes.dedup();
+        nodes
+    }
+
+    /// Whether a controller of the view is connected to another node.
+    pub fn has_remote_controller(&self, view_id: &str) -> bool {
+        self.room(view_id).is_some_and(|room| {
+            lock(&room.inner)
+                .remote_people
+                .keys()
+                .any(|(_, role)| *role == Role::Controller)
+        })
     }
 
     fn room(&self, view_id: &str) -> Option<Arc<Room>> {
@@ -360,9 +597,19 @@ impl Hub {
             user_id,
             role,
             outbox,
+            base_version,
         } = joiner;
         let mut rooms = lock(&self.rooms);
-        let per_user = rooms.per_user.get(&user_id).copied().unwrap_or(0);
+        let new_room = !rooms.by_view.contains_key(&view_id);
+        let remote = lock(&self.remote);
+        let per_user = rooms.per_user.get(&user_id).copied().unwrap_or(0)
+            + remote.per_user.get(&user_id).copied().unwrap_or(0);
+        let (remote_people, remote_connections) = if new_room {
+            remote.aggregate(&view_id)
+        } else {
+            Default::default()
+        };
+        drop(remote);
         if rooms.total >= self.limits.total || per_user >= self.limits.per_user {
             return Err(TooManyConnections);
         }
@@ -373,7 +620,12 @@ impl Hub {
                 Arc::new(Room {
                     view_id,
                     library_id,
-                    inner: Mutex::new(RoomInner::default()),
+                    inner: Mutex::new(RoomInner {
+                        last_version: base_version,
+                        remote_people,
+                        remote_connections,
+                        ..RoomInner::default()
+                    }),
                 })
             })
             .clone();
@@ -389,8 +641,9 @@ impl Hub {
         drop(rooms);
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         self.connections.fetch_add(1, Ordering::Relaxed);
+        self.shared_changed(&room.view_id);
         let person = (user_id.clone(), role);
-        let first_tab = !inner.people.contains_key(&person);
+        let first_tab = !inner.is_present(&person);
         // Only other controllers care; with none online there is nothing to tell.
         let others_watching = inner.has_controller();
         *inner.people.entry(person).or_insert(0) += 1;
@@ -423,6 +676,7 @@ impl Hub {
             key,
             presence,
             last_version: inner.last_version,
+            new_room,
         })
     }
 
@@ -444,6 +698,7 @@ impl Hub {
                 rooms.per_user.remove(&member.user_id);
             }
         }
+        self.shared_changed(&room.view_id);
         if inner.members.is_empty() {
             rooms.by_view.remove(view_id);
             return;
@@ -455,7 +710,7 @@ impl Hub {
             *n -= 1;
             if *n == 0 {
                 inner.people.remove(&person);
-                last_tab = true;
+                last_tab = !inner.is_present(&person);
             }
         }
         if inner.has_controller() {
@@ -554,6 +809,39 @@ impl Hub {
         delivered
     }
 
+    /// The last version delivered to a view's room, if this node has one.
+    pub fn last_version(&self, view_id: &str) -> Option<i64> {
+        self.room(view_id)
+            .map(|room| lock(&room.inner).last_version)
+    }
+
+    /// Every room with its last delivered version (the cluster's catch-up).
+    pub fn room_versions(&self) -> Vec<(Arc<str>, i64)> {
+        let rooms: Vec<Arc<Room>> = lock(&self.rooms).by_view.values().cloned().collect();
+        rooms
+            .into_iter()
+            .map(|room| {
+                let v = lock(&room.inner).last_version;
+                (room.view_id.clone(), v)
+            })
+            .collect()
+    }
+
+    /// Closes every connection of a view whose broadcasts cannot be delivered
+    /// in order any more; they reconnect and resynchronise from `connected`.
+    /// The room then continues from `version`.
+    pub fn resync_room(&self, view_id: &str, version: i64, request: CloseRequest) -> usize {
+        let Some(room) = self.room(view_id) else {
+            return 0;
+        };
+        let mut inner = lock(&room.inner);
+        inner.last_version = inner.last_version.max(version);
+        for member in inner.members.values() {
+            member.outbox.close(request.clone());
+        }
+        inner.members.len()
+    }
+
     /// Sends a frame to the view's controllers; returns how many got it.
     pub fn send_to_controllers(&self, view_id: &str, msg: &Message) -> usize {
         let Some(room) = self.room(view_id) else {
@@ -616,6 +904,7 @@ mod tests {
             user_id: user.into(),
             role,
             outbox,
+            base_version: 0,
         }
     }
 
@@ -787,5 +1076,47 @@ mod tests {
         assert_eq!(a.take().close, Some(ACCESS_REVOKED));
         assert_eq!(b.take().close, None);
         assert_eq!(other.take().close, None);
+    }
+
+    #[test]
+    fn other_nodes_count_in_presence_limits_and_news() {
+        let hub = Hub::new(Limits {
+            per_user: 2,
+            ..Limits::default()
+        });
+        let (_, controller) = join(&hub, "v", "boss", Role::Controller);
+        let summary = |people: &[(&str, Role, usize)]| Summary {
+            people: people
+                .iter()
+                .map(|(u, r, n)| (u.to_string(), *r, *n))
+                .collect(),
+            connections: people.iter().map(|p| p.2).sum(),
+        };
+        hub.apply_remote("v", "n2", Some(summary(&[("carol", Role::Viewer, 2)])));
+        hub.flush_presence();
+        let events = texts(&controller);
+        assert_eq!(
+            events[0]["joined"],
+            serde_json::json!([{"userId": "carol", "role": "viewer"}])
+        );
+        assert_eq!(
+            events[0]["presence"],
+            serde_json::json!({"controllers": 1, "viewers": 1, "connections": 3})
+        );
+        // carol's tab here is her third: no news, and over the per-user limit.
+        assert_eq!(
+            hub.join(joiner("v", "carol", Role::Viewer, out()))
+                .expect_err("limit counts every node"),
+            TooManyConnections
+        );
+        // The node dies: carol leaves.
+        assert_eq!(hub.forget_node("n2").len(), 1);
+        hub.flush_presence();
+        let events = texts(&controller);
+        assert_eq!(
+            events[0]["left"],
+            serde_json::json!([{"userId": "carol", "role": "viewer"}])
+        );
+        assert_eq!(hub.presence("v").connections, 1);
     }
 }

@@ -12,7 +12,7 @@ pub fn is_valid_id(id: &str) -> bool {
 }
 
 /// What a user may do in a portal view (SPEC §1 "Role").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
     Controller,

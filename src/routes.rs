@@ -325,10 +325,19 @@ fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
                 })
                 .await;
             match probe {
-                Ok(_) => json_response(
-                    StatusCode::OK,
-                    &json!({"status": "ok", "connections": ctx.hub.connections()}),
-                ),
+                Ok(_) => {
+                    let mut body = json!({"status": "ok", "connections": ctx.hub.connections()});
+                    // Several nodes: Redis down is degraded, not down (this
+                    // node still serves its own connections, and other nodes'
+                    // changes still arrive through the database), so the
+                    // status stays 200 "ok" as SPEC §4 has it, with the
+                    // degradation named (README: Running several nodes).
+                    if let Some(cluster) = &ctx.cluster {
+                        let up = cluster.redis_up();
+                        body["redis"] = json!(if up { "up" } else { "down" });
+                    }
+                    json_response(StatusCode::OK, &body)
+                }
                 Err(e) => {
                     e.log("health check");
                     json_response(

@@ -75,6 +75,9 @@ pub async fn run(
     }
     // Everything accepted before the stop is committed before we return.
     ctx.writer.barrier().await;
+    if let Some(cluster) = &ctx.cluster {
+        cluster.goodbye().await;
+    }
     log::info!("stopped");
     Ok(())
 }

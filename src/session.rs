@@ -186,6 +186,7 @@ impl Session {
                 user_id: user_id.clone(),
                 role,
                 outbox: outbox.clone(),
+                base_version: view.version,
             })
             .map_err(|_| Error::TooManyConnections)?;
         let membership = Membership {
@@ -205,8 +206,9 @@ impl Session {
                 return Err(Error::AccessRevoked);
             }
             view = fresh.view;
-        } else if joined.last_version > view.version {
-            // A change was broadcast between our read and our join: re-read.
+        } else if joined.last_version > view.version || joined.new_room {
+            // A change was broadcast between our read and our join, or may have
+            // been before the room existed (reaching no one): re-read.
             let id = view_id.to_string();
             view = ctx
                 .db
@@ -446,7 +448,12 @@ impl Session {
                     connection_id: Some(&self.connection_id),
                 };
                 let msg = protocol::request_sync_forward(payload.as_deref(), &from);
-                if ctx.hub.send_to_controllers(view_id, &msg) == 0 {
+                if let (Some(cluster), Ok(text)) = (&ctx.cluster, msg.to_text()) {
+                    cluster.request_sync(view_id, text);
+                }
+                if ctx.hub.send_to_controllers(view_id, &msg) == 0
+                    && !ctx.hub.has_remote_controller(view_id)
+                {
                     let job = Job::Snapshot {
                         view_id: view_id.clone(),
                         outbox: self.outbox.clone(),
@@ -609,7 +616,7 @@ pub fn now_ms() -> u64 {
 
 /// 96 random bits as hex: unguessable, so an id can later name a connection
 /// (SPEC §7's `X-Connection-Id`) without being a handle others can forge.
-fn new_connection_id() -> String {
+pub(crate) fn new_connection_id() -> String {
     let mut bytes = [0u8; 12];
     if getrandom::fill(&mut bytes).is_err() {
         // No OS randomness: fall back to something unique, if guessable.

@@ -13,7 +13,8 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 
-use crate::db::{self, Db, StoreOp, Stored, ViewRow};
+use crate::cluster::Cluster;
+use crate::db::{self, Db, EventTemplate, StoreOp, Stored, ViewRow};
 use crate::error::Error;
 use crate::hub::{CloseRequest, Hub, Outbox};
 use crate::merge::Change;
@@ -71,9 +72,16 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn spawn(db: Db, hub: Arc<Hub>, metrics: Arc<Metrics>) -> Writer {
+    /// With a `cluster`, broadcasts go through it (stored with the change,
+    /// published, delivered in order) instead of straight to the hub.
+    pub fn spawn(
+        db: Db,
+        hub: Arc<Hub>,
+        metrics: Arc<Metrics>,
+        cluster: Option<Arc<Cluster>>,
+    ) -> Writer {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(db, hub, metrics, rx));
+        tokio::spawn(run(db, hub, metrics, cluster, rx));
         Writer { tx }
     }
 
@@ -119,11 +127,18 @@ impl Writer {
     }
 }
 
-async fn run(db: Db, hub: Arc<Hub>, metrics: Arc<Metrics>, mut rx: mpsc::Receiver<Job>) {
+async fn run(
+    db: Db,
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    cluster: Option<Arc<Cluster>>,
+    mut rx: mpsc::Receiver<Job>,
+) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
+    let node = cluster.as_ref().map(|c| c.node_id.clone());
     while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
         let (ops, pending): (Vec<Option<StoreOp>>, Vec<Pending>) =
-            jobs.drain(..).map(split).unzip();
+            jobs.drain(..).map(|job| split(job, node.as_ref())).unzip();
         let ops: Vec<StoreOp> = ops.into_iter().flatten().collect();
         let results = if ops.is_empty() {
             Ok(Vec::new())
@@ -152,7 +167,7 @@ async fn run(db: Db, hub: Arc<Hub>, metrics: Arc<Metrics>, mut rx: mpsc::Receive
                         .unwrap_or_else(|| Err(Error::Storage("batch failed".into()))),
                 ),
             };
-            finish(&hub, &metrics, job, result);
+            finish(&hub, &metrics, cluster.as_deref(), job, result);
         }
         metrics
             .fanout_seconds
@@ -178,7 +193,7 @@ enum Pending {
     Barrier(oneshot::Sender<()>),
 }
 
-fn split(job: Job) -> (Option<StoreOp>, Pending) {
+fn split(job: Job, node: Option<&Arc<str>>) -> (Option<StoreOp>, Pending) {
     match job {
         Job::Change {
             view_id,
@@ -189,11 +204,19 @@ fn split(job: Job) -> (Option<StoreOp>, Pending) {
             reply,
         } => {
             let message_type = change.message_type();
+            let event = node.map(|node| EventTemplate {
+                message_type,
+                payload: payload.clone(),
+                user_id: author.user_id.clone(),
+                connection: author.connection.clone(),
+                node: node.clone(),
+            });
             let op = StoreOp {
                 view_id: view_id.to_string(),
                 change: Some(change),
                 if_match,
                 want_row: matches!(reply, Reply::Rest(_)),
+                event,
             };
             (
                 Some(op),
@@ -216,6 +239,7 @@ fn split(job: Job) -> (Option<StoreOp>, Pending) {
                 change: None,
                 if_match: None,
                 want_row: true,
+                event: None,
             }),
             Pending::Snapshot {
                 view_id,
@@ -246,7 +270,13 @@ pub fn broadcast_portal_view_update(
 }
 
 /// Broadcasts and answers one job after its batch committed (or failed).
-fn finish(hub: &Hub, metrics: &Metrics, job: Pending, result: Option<Result<Stored, Error>>) {
+fn finish(
+    hub: &Hub,
+    metrics: &Metrics,
+    cluster: Option<&Cluster>,
+    job: Pending,
+    result: Option<Result<Stored, Error>>,
+) {
     match job {
         Pending::Barrier(done) => {
             let _ = done.send(());
@@ -258,8 +288,15 @@ fn finish(hub: &Hub, metrics: &Metrics, job: Pending, result: Option<Result<Stor
             author,
             reply,
         } => {
-            let result = result.unwrap_or_else(|| Err(Error::Internal("no result".into())));
-            if let Ok(stored) = &result {
+            let mut result = result.unwrap_or_else(|| Err(Error::Internal("no result".into())));
+            if let (Some(cluster), Ok(stored)) = (cluster, &mut result) {
+                // The cluster's sequencer delivers it, in order with the
+                // other nodes' changes, and counts the deliveries.
+                let text = stored.event.take().unwrap_or_default();
+                let conn = author.connection.as_ref().map(|(key, _)| *key);
+                cluster.committed(&view_id, stored.version, conn, text);
+                metrics.broadcasts.inc();
+            } else if let Ok(stored) = &result {
                 let delivered = match &author.connection {
                     None => broadcast_portal_view_update(
                         hub,

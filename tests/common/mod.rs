@@ -74,7 +74,7 @@ pub struct TestApp {
     tokens: Tokens,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), Error>>>,
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
 }
 
 /// A seeded server with SPEC's default limits.
@@ -101,7 +101,23 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         tokens,
         stop: None,
         handle: None,
-        _dir: dir,
+        _dir: Some(dir),
+    };
+    app.start().await;
+    app
+}
+
+/// Another server on `first`'s database file: a second node of a cluster.
+pub async fn spawn_peer(first: &TestApp, config: Config) -> TestApp {
+    let mut app = TestApp {
+        addr: "127.0.0.1:0".parse().expect("addr"),
+        db_path: first.db_path.clone(),
+        config,
+        db: first.db.clone(),
+        tokens: Tokens::new(SECRET.as_bytes(), 0),
+        stop: None,
+        handle: None,
+        _dir: None,
     };
     app.start().await;
     app
