@@ -810,6 +810,7 @@ async fn run(args: Args) -> Result<Value, String> {
         let view = format!("{}{}", args.view_prefix, i % views);
         viewer_urls.push(target.url(&view, tokens.token(&user)?.as_deref()));
     }
+    let connect_cpu_before = pid.and_then(|p| cpu_secs(&p.to_string()));
     let connect_start = now_us();
     let mut tasks = Vec::with_capacity(args.viewers);
     let per_view: Vec<Arc<AtomicU64>> = (0..views).map(|_| Arc::default()).collect();
@@ -828,6 +829,7 @@ async fn run(args: Args) -> Result<Value, String> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let connect_end = now_us();
+    let connect_cpu_after = pid.and_then(|p| cpu_secs(&p.to_string()));
     let connect_secs = (connect_end - connect_start) as f64 / 1e6;
     let viewers_connected = stats.connected.load(Relaxed);
     let k = args.controller_users.unwrap_or(views).max(1);
@@ -857,6 +859,12 @@ async fn run(args: Args) -> Result<Value, String> {
         "handshakes_per_sec": viewers_connected as f64 / connect_secs.max(1e-9),
         "handshake_ms": handshakes.summary_ms(),
     });
+    if let (Some(a), Some(b)) = (connect_cpu_before, connect_cpu_after) {
+        if viewers_connected > 0 {
+            result["server_cpu_us_per_handshake"] =
+                json!(((b - a) * 1e6 / viewers_connected as f64 * 10.0).round() / 10.0);
+        }
+    }
     if let (Some(before), Some(after)) = (rss_before, rss_after) {
         let conns = (viewers_connected as usize + controller_sockets.len()).max(1);
         result["server_rss_before_kib"] = json!(before);

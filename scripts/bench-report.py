@@ -51,6 +51,7 @@ COLUMNS = {
         ("handshakes/s", "handshakes_per_sec", 0, (">=", 0.5)),
         ("handshake p50 ms", "handshake_ms.p50", 1, None),
         ("handshake p99 ms", "handshake_ms.p99", 1, None),
+        ("server CPU µs/handshake", "server_cpu_us_per_handshake", 1, None),
         ("KiB per idle conn", "server_kib_per_conn", 2, ("<=", 1.5)),
         ("failed", "connect_failed", 0, None),
     ],
@@ -83,7 +84,7 @@ COLUMNS = {
     ],
 }
 COLUMNS["scale"] = COLUMNS["fanout"]
-SERVER_ORDER = ["portal-sync", "limit", "fastify"]
+SERVER_ORDER = ["portal-sync", "base", "limit", "fastify"]
 
 
 def main():

@@ -28,7 +28,8 @@
 # N_ACKED [1000], RATE [50], DURATION [10], BURST_UPDATES [200],
 # ACKED_UPDATES [20000], WINDOW [512], CONNECT_CONCURRENCY [256],
 # SCALE_NS ["1000 2000 5000 10000"], SQLITE_SYNCHRONOUS [full],
-# PORT_BASE [39100], SKIP_BUILD [0], RUST_LOG (portal-sync's logging, default info
+# PORT_BASE [29100], SKIP_BUILD [0], BASE_BIN (a portal-sync binary run as
+# server `base`, to measure a change A/B in the same run), RUST_LOG (portal-sync's logging, default info
 # as shipped), RESULTS (output folder).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -50,7 +51,7 @@ WINDOW=${WINDOW:-512}
 CONNECT_CONCURRENCY=${CONNECT_CONCURRENCY:-256}
 SCALE_NS=${SCALE_NS:-"1000 2000 5000 10000"}
 SQLITE_SYNCHRONOUS=${SQLITE_SYNCHRONOUS:-full}
-PORT_BASE=${PORT_BASE:-39100}
+PORT_BASE=${PORT_BASE:-29100}  # below the ephemeral range (32768+), where outgoing sockets never sit
 SKIP_BUILD=${SKIP_BUILD:-0}
 SECRET=bench-secret-$$
 REPORT_ONLY=
@@ -164,14 +165,27 @@ wait_port() {
   return 1
 }
 
+# A previous server (ours or anyone's) may still hold the port for a moment.
+wait_port_free() {
+  for _ in $(seq 100); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null || return 0
+    sleep 0.1
+  done
+  echo "port $1 stays busy: set PORT_BASE" >&2
+  return 1
+}
+
 # start_server NAME LOG: a fresh server (and a fresh copy of the fixture).
 start_server() {
   local name=$1 log=$2 port
+  for p in $PORT_BASE $((PORT_BASE + 1)) $((PORT_BASE + 2)); do wait_port_free "$p"; done
   case "$name" in
-    portal-sync)
+    portal-sync|base)
       port=$PORT_BASE
+      local bin=$PORTAL
+      [ "$name" = base ] && bin=${BASE_BIN:?set BASE_BIN to the portal-sync binary to compare with}
       cp "$FIXTURE" "$BENCH/run.db"; rm -f "$BENCH/run.db-wal" "$BENCH/run.db-shm"
-      "$PORTAL" serve --db "$BENCH/run.db" --jwt-secret "$SECRET" --addr "127.0.0.1:$port" \
+      "$bin" serve --db "$BENCH/run.db" --jwt-secret "$SECRET" --addr "127.0.0.1:$port" \
         --sqlite-synchronous "$SQLITE_SYNCHRONOUS" "${PORTAL_EXTRA[@]}" 2>"$log" &
       ;;
     fastify)
@@ -198,7 +212,7 @@ run_one() {
     scale) args=(--rate "$RATE" --duration "$DURATION") ;;
     burst) n=$N_BURST; args=(--rate 0 --updates "$BURST_UPDATES") ;;
     acked)
-      [ "$server" = portal-sync ] || return 0
+      [ "$server" = portal-sync ] || [ "$server" = base ] || return 0
       n=$N_ACKED; args=(--rate 0 --updates "$ACKED_UPDATES" --ids --window "$WINDOW") ;;
   esac
   label="$scenario/$server/$n/$run"
