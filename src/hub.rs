@@ -175,23 +175,32 @@ struct RoomInner {
     members: HashMap<u64, Member>,
     /// Connections per (user, role): presence counts people, not tabs.
     people: HashMap<(Arc<str>, Role), usize>,
+    /// Distinct people per role, kept as `people` changes: counting them at
+    /// each join made a crowd of N joins cost O(N²) (7% of the server's CPU
+    /// while 10,000 viewers connected to one view).
+    controllers: usize,
+    viewers: usize,
     /// The highest version this process has broadcast for the view.
     last_version: i64,
 }
 
 impl RoomInner {
     fn presence(&self) -> Presence {
-        let mut p = Presence {
+        Presence {
+            controllers: self.controllers,
+            viewers: self.viewers,
             connections: self.members.len(),
-            ..Presence::default()
-        };
-        for (_, role) in self.people.keys() {
-            match role {
-                Role::Controller => p.controllers += 1,
-                Role::Viewer => p.viewers += 1,
-            }
         }
-        p
+    }
+
+    /// Counts a person in or out of their role when their first connection
+    /// opens or their last one closes.
+    fn count(&mut self, role: Role, delta: isize) {
+        let n = match role {
+            Role::Controller => &mut self.controllers,
+            Role::Viewer => &mut self.viewers,
+        };
+        *n = n.saturating_add_signed(delta);
     }
 }
 
@@ -241,7 +250,11 @@ impl Hub {
         let room = rooms.entry(view_id.to_string()).or_default().clone();
         let mut inner = lock(&room.inner);
         drop(rooms);
-        *inner.people.entry((user_id.clone(), role)).or_insert(0) += 1;
+        let tabs = inner.people.entry((user_id.clone(), role)).or_insert(0);
+        *tabs += 1;
+        if *tabs == 1 {
+            inner.count(role, 1);
+        }
         inner.members.insert(
             key,
             Member {
@@ -271,6 +284,7 @@ impl Hub {
                 *n -= 1;
                 if *n == 0 {
                     inner.people.remove(&person);
+                    inner.count(person.1, -1);
                 }
             }
         }
