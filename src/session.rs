@@ -161,10 +161,15 @@ impl Session {
         S: AsyncRead + AsyncWrite + Unpin,
     {
         let mut reading = true;
+        // Made once, not per loop turn: a fresh one clones the watch receiver
+        // and registers on the watch's one shared waiter list, which every
+        // session contended for at every delivery (see BENCHMARKS.md).
+        let shutdown = ctx.shutting_down();
+        tokio::pin!(shutdown);
         loop {
             tokio::select! {
                 biased;
-                _ = ctx.shutting_down(), if reading => {
+                _ = &mut shutdown, if reading => {
                     reading = false;
                     // Let the writer answer what this connection already sent,
                     // then close after those answers.
