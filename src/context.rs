@@ -49,7 +49,7 @@ impl Ctx {
         let sync = config.sqlite_synchronous;
         let db = tokio::task::spawn_blocking(move || Db::open(&path, sync)).await??;
         let hub = Arc::new(Hub::new());
-        let writer = Writer::spawn(db.clone(), hub.clone());
+        let writer = Writer::spawn(db.clone(), hub.clone())?;
         let tokens = Tokens::new(config.jwt_secret.as_bytes(), config.jwt_leeway);
         let max = config.max_message_bytes;
         let ws_config = WebSocketConfig::default()

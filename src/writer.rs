@@ -70,10 +70,18 @@ pub struct Writer {
 }
 
 impl Writer {
-    pub fn spawn(db: Db, hub: Arc<Hub>) -> Writer {
+    /// Starts the writer on a thread of its own rather than as a tokio task:
+    /// it blocks on SQLite anyway, and as a task every batch took two trips
+    /// through the runtime's queues (to a blocking thread and back), each behind
+    /// the thousands of session tasks a fan-out had just woken, on the way to
+    /// every delivery (see BENCHMARKS.md).
+    pub fn spawn(db: Db, hub: Arc<Hub>) -> Result<Writer, Error> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(db, hub, rx));
-        Writer { tx }
+        std::thread::Builder::new()
+            .name("writer".into())
+            .spawn(move || run(db, hub, rx))
+            .map_err(|e| Error::Internal(format!("starting the writer: {e}")))?;
+        Ok(Writer { tx })
     }
 
     pub async fn submit(&self, job: Job) -> Result<(), Error> {
@@ -118,16 +126,17 @@ impl Writer {
     }
 }
 
-async fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
+/// Runs until every [`Writer`] handle is gone.
+fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
-    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+    while rx.blocking_recv_many(&mut jobs, MAX_BATCH) > 0 {
         let (ops, pending): (Vec<Option<StoreOp>>, Vec<Pending>) =
             jobs.drain(..).map(split).unzip();
         let ops: Vec<StoreOp> = ops.into_iter().flatten().collect();
         let results = if ops.is_empty() {
             Ok(Vec::new())
         } else {
-            db.call(move |conn| db::apply_batch(conn, &ops)).await
+            commit(&db, &ops)
         };
         let mut results = match results {
             Ok(results) => results.into_iter(),
@@ -149,6 +158,16 @@ async fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
             finish(&hub, job, result);
         }
     }
+}
+
+/// Commits one batch. A panic fails the batch (its jobs get errors) instead
+/// of ending the writer, and with it every later write.
+fn commit(db: &Db, ops: &[StoreOp]) -> Result<Vec<Result<Stored, Error>>, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut conn = db.conn()?;
+        db::apply_batch(&mut conn, ops)
+    }))
+    .unwrap_or_else(|_| Err(Error::Internal("the batch commit panicked".into())))
 }
 
 /// A job whose change has moved into the batch: what is left to broadcast and
