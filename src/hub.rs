@@ -38,6 +38,14 @@ pub struct Outgoing {
     pub version: i64,
 }
 
+/// One state-change broadcast for [`Hub::broadcast_many`].
+pub struct Broadcast {
+    pub msg: Message,
+    pub version: i64,
+    /// The sending connection's hub key: it does not get its own change back.
+    pub except: Option<u64>,
+}
+
 /// What the session takes from its outbox in one go.
 pub struct Batch {
     pub frames: VecDeque<Outgoing>,
@@ -108,6 +116,34 @@ impl Outbox {
         drop(inner);
         self.ready.notify_one();
         true
+    }
+
+    /// Queues several frames under one lock with one wake-up (a writer batch's
+    /// broadcasts); returns how many were queued before the connection closed.
+    pub fn push_many(&self, frames: impl Iterator<Item = (Message, i64)>) -> usize {
+        let mut inner = lock(&self.inner);
+        let mut queued = 0;
+        for (msg, version) in frames {
+            if inner.close.is_some() {
+                break;
+            }
+            let len = msg.len();
+            if inner.bytes + len > self.limit && !inner.frames.is_empty() {
+                // As in `push`: the connection is closed as a slow consumer.
+                inner.frames = VecDeque::new();
+                inner.bytes = 0;
+                inner.close = Some(SLOW_CONSUMER);
+                self.overflowed.store(true, Ordering::Release);
+                self.overflow.notify_one();
+                break;
+            }
+            inner.bytes += len;
+            inner.frames.push_back(Outgoing { msg, version });
+            queued += 1;
+        }
+        drop(inner);
+        self.ready.notify_one();
+        queued
     }
 
     /// Puts the `connected` message before anything queued while it was built.
@@ -324,6 +360,29 @@ impl Hub {
             if Some(*key) != except && member.outbox.push(msg.clone(), version) {
                 delivered += 1;
             }
+        }
+        delivered
+    }
+
+    /// [`Hub::broadcast`] for several state changes of one view, in version
+    /// order: each connection's queue is locked and its session woken once for
+    /// all of them, not once per change. Returns how many frames were queued.
+    pub fn broadcast_many(&self, view_id: &str, frames: &[Broadcast]) -> usize {
+        let Some(room) = self.room(view_id) else {
+            return 0;
+        };
+        let mut inner = lock(&room.inner);
+        if let Some(last) = frames.iter().map(|f| f.version).max() {
+            inner.last_version = inner.last_version.max(last);
+        }
+        let mut delivered = 0;
+        for (key, member) in &inner.members {
+            delivered += member.outbox.push_many(
+                frames
+                    .iter()
+                    .filter(|f| f.except != Some(*key))
+                    .map(|f| (f.msg.clone(), f.version)),
+            );
         }
         delivered
     }

@@ -12,10 +12,11 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::db::{self, Db, StoreOp, Stored, ViewRow};
 use crate::error::Error;
-use crate::hub::{CloseRequest, Hub, Outbox};
+use crate::hub::{Broadcast, CloseRequest, Hub, Outbox};
 use crate::merge::Change;
 use crate::protocol;
 
@@ -145,6 +146,7 @@ fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
                 Vec::new().into_iter()
             }
         };
+        let mut fanout = Fanout::default();
         for job in pending {
             let result = match job {
                 Pending::Barrier(_) => None,
@@ -155,7 +157,42 @@ fn run(db: Db, hub: Arc<Hub>, mut rx: mpsc::Receiver<Job>) {
                         .unwrap_or_else(|| Err(Error::Storage("batch failed".into()))),
                 ),
             };
-            finish(&hub, job, result);
+            finish(&hub, &mut fanout, job, result);
+        }
+        fanout.flush(&hub);
+    }
+}
+
+/// A batch's WebSocket broadcasts and acks, held back so that each view's
+/// broadcasts go out together: pushing them one change at a time locked and
+/// woke every connection once per change, and was the writer's main cost when
+/// a controller sent back to back (`Outbox::push` was 18% of the server's
+/// samples with 5,000 viewers; see BENCHMARKS.md).
+///
+/// Everything a connection gets stays in commit order: acks and replies are
+/// pushed after the broadcasts before them, and anything that is not held back
+/// (a REST broadcast, a server sync-response, a barrier) flushes first.
+#[derive(Default)]
+struct Fanout {
+    /// Per view, in order of first appearance: its broadcasts in version order.
+    views: Vec<(Arc<str>, Vec<Broadcast>)>,
+    acks: Vec<(Arc<Outbox>, Message)>,
+}
+
+impl Fanout {
+    fn broadcast(&mut self, view_id: &Arc<str>, frame: Broadcast) {
+        match self.views.iter_mut().find(|(v, _)| v == view_id) {
+            Some((_, frames)) => frames.push(frame),
+            None => self.views.push((view_id.clone(), vec![frame])),
+        }
+    }
+
+    fn flush(&mut self, hub: &Hub) {
+        for (view_id, frames) in self.views.drain(..) {
+            hub.broadcast_many(&view_id, &frames);
+        }
+        for (outbox, msg) in self.acks.drain(..) {
+            outbox.push(msg, 0);
         }
     }
 }
@@ -256,9 +293,10 @@ pub fn broadcast_portal_view_update(
 }
 
 /// Broadcasts and answers one job after its batch committed (or failed).
-fn finish(hub: &Hub, job: Pending, result: Option<Result<Stored, Error>>) {
+fn finish(hub: &Hub, fanout: &mut Fanout, job: Pending, result: Option<Result<Stored, Error>>) {
     match job {
         Pending::Barrier(done) => {
+            fanout.flush(hub);
             let _ = done.send(());
         }
         Pending::Change {
@@ -271,13 +309,16 @@ fn finish(hub: &Hub, job: Pending, result: Option<Result<Stored, Error>>) {
             let result = result.unwrap_or_else(|| Err(Error::Internal("no result".into())));
             if let Ok(stored) = &result {
                 match &author.connection {
-                    None => broadcast_portal_view_update(
-                        hub,
-                        &view_id,
-                        &payload,
-                        stored.version,
-                        &author.user_id,
-                    ),
+                    None => {
+                        fanout.flush(hub);
+                        broadcast_portal_view_update(
+                            hub,
+                            &view_id,
+                            &payload,
+                            stored.version,
+                            &author.user_id,
+                        );
+                    }
                     Some((key, connection_id)) => {
                         let from = protocol::From {
                             user_id: &author.user_id,
@@ -290,7 +331,12 @@ fn finish(hub: &Hub, job: Pending, result: Option<Result<Stored, Error>>) {
                             &from,
                             None,
                         );
-                        hub.broadcast(&view_id, &msg, stored.version, Some(*key))
+                        let frame = Broadcast {
+                            msg,
+                            version: stored.version,
+                            except: Some(*key),
+                        };
+                        fanout.broadcast(&view_id, frame);
                     }
                 };
             }
@@ -305,10 +351,16 @@ fn finish(hub: &Hub, job: Pending, result: Option<Result<Stored, Error>>) {
                 Reply::Socket { outbox, id } => match result {
                     Ok(stored) => {
                         if let Some(id) = id {
-                            outbox.push(protocol::ack(&id, stored.version), 0);
+                            fanout
+                                .acks
+                                .push((outbox, protocol::ack(&id, stored.version)));
                         }
                     }
-                    Err(e) => refuse(&outbox, e),
+                    Err(e) => {
+                        // Acks held back for this connection go before its close.
+                        fanout.flush(hub);
+                        refuse(&outbox, e);
+                    }
                 },
             }
         }
@@ -318,6 +370,8 @@ fn finish(hub: &Hub, job: Pending, result: Option<Result<Stored, Error>>) {
             view_id,
         } => match result {
             Some(Ok(Stored { row: Some(row), .. })) => {
+                // Its state includes the broadcasts before it, so they go first.
+                fanout.flush(hub);
                 outbox.push(
                     protocol::server_sync_response(&row.state, row.version, id.as_deref()),
                     0,
