@@ -258,16 +258,19 @@ enum Kind {
     Handshake = 0,
     Delivery = 1,
     Ack = 2,
+    /// The first viewer to get each update: the server's latency before its
+    /// fan-out, as opposed to the fan-out's own length.
+    First = 3,
 }
 
-type Hists = [Hist; 3];
+type Hists = [Hist; 4];
 
 /// Every thread's histograms, merged at the end.
 static REGISTRY: Mutex<Vec<Arc<Mutex<Hists>>>> = Mutex::new(Vec::new());
 
 thread_local! {
     static LOCAL: Arc<Mutex<Hists>> = {
-        let h = Arc::new(Mutex::new([Hist::new(), Hist::new(), Hist::new()]));
+        let h = Arc::new(Mutex::new([Hist::new(), Hist::new(), Hist::new(), Hist::new()]));
         lock(&REGISTRY).push(h.clone());
         h
     };
@@ -528,6 +531,7 @@ async fn viewer(
     gate: Arc<Semaphore>,
     stats: Arc<Stats>,
     in_view: Arc<AtomicU64>,
+    firsts: Arc<Firsts>,
     parse: Parse,
 ) {
     let permit = gate.acquire_owned().await;
@@ -552,6 +556,9 @@ async fn viewer(
                 Some(Some((seq, sent))) => {
                     let now = now_us();
                     record(Kind::Delivery, now.saturating_sub(sent));
+                    if firsts.first(seq) {
+                        record(Kind::First, now.saturating_sub(sent));
+                    }
                     if seq <= last_seq {
                         stats.out_of_order.fetch_add(1, Relaxed);
                     } else {
@@ -592,6 +599,24 @@ async fn viewer(
                 return;
             }
         }
+    }
+}
+
+/// Which updates of a view some viewer has already received, one bit each.
+struct Firsts(Vec<AtomicU64>);
+
+impl Firsts {
+    fn new(updates: u64) -> Firsts {
+        Firsts((0..updates / 64 + 2).map(|_| AtomicU64::new(0)).collect())
+    }
+
+    /// True for the first viewer to report `seq`.
+    fn first(&self, seq: u64) -> bool {
+        let Some(word) = self.0.get((seq / 64) as usize) else {
+            return false;
+        };
+        let bit = 1 << (seq % 64);
+        word.load(Relaxed) & bit == 0 && word.fetch_or(bit, Relaxed) & bit == 0
     }
 }
 
@@ -816,6 +841,18 @@ async fn run(args: Args) -> Result<Value, String> {
     }
     let connect_cpu_before = pid.and_then(|p| cpu_secs(&p.to_string()));
     let connect_start = now_us();
+    let updates = args
+        .updates
+        .unwrap_or_else(|| (args.rate * args.duration).round() as u64);
+    let firsts: Vec<Arc<Firsts>> = (0..views)
+        .map(|_| {
+            Arc::new(Firsts::new(if args.mode == Mode::Fanout {
+                updates
+            } else {
+                0
+            }))
+        })
+        .collect();
     let mut tasks = Vec::with_capacity(args.viewers);
     let per_view: Vec<Arc<AtomicU64>> = (0..views).map(|_| Arc::default()).collect();
     for (i, url) in viewer_urls.into_iter().enumerate() {
@@ -825,6 +862,7 @@ async fn run(args: Args) -> Result<Value, String> {
             gate.clone(),
             stats.clone(),
             per_view[i % views].clone(),
+            firsts[i % views].clone(),
             args.parse,
         )));
     }
@@ -886,9 +924,6 @@ async fn run(args: Args) -> Result<Value, String> {
     }
 
     // --- send
-    let updates = args
-        .updates
-        .unwrap_or_else(|| (args.rate * args.duration).round() as u64);
     let plan = Arc::new(Plan {
         updates,
         interval: (args.rate > 0.0).then(|| Duration::from_secs_f64(1.0 / args.rate)),
@@ -945,6 +980,7 @@ async fn run(args: Args) -> Result<Value, String> {
     result["deliveries_unparsed"] = json!(stats.unparsed.load(Relaxed));
     result["deliveries_per_sec"] = json!(received as f64 / delivery_secs.max(1e-9));
     result["delivery_ms"] = merged(Kind::Delivery).summary_ms();
+    result["first_delivery_ms"] = merged(Kind::First).summary_ms();
     result["dropped"] = json!(stats.dropped.load(Relaxed));
     result["error_replies"] = json!(stats.error_replies.load(Relaxed));
     if args.ids {
