@@ -56,6 +56,7 @@ COLUMNS = {
         ("failed", "connect_failed", 0, None),
     ],
     "fanout": [
+        ("first delivery p50 ms", "first_delivery_ms.p50", 1, None),
         ("delivery p50 ms", "delivery_ms.p50", 1, None),
         ("delivery p99 ms", "delivery_ms.p99", 1, ("<=", 1.5)),
         ("delivery max ms", "delivery_ms.max", 1, None),
