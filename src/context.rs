@@ -74,7 +74,7 @@ impl Ctx {
             )?),
             None => None,
         };
-        let writer = Writer::spawn(db.clone(), hub.clone(), metrics.clone(), cluster.clone());
+        let writer = Writer::spawn(db.clone(), hub.clone(), metrics.clone(), cluster.clone())?;
         let revocation_nudge = Nudge::default();
         let stop = shutdown.clone();
         tokio::spawn(until_shutdown(

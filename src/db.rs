@@ -6,7 +6,7 @@
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{mpsc, Arc, Mutex};
 use std::time::Duration;
 
 use r2d2::Pool;
@@ -15,7 +15,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tokio::sync::Semaphore;
+use tokio::sync::oneshot;
 
 use crate::error::Error;
 use crate::merge::Change;
@@ -33,15 +33,25 @@ pub enum Synchronous {
     Normal,
 }
 
-/// Pooled connections; also the most blocking tasks that may wait for one.
+/// Pooled connections (the storage threads', plus the CLI's and tests').
 const POOL_SIZE: u32 = 8;
+
+/// Threads that run [`Db::call`] work. Two, so a handshake lookup never waits
+/// behind the writer's commit (WAL lets them read meanwhile), and no more: the
+/// work is short and the machine this targets has two cores.
+const STORAGE_THREADS: usize = 2;
+
+/// Blocking storage work queued for a storage thread.
+type Task = Box<dyn FnOnce(&Pool<SqliteConnectionManager>) + Send>;
 
 #[derive(Clone)]
 pub struct Db {
     pool: Pool<SqliteConnectionManager>,
-    /// One permit per pooled connection: a crowd of handshakes queues here, as
-    /// cheap futures, instead of parking hundreds of blocking threads on the pool.
-    permits: Arc<Semaphore>,
+    /// Work for the storage threads. A crowd of handshakes queues here and a busy
+    /// thread takes the next task without sleeping; `spawn_blocking` instead woke
+    /// a parked thread per call (a futex wake, a context switch each way), which
+    /// was most of a handshake's cost (see BENCHMARKS.md).
+    tasks: mpsc::Sender<Task>,
 }
 
 impl Db {
@@ -69,36 +79,58 @@ impl Db {
         }
         conn.execute_batch(SCHEMA)?;
         drop(conn);
-        Ok(Db {
-            pool,
-            permits: Arc::new(Semaphore::new(POOL_SIZE as usize)),
-        })
+        let (tasks, queue) = mpsc::channel::<Task>();
+        let queue = Arc::new(Mutex::new(queue));
+        for i in 0..STORAGE_THREADS {
+            let (queue, pool) = (queue.clone(), pool.clone());
+            std::thread::Builder::new()
+                .name(format!("storage-{i}"))
+                .spawn(move || storage_thread(&queue, &pool))
+                .map_err(|e| Error::Internal(format!("starting a storage thread: {e}")))?;
+        }
+        Ok(Db { pool, tasks })
     }
 
-    /// Runs blocking storage work off the async threads.
+    /// Runs blocking storage work off the async threads, on a storage thread.
     pub async fn call<T, F>(&self, f: F) -> Result<T, Error>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
     {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
+        let (tx, rx) = oneshot::channel();
+        let task: Task = Box::new(move |pool| {
+            let result = pool
+                .get()
+                .map_err(Error::from)
+                .and_then(|mut conn| f(&mut conn));
+            let _ = tx.send(result);
+        });
+        self.tasks
+            .send(task)
             .map_err(|_| Error::Internal("storage closed".into()))?;
-        let pool = self.pool.clone();
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            let mut conn = pool.get()?;
-            f(&mut conn)
-        })
-        .await?
+        // A task that panicked dropped its sender.
+        rx.await
+            .map_err(|_| Error::Internal("storage task failed".into()))?
     }
 
     /// A pooled connection for synchronous callers (the CLI, tests).
     pub fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, Error> {
         Ok(self.pool.get()?)
+    }
+}
+
+/// Takes tasks until every [`Db`] handle is gone. A panicking task is caught
+/// so the thread (and the storage of every other connection) lives on.
+fn storage_thread(queue: &Mutex<mpsc::Receiver<Task>>, pool: &Pool<SqliteConnectionManager>) {
+    loop {
+        let task = match queue.lock() {
+            Ok(rx) => rx.recv(),
+            Err(poisoned) => poisoned.into_inner().recv(),
+        };
+        let Ok(task) = task else { return };
+        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(pool))).is_err() {
+            log::error!("a storage task panicked");
+        }
     }
 }
 

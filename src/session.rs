@@ -252,10 +252,18 @@ impl Session {
                 .unwrap_or_else(|| tokio::time::Instant::now() + FAR_FUTURE),
         );
         tokio::pin!(expiry);
+        // The shutdown future and the ping timer are made once, not per loop
+        // turn: a fresh shutdown future registers on the watch's one shared
+        // waiter list, which every session contended for at every delivery
+        // (see BENCHMARKS.md), and a fresh timer is a timer-wheel entry per turn.
+        let shutdown = ctx.shutting_down();
+        tokio::pin!(shutdown);
+        let ping_timer = tokio::time::sleep_until(liveness.next_deadline());
+        tokio::pin!(ping_timer);
         loop {
             tokio::select! {
                 biased;
-                _ = ctx.shutting_down(), if reading => {
+                _ = &mut shutdown, if reading => {
                     reading = false;
                     // Let the writer answer what this connection already sent,
                     // then close after those answers.
@@ -278,7 +286,7 @@ impl Session {
                     reading = false;
                     self.outbox.close(TOKEN_EXPIRED);
                 }
-                _ = tokio::time::sleep_until(liveness.next_deadline()), if reading => {
+                _ = &mut ping_timer, if reading => {
                     if liveness.is_overdue() {
                         ctx.metrics.pings_timed_out.inc();
                         log::debug!("connection {}: no answer to ping", self.connection_id);
@@ -289,12 +297,15 @@ impl Session {
                         version: 0,
                     }]);
                     liveness.pinged();
+                    ping_timer.as_mut().reset(liveness.next_deadline());
                     if self.write(ws, ping, liveness.write_deadline()).await.is_err() {
                         return Ended::Dropped;
                     }
                 }
                 frame = ws.next(), if reading => {
-                    liveness.heard();
+                    if liveness.heard() {
+                        ping_timer.as_mut().reset(liveness.next_deadline());
+                    }
                     match self.on_frame(ctx, frame).await {
                         Flow::Continue => {}
                         Flow::Close(code, reason) => {
@@ -507,8 +518,9 @@ impl Liveness {
         self.next_ping = now + self.interval;
     }
 
-    fn heard(&mut self) {
-        self.answer_by = None;
+    /// Returns whether this answered an outstanding ping (the deadline moved).
+    fn heard(&mut self) -> bool {
+        self.answer_by.take().is_some()
     }
 
     /// How long a write may block: a peer that reads nothing for a whole ping

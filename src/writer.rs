@@ -12,11 +12,12 @@ use std::sync::Arc;
 
 use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
 
 use crate::cluster::Cluster;
 use crate::db::{self, Db, EventTemplate, StoreOp, Stored, ViewRow};
 use crate::error::Error;
-use crate::hub::{CloseRequest, Hub, Outbox};
+use crate::hub::{Broadcast, CloseRequest, Hub, Outbox};
 use crate::merge::Change;
 use crate::metrics::Metrics;
 use crate::protocol;
@@ -25,6 +26,9 @@ use crate::protocol;
 const MAX_BATCH: usize = 512;
 /// Jobs waiting for the writer; senders wait (backpressure) when it is full.
 const QUEUE: usize = 8192;
+/// Committed batches waiting to be broadcast; the writer waits when it is full,
+/// so commits never run far ahead of the fan-out.
+const COMMITTED: usize = 4;
 
 /// Who asked for a change, as broadcasts name them in `from`.
 #[derive(Debug, Clone)]
@@ -72,6 +76,18 @@ pub struct Writer {
 }
 
 impl Writer {
+    /// Starts the writer: SQLite on a thread of its own, and the broadcasts and
+    /// replies of each committed batch in one tokio task.
+    ///
+    /// Why split: as a single task, every batch went to a blocking thread for
+    /// SQLite and came back through the runtime's injection queue, behind the
+    /// session tasks the last fan-out had woken. As a single thread, it woke
+    /// each of 5,000 sessions from outside the runtime, one injection-queue
+    /// push (a shared lock) each, while the OS shared the cores among more
+    /// threads: pushing one update to 5,000 viewers took 7.8 ms at the median
+    /// and 37 ms at p99. From a task, the wake-ups go to the worker's own queue,
+    /// as in the `limit` peer (see BENCHMARKS.md).
+    ///
     /// With a `cluster`, broadcasts go through it (stored with the change,
     /// published, delivered in order) instead of straight to the hub.
     pub fn spawn(
@@ -79,10 +95,16 @@ impl Writer {
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         cluster: Option<Arc<Cluster>>,
-    ) -> Writer {
+    ) -> Result<Writer, Error> {
         let (tx, rx) = mpsc::channel(QUEUE);
-        tokio::spawn(run(db, hub, metrics, cluster, rx));
-        Writer { tx }
+        let (committed, batches) = mpsc::channel(COMMITTED);
+        let node = cluster.as_ref().map(|c| c.node_id.clone());
+        tokio::spawn(deliver(hub, metrics.clone(), cluster, batches));
+        std::thread::Builder::new()
+            .name("writer".into())
+            .spawn(move || run(db, metrics, node, rx, committed))
+            .map_err(|e| Error::Internal(format!("starting the writer: {e}")))?;
+        Ok(Writer { tx })
     }
 
     pub async fn submit(&self, job: Job) -> Result<(), Error> {
@@ -127,16 +149,26 @@ impl Writer {
     }
 }
 
-async fn run(
+/// A committed batch on its way from the writer thread to [`deliver`].
+struct Committed {
+    pending: Vec<Pending>,
+    /// One result per op; empty when the whole batch failed.
+    results: Vec<Result<Stored, Error>>,
+    /// When the transaction committed (for the fan-out latency metric).
+    at: std::time::Instant,
+}
+
+/// Commits batches until every [`Writer`] handle is gone (or the runtime,
+/// and with it [`deliver`], is).
+fn run(
     db: Db,
-    hub: Arc<Hub>,
     metrics: Arc<Metrics>,
-    cluster: Option<Arc<Cluster>>,
+    node: Option<Arc<str>>,
     mut rx: mpsc::Receiver<Job>,
+    committed: mpsc::Sender<Committed>,
 ) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
-    let node = cluster.as_ref().map(|c| c.node_id.clone());
-    while rx.recv_many(&mut jobs, MAX_BATCH).await > 0 {
+    while rx.blocking_recv_many(&mut jobs, MAX_BATCH) > 0 {
         let (ops, pending): (Vec<Option<StoreOp>>, Vec<Pending>) =
             jobs.drain(..).map(|job| split(job, node.as_ref())).unzip();
         let ops: Vec<StoreOp> = ops.into_iter().flatten().collect();
@@ -145,18 +177,43 @@ async fn run(
         } else {
             metrics.sqlite_batch_size.observe(ops.len() as f64);
             let timer = metrics.sqlite_write_seconds.start_timer();
-            let results = db.call(move |conn| db::apply_batch(conn, &ops)).await;
+            let results = commit(&db, &ops);
             timer.observe_duration();
             results
         };
-        let committed = std::time::Instant::now();
-        let mut results = match results {
-            Ok(results) => results.into_iter(),
-            Err(e) => {
-                e.log("committing a batch of state changes");
-                Vec::new().into_iter()
-            }
-        };
+        let results = results.unwrap_or_else(|e| {
+            e.log("committing a batch of state changes");
+            Vec::new()
+        });
+        let at = std::time::Instant::now();
+        if committed
+            .blocking_send(Committed {
+                pending,
+                results,
+                at,
+            })
+            .is_err()
+        {
+            return;
+        }
+    }
+}
+
+/// Broadcasts and answers committed batches, in commit order.
+async fn deliver(
+    hub: Arc<Hub>,
+    metrics: Arc<Metrics>,
+    cluster: Option<Arc<Cluster>>,
+    mut batches: mpsc::Receiver<Committed>,
+) {
+    while let Some(Committed {
+        pending,
+        results,
+        at,
+    }) = batches.recv().await
+    {
+        let mut results = results.into_iter();
+        let mut fanout = Fanout::default();
         for job in pending {
             let result = match job {
                 Pending::Barrier(_) => None,
@@ -167,12 +224,56 @@ async fn run(
                         .unwrap_or_else(|| Err(Error::Storage("batch failed".into()))),
                 ),
             };
-            finish(&hub, &metrics, cluster.as_deref(), job, result);
+            finish(&hub, &metrics, cluster.as_deref(), &mut fanout, job, result);
         }
-        metrics
-            .fanout_seconds
-            .observe(committed.elapsed().as_secs_f64());
+        fanout.flush(&hub, &metrics);
+        metrics.fanout_seconds.observe(at.elapsed().as_secs_f64());
     }
+}
+
+/// A batch's WebSocket broadcasts and acks, held back so that each view's
+/// broadcasts go out together: pushing them one change at a time locked and
+/// woke every connection once per change, and was the writer's main cost when
+/// a controller sent back to back (`Outbox::push` was 18% of the server's
+/// samples with 5,000 viewers; see BENCHMARKS.md).
+///
+/// Everything a connection gets stays in commit order: acks and replies are
+/// pushed after the broadcasts before them, and anything that is not held back
+/// (a REST broadcast, a server sync-response, a barrier) flushes first.
+#[derive(Default)]
+struct Fanout {
+    /// Per view, in order of first appearance: its broadcasts in version order.
+    views: Vec<(Arc<str>, Vec<Broadcast>)>,
+    acks: Vec<(Arc<Outbox>, Message)>,
+}
+
+impl Fanout {
+    fn broadcast(&mut self, view_id: &Arc<str>, frame: Broadcast) {
+        match self.views.iter_mut().find(|(v, _)| v == view_id) {
+            Some((_, frames)) => frames.push(frame),
+            None => self.views.push((view_id.clone(), vec![frame])),
+        }
+    }
+
+    fn flush(&mut self, hub: &Hub, metrics: &Metrics) {
+        for (view_id, frames) in self.views.drain(..) {
+            let delivered = hub.broadcast_many(&view_id, &frames);
+            metrics.deliveries.inc_by(delivered as u64);
+        }
+        for (outbox, msg) in self.acks.drain(..) {
+            outbox.push(msg, 0);
+        }
+    }
+}
+
+/// Commits one batch. A panic fails the batch (its jobs get errors) instead
+/// of ending the writer, and with it every later write.
+fn commit(db: &Db, ops: &[StoreOp]) -> Result<Vec<Result<Stored, Error>>, Error> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut conn = db.conn()?;
+        db::apply_batch(&mut conn, ops)
+    }))
+    .unwrap_or_else(|_| Err(Error::Internal("the batch commit panicked".into())))
 }
 
 /// A job whose change has moved into the batch: what is left to broadcast and
@@ -274,11 +375,13 @@ fn finish(
     hub: &Hub,
     metrics: &Metrics,
     cluster: Option<&Cluster>,
+    fanout: &mut Fanout,
     job: Pending,
     result: Option<Result<Stored, Error>>,
 ) {
     match job {
         Pending::Barrier(done) => {
+            fanout.flush(hub, metrics);
             let _ = done.send(());
         }
         Pending::Change {
@@ -297,14 +400,19 @@ fn finish(
                 cluster.committed(&view_id, stored.version, conn, text);
                 metrics.broadcasts.inc();
             } else if let Ok(stored) = &result {
-                let delivered = match &author.connection {
-                    None => broadcast_portal_view_update(
-                        hub,
-                        &view_id,
-                        &payload,
-                        stored.version,
-                        &author.user_id,
-                    ),
+                metrics.broadcasts.inc();
+                match &author.connection {
+                    None => {
+                        fanout.flush(hub, metrics);
+                        let delivered = broadcast_portal_view_update(
+                            hub,
+                            &view_id,
+                            &payload,
+                            stored.version,
+                            &author.user_id,
+                        );
+                        metrics.deliveries.inc_by(delivered as u64);
+                    }
                     Some((key, connection_id)) => {
                         let from = protocol::From {
                             user_id: &author.user_id,
@@ -317,11 +425,14 @@ fn finish(
                             &from,
                             None,
                         );
-                        hub.broadcast(&view_id, &msg, stored.version, Some(*key))
+                        let frame = Broadcast {
+                            msg,
+                            version: stored.version,
+                            except: Some(*key),
+                        };
+                        fanout.broadcast(&view_id, frame);
                     }
                 };
-                metrics.broadcasts.inc();
-                metrics.deliveries.inc_by(delivered as u64);
             }
             match reply {
                 Reply::Rest(tx) => {
@@ -334,10 +445,16 @@ fn finish(
                 Reply::Socket { outbox, id } => match result {
                     Ok(stored) => {
                         if let Some(id) = id {
-                            outbox.push(protocol::ack(&id, stored.version), 0);
+                            fanout
+                                .acks
+                                .push((outbox, protocol::ack(&id, stored.version)));
                         }
                     }
-                    Err(e) => refuse(&outbox, e),
+                    Err(e) => {
+                        // Acks held back for this connection go before its close.
+                        fanout.flush(hub, metrics);
+                        refuse(&outbox, e);
+                    }
                 },
             }
         }
@@ -347,6 +464,8 @@ fn finish(
             view_id,
         } => match result {
             Some(Ok(Stored { row: Some(row), .. })) => {
+                // Its state includes the broadcasts before it, so they go first.
+                fanout.flush(hub, metrics);
                 outbox.push(
                     protocol::server_sync_response(&row.state, row.version, id.as_deref()),
                     0,

@@ -1,0 +1,141 @@
+#!/usr/bin/env python3
+"""Median tables from a scripts/bench.sh results folder (results.jsonl).
+
+    python3 scripts/bench-report.py target/bench/results/<stamp>
+
+Prints, per scenario, the median over runs for each server, the spread
+(min–max) where it matters, and the ratio to `limit` measured in the same
+results folder (the targets of issue 4 are ratios, because absolute numbers on a
+shared 2-core machine drift between runs while ratios within a run hold).
+"""
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+
+def get(d, path):
+    for key in path.split("."):
+        if not isinstance(d, dict) or key not in d:
+            return None
+        d = d[key]
+    return d
+
+
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def fmt(v, digits=1):
+    if v is None:
+        return "–"
+    if isinstance(v, float) and abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return f"{v:,.{digits}f}"
+
+
+def spread(values, digits=1):
+    values = [v for v in values if v is not None]
+    if len(values) < 2:
+        return ""
+    return f" ({fmt(min(values), digits)}–{fmt(max(values), digits)})"
+
+
+# scenario -> columns: (title, json path, digits, ratio target: (op, factor) or None)
+COLUMNS = {
+    "handshake": [
+        ("handshakes/s", "handshakes_per_sec", 0, (">=", 0.5)),
+        ("handshake p50 ms", "handshake_ms.p50", 1, None),
+        ("handshake p99 ms", "handshake_ms.p99", 1, None),
+        ("server CPU µs/handshake", "server_cpu_us_per_handshake", 1, None),
+        ("KiB per idle conn", "server_kib_per_conn", 2, ("<=", 1.5)),
+        ("failed", "connect_failed", 0, None),
+    ],
+    "fanout": [
+        ("first delivery p50 ms", "first_delivery_ms.p50", 1, None),
+        ("delivery p50 ms", "delivery_ms.p50", 1, None),
+        ("delivery p99 ms", "delivery_ms.p99", 1, ("<=", 1.5)),
+        ("delivery max ms", "delivery_ms.max", 1, None),
+        ("deliveries/s", "deliveries_per_sec", 0, None),
+        ("server CPU µs/delivery", "server_cpu_us_per_delivery", 2, ("<=", 1.5)),
+        ("loadgen CPU µs/delivery", "loadgen_cpu_us_per_delivery", 2, None),
+        ("KiB/conn", "server_kib_per_conn", 2, None),
+        ("missing", "deliveries_missing", 0, None),
+        ("out of order", "deliveries_out_of_order", 0, None),
+    ],
+    "burst": [
+        ("deliveries/s", "deliveries_per_sec", 0, (">=", 0.5)),
+        ("delivery p99 ms", "delivery_ms.p99", 1, None),
+        ("server CPU µs/delivery", "server_cpu_us_per_delivery", 2, None),
+        ("missing", "deliveries_missing", 0, None),
+        ("out of order", "deliveries_out_of_order", 0, None),
+    ],
+    "acked": [
+        ("acked updates/s", "acks_per_sec", 0, None),
+        ("ack p50 ms", "ack_ms.p50", 1, None),
+        ("ack p99 ms", "ack_ms.p99", 1, None),
+        ("deliveries/s", "deliveries_per_sec", 0, None),
+        ("delivery p99 ms", "delivery_ms.p99", 1, None),
+        ("server CPU µs/delivery", "server_cpu_us_per_delivery", 2, None),
+        ("missing", "deliveries_missing", 0, None),
+    ],
+}
+COLUMNS["scale"] = COLUMNS["fanout"]
+SERVER_ORDER = ["portal-sync", "base", "limit", "fastify"]
+
+
+def main():
+    folder = Path(sys.argv[1] if len(sys.argv) > 1 else ".")
+    rows = [json.loads(l) for l in (folder / "results.jsonl").read_text().splitlines() if l.strip()]
+    groups = defaultdict(list)
+    for r in rows:
+        groups[(r["scenario"], int(r["n"]), r["server_name"])].append(r)
+    machine = folder / "machine.txt"
+    if machine.exists():
+        print(machine.read_text().strip())
+        print()
+    for scenario in ["handshake", "fanout", "burst", "acked", "scale"]:
+        keys = sorted({(n, s) for (sc, n, s) in groups if sc == scenario},
+                      key=lambda k: (k[0], SERVER_ORDER.index(k[1]) if k[1] in SERVER_ORDER else 9))
+        if not keys:
+            continue
+        cols = COLUMNS[scenario]
+        print(f"### {scenario}")
+        print()
+        print("| N | server | runs | " + " | ".join(c[0] for c in cols) + " |")
+        print("|---|---|---|" + "---|" * len(cols))
+        for n, server in keys:
+            runs = groups[(scenario, n, server)]
+            limit_runs = groups.get((scenario, n, "limit"), [])
+            cells = []
+            for title, path, digits, target in cols:
+                vals = [get(r, path) for r in runs]
+                m = median(vals)
+                cell = fmt(m, digits)
+                if len(runs) > 1 and target:
+                    cell += spread(vals, digits)
+                if target and server != "limit" and limit_runs:
+                    lm = median([get(r, path) for r in limit_runs])
+                    if m is not None and lm:
+                        cell += f" **{m / lm:.2f}×**"
+                cells.append(cell)
+            print(f"| {n:,} | {server} | {len(runs)} | " + " | ".join(cells) + " |")
+        print()
+        reasons = defaultdict(int)
+        for (sc, n, s), runs in groups.items():
+            if sc == scenario:
+                for r in runs:
+                    for why, count in (r.get("reasons") or {}).items():
+                        reasons[f"{s} n={n}: {why}"] += count
+        if reasons:
+            print("Connection problems seen: " + "; ".join(f"{k} ×{v}" for k, v in sorted(reasons.items())))
+            print()
+    print("Ratios (**x×**) are the median over the median of `limit` at the same N in the same results.")
+
+
+if __name__ == "__main__":
+    main()
