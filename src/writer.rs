@@ -8,6 +8,7 @@
 //! each connection sees a view's versions in order. An update is acknowledged
 //! and broadcast only after its transaction has committed.
 
+use std::io::Write;
 use std::sync::Arc;
 
 use serde_json::value::RawValue;
@@ -85,13 +86,23 @@ impl Writer {
     /// threads: pushing one update to 5,000 viewers took 7.8 ms at the median
     /// and 37 ms at p99. From a task, the wake-ups go to the worker's own queue,
     /// as in the `limit` peer (see BENCHMARKS.md).
+    ///
+    /// The hand-off itself rings a doorbell (a socket pair) rather than waking
+    /// the task directly: a wake from outside the runtime is queued behind
+    /// every task in its shared injection queue, where the previous fan-out's
+    /// crowd of sessions overflowed, so each update waited for one whole
+    /// fan-out (28 ms at 5,000 viewers) before its own began. A socket's
+    /// readiness is picked up by a worker's I/O driver and runs next, as the
+    /// `limit` peer's inbound frames do.
     pub fn spawn(db: Db, hub: Arc<Hub>) -> Result<Writer, Error> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (committed, batches) = mpsc::channel(COMMITTED);
-        tokio::spawn(deliver(hub, batches));
+        let (bell, ringer) = doorbell()
+            .map_err(|e| Error::Internal(format!("creating the writer's doorbell: {e}")))?;
+        tokio::spawn(deliver(hub, batches, bell));
         std::thread::Builder::new()
             .name("writer".into())
-            .spawn(move || run(db, rx, committed))
+            .spawn(move || run(db, rx, committed, ringer))
             .map_err(|e| Error::Internal(format!("starting the writer: {e}")))?;
         Ok(Writer { tx })
     }
@@ -147,7 +158,12 @@ struct Committed {
 
 /// Commits batches until every [`Writer`] handle is gone (or the runtime,
 /// and with it [`deliver`], is).
-fn run(db: Db, mut rx: mpsc::Receiver<Job>, committed: mpsc::Sender<Committed>) {
+fn run(
+    db: Db,
+    mut rx: mpsc::Receiver<Job>,
+    committed: mpsc::Sender<Committed>,
+    ringer: std::os::unix::net::UnixStream,
+) {
     let mut jobs = Vec::with_capacity(MAX_BATCH);
     while rx.blocking_recv_many(&mut jobs, MAX_BATCH) > 0 {
         let (ops, pending): (Vec<Option<StoreOp>>, Vec<Pending>) =
@@ -168,12 +184,54 @@ fn run(db: Db, mut rx: mpsc::Receiver<Job>, committed: mpsc::Sender<Committed>) 
         {
             return;
         }
+        // Non-blocking: when the socket is full, rings are already pending.
+        let _ = (&ringer).write(&[1]);
     }
 }
 
+/// The two ends of the writer's doorbell: the deliver task's and the writer
+/// thread's (non-blocking, so a ring never waits).
+fn doorbell() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net::UnixStream)> {
+    let (bell, ringer) = std::os::unix::net::UnixStream::pair()?;
+    bell.set_nonblocking(true)?;
+    ringer.set_nonblocking(true)?;
+    Ok((tokio::net::UnixStream::from_std(bell)?, ringer))
+}
+
 /// Broadcasts and answers committed batches, in commit order.
-async fn deliver(hub: Arc<Hub>, mut batches: mpsc::Receiver<Committed>) {
-    while let Some(Committed { pending, results }) = batches.recv().await {
+async fn deliver(
+    hub: Arc<Hub>,
+    mut batches: mpsc::Receiver<Committed>,
+    bell: tokio::net::UnixStream,
+) {
+    let mut rings = [0u8; 256];
+    loop {
+        let Committed { pending, results } = match batches.try_recv() {
+            Ok(batch) => batch,
+            Err(mpsc::error::TryRecvError::Disconnected) => return,
+            Err(mpsc::error::TryRecvError::Empty) => {
+                // Every batch is sent before its ring, so nothing is missed
+                // between the empty channel and the wait.
+                if bell.readable().await.is_err() {
+                    return;
+                }
+                loop {
+                    match bell.try_read(&mut rings) {
+                        Ok(0) => break, // the writer has stopped: drain and end
+                        Ok(_) => continue,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                        Err(_) => return,
+                    }
+                }
+                if let Ok(batch) = batches.try_recv() {
+                    batch
+                } else if batches.is_closed() && batches.is_empty() {
+                    return;
+                } else {
+                    continue;
+                }
+            }
+        };
         let mut results = results.into_iter();
         let mut fanout = Fanout::default();
         for job in pending {
