@@ -1302,6 +1302,7 @@ async fn sigterm_mid_stream_finishes_pending_writes_then_closes_1001() {
         "acked {acked}, stored {}",
         stored.version
     );
+    assert_eq!(seen, stored.version, "the viewer saw every stored version");
 }
 
 /// A database file that is not SQLite: `serve` refuses to start with a message
