@@ -143,8 +143,7 @@ fn preflight(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .untuple_one()
         .and(warp::path("api"))
         .map(|| {
-            let mut response = Response::new(Default::default());
-            *response.status_mut() = StatusCode::NO_CONTENT;
+            let mut response = no_content();
             let h = response.headers_mut();
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
@@ -253,11 +252,7 @@ fn delete_member(ctx: Ctx) -> BoxedFilter<(Response,)> {
                 )
                 .await;
                 match removed {
-                    Ok(_) => {
-                        let mut response = Response::new(Default::default());
-                        *response.status_mut() = StatusCode::NO_CONTENT;
-                        response
-                    }
+                    Ok(_) => no_content(),
                     Err(e) => error_response(&e),
                 }
             },
@@ -555,6 +550,13 @@ fn view_response(ctx: &Ctx, view: &ViewRow) -> Response {
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", view.version)) {
         response.headers_mut().insert(header::ETAG, etag);
     }
+    response
+}
+
+/// 204 with an empty body.
+fn no_content() -> Response {
+    let mut response = Response::new(Default::default());
+    *response.status_mut() = StatusCode::NO_CONTENT;
     response
 }
 

@@ -19,7 +19,7 @@ use crate::error::Error;
 use crate::hub::{CloseRequest, Joiner, Outbox, Outgoing};
 use crate::model::Role;
 use crate::protocol::{self, Command, Inbound, Refusal};
-use crate::writer::{Author, Job, Reply};
+use crate::writer::{Author, Job, Reply, Snapshot};
 
 /// How long a close handshake may take before the TCP connection is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -465,11 +465,11 @@ impl Session {
                 if ctx.hub.send_to_controllers(view_id, &msg) == 0
                     && !ctx.hub.has_remote_controller(view_id)
                 {
-                    let job = Job::Snapshot {
+                    let job = Job::Snapshot(Snapshot {
                         view_id: view_id.clone(),
                         outbox: self.outbox.clone(),
                         id,
-                    };
+                    });
                     if ctx.writer.submit(job).await.is_err() {
                         return Flow::Close(1011, "internal error");
                     }

@@ -50,6 +50,13 @@ pub enum Reply {
     Rest(oneshot::Sender<Result<ViewRow, Error>>),
 }
 
+/// Who asked for the server's own `sync-response`, and where it goes.
+pub struct Snapshot {
+    pub view_id: Arc<str>,
+    pub outbox: Arc<Outbox>,
+    pub id: Option<Box<RawValue>>,
+}
+
 pub enum Job {
     Change {
         view_id: Arc<str>,
@@ -62,11 +69,7 @@ pub enum Job {
     },
     /// The server's own `sync-response` (no controller online). It goes through
     /// the writer so that it is ordered with the view's broadcasts.
-    Snapshot {
-        view_id: Arc<str>,
-        outbox: Arc<Outbox>,
-        id: Option<Box<RawValue>>,
-    },
+    Snapshot(Snapshot),
     /// Resolves once every job queued before it has been handled.
     Barrier(oneshot::Sender<()>),
 }
@@ -336,11 +339,7 @@ enum Pending {
         author: Author,
         reply: Reply,
     },
-    Snapshot {
-        view_id: Arc<str>,
-        outbox: Arc<Outbox>,
-        id: Option<Box<RawValue>>,
-    },
+    Snapshot(Snapshot),
     Barrier(oneshot::Sender<()>),
 }
 
@@ -380,23 +379,15 @@ fn split(job: Job, node: Option<&Arc<str>>) -> (Option<StoreOp>, Pending) {
                 },
             )
         }
-        Job::Snapshot {
-            view_id,
-            outbox,
-            id,
-        } => (
+        Job::Snapshot(snapshot) => (
             Some(StoreOp {
-                view_id: view_id.to_string(),
+                view_id: snapshot.view_id.to_string(),
                 change: None,
                 if_match: None,
                 want_row: true,
                 event: None,
             }),
-            Pending::Snapshot {
-                view_id,
-                outbox,
-                id,
-            },
+            Pending::Snapshot(snapshot),
         ),
         Job::Barrier(done) => (None, Pending::Barrier(done)),
     }
@@ -508,11 +499,11 @@ fn finish(
                 },
             }
         }
-        Pending::Snapshot {
+        Pending::Snapshot(Snapshot {
             outbox,
             id,
             view_id,
-        } => match result {
+        }) => match result {
             Some(Ok(Stored { row: Some(row), .. })) => {
                 // Its state includes the broadcasts before it, so they go first.
                 fanout.flush(hub, metrics);
