@@ -32,6 +32,8 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Asks the revocation watcher to look at the membership log now.
     pub revocation_nudge: Nudge,
+    /// The SSE streams of this node, for SPEC §7's POST route.
+    pub streams: crate::sse::Streams,
     /// Owned here rather than left to warp: warp's default 128 KiB read buffer
     /// per socket is most of a connection's memory (see STACK.md).
     pub ws_config: WebSocketConfig,
@@ -106,6 +108,7 @@ impl Ctx {
             tokens,
             metrics,
             revocation_nudge,
+            streams: Default::default(),
             ws_config,
             shutdown,
             sessions: AtomicUsize::new(0),

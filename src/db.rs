@@ -279,9 +279,7 @@ pub struct StoreOp {
 pub struct EventTemplate {
     pub message_type: &'static str,
     pub payload: Box<serde_json::value::RawValue>,
-    pub user_id: std::sync::Arc<str>,
-    /// The sending connection (hub key, connection id); `None` for REST.
-    pub connection: Option<(u64, std::sync::Arc<str>)>,
+    pub author: crate::writer::Author,
     /// The node that committed it, so the sender's own socket is skipped.
     pub node: std::sync::Arc<str>,
 }
@@ -289,29 +287,9 @@ pub struct EventTemplate {
 impl EventTemplate {
     /// The broadcast frame's text, exactly as a single node would send it.
     pub fn render(&self, version: i64) -> String {
-        let msg = match &self.connection {
-            None => crate::protocol::change_broadcast(
-                "portal-view-update",
-                &self.payload,
-                version,
-                &crate::protocol::From {
-                    user_id: &self.user_id,
-                    connection_id: None,
-                },
-                Some("rest"),
-            ),
-            Some((_, connection_id)) => crate::protocol::change_broadcast(
-                self.message_type,
-                &self.payload,
-                version,
-                &crate::protocol::From {
-                    user_id: &self.user_id,
-                    connection_id: Some(connection_id),
-                },
-                None,
-            ),
-        };
-        msg.into_text()
+        self.author
+            .broadcast(self.message_type, &self.payload, version)
+            .into_text()
             .map(|t| t.as_str().to_string())
             .unwrap_or_default()
     }
@@ -438,7 +416,7 @@ pub fn apply_batch(
             entry.dirty = true;
             if let Some(template) = &op.event {
                 let text = template.render(entry.version);
-                let conn_key = template.connection.as_ref().map(|(k, _)| *k as i64);
+                let conn_key = template.author.skips().map(|k| k as i64);
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO portal_view_events (view_id, version, node, conn, message) \
                      VALUES (?1, ?2, ?3, ?4, ?5)",

@@ -38,6 +38,8 @@ pub enum Error {
     AccessRevoked,
     /// A browser page from an origin not on the allow-list.
     ForbiddenOrigin,
+    /// A new connection while the server stops.
+    ShuttingDown,
     /// SQLite or pool failure; the string is for the log only.
     Storage(String),
     Internal(String),
@@ -60,6 +62,7 @@ impl Error {
             Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Conflict(_) => StatusCode::CONFLICT,
+            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Storage(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -69,6 +72,7 @@ impl Error {
     pub fn close_code(&self) -> u16 {
         match self {
             Error::Storage(_) | Error::Internal(_) => 1011,
+            Error::ShuttingDown => 1001,
             _ => 1008,
         }
     }
@@ -92,6 +96,7 @@ impl Error {
             Error::RateLimited => "RATE_LIMITED",
             Error::AccessRevoked => "ACCESS_REVOKED",
             Error::ForbiddenOrigin => "FORBIDDEN_ORIGIN",
+            Error::ShuttingDown => "SHUTTING_DOWN",
             Error::Storage(_) | Error::Internal(_) => "INTERNAL",
         }
     }
@@ -109,6 +114,7 @@ impl Error {
             Error::RateLimited => "rate limit exceeded: slow down".into(),
             Error::AccessRevoked => "access revoked".into(),
             Error::ForbiddenOrigin => "origin not allowed".into(),
+            Error::ShuttingDown => "server shutting down".into(),
             Error::Forbidden(m) | Error::NotFound(m) | Error::Conflict(m) => (*m).into(),
             Error::UnknownType => "unknown message type".into(),
             Error::BadRequest(m) => m.clone(),

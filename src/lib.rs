@@ -25,6 +25,7 @@ pub mod revocation;
 pub mod routes;
 pub mod server;
 pub mod session;
+pub mod sse;
 pub mod web;
 pub mod writer;
 pub mod ws;

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub presence_events: IntCounter,
     pub revocation_closes: IntCounter,
     pub pings_timed_out: IntCounter,
+    /// Open SSE streams (SPEC §7), also counted in `portal_connections`.
+    pub sse_streams: IntGauge,
     pub http_requests: HistogramVec,
 }
 
@@ -143,6 +145,10 @@ impl Metrics {
             pings_timed_out: reg!(IntCounter::new(
                 "portal_ping_timeouts_total",
                 "Connections dropped for not answering a ping"
+            )),
+            sse_streams: reg!(IntGauge::new(
+                "portal_sse_streams",
+                "Open SSE streams (the HTTP fallback), also counted in portal_connections"
             )),
             http_requests: reg!(HistogramVec::new(
                 HistogramOpts::new("portal_http_request_seconds", "HTTP requests by status")

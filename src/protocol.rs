@@ -415,6 +415,22 @@ pub fn request_sync_forward(payload: Option<&RawValue>, from: &From) -> Message 
 }
 
 /// The server's own answer to `request-sync` when no controller is connected.
+/// SSE's last event where a WebSocket would get a close frame (SPEC §7).
+pub fn closed(code: u16, reason: &str) -> Message {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        code: u16,
+        reason: &'a str,
+    }
+    to_message(&Wire {
+        ty: "closed",
+        code,
+        reason,
+    })
+}
+
 pub fn server_sync_response(state: &RawValue, version: i64, id: Option<&RawValue>) -> Message {
     #[derive(Serialize)]
     struct Wire<'a> {

@@ -38,6 +38,11 @@ pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .unify()
         .or(delete_member(ctx.clone()))
         .unify()
+        // SPEC §7's fallback for networks that break WebSockets (sse.rs).
+        .or(crate::sse::stream(ctx.clone()))
+        .unify()
+        .or(crate::sse::post_message(ctx.clone()))
+        .unify()
         .or(preflight(ctx.clone()))
         .unify()
         // The browser pages and their assets (web.rs).
@@ -147,11 +152,11 @@ fn preflight(ctx: Ctx) -> BoxedFilter<(Response,)> {
             let h = response.headers_mut();
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, PATCH, PUT, DELETE"),
+                HeaderValue::from_static("GET, PATCH, PUT, DELETE, POST"),
             );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, content-type, if-match"),
+                HeaderValue::from_static("authorization, content-type, if-match, x-connection-id"),
             );
             h.insert(
                 header::ACCESS_CONTROL_MAX_AGE,
@@ -291,7 +296,7 @@ pub fn with_ctx(ctx: Ctx) -> impl Filter<Extract = (Ctx,), Error = Infallible> +
 
 /// The user of `Authorization: Bearer <JWT>`. Whether that user exists is
 /// checked with the rest of the access lookup.
-fn with_token(ctx: Ctx) -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+pub(crate) fn with_token(ctx: Ctx) -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
     warp::header::headers_cloned().and(with_ctx(ctx)).and_then(
         |headers: HeaderMap, ctx: Ctx| async move {
             let value = headers
@@ -442,7 +447,7 @@ where
     }
 }
 
-fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
+pub(crate) fn check_content_type(headers: &HeaderMap) -> Result<(), Error> {
     let value = headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
@@ -465,7 +470,7 @@ const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Reads a body, refusing (413) a `Content-Length` over `limit` before reading
 /// anything and any body as soon as it passes `limit` (a chunked body has no
 /// length to trust); a body that stalls gets 400 after [`BODY_TIMEOUT`].
-async fn read_limited<S, B>(
+pub(crate) async fn read_limited<S, B>(
     mut body: S,
     headers: &HeaderMap,
     limit: usize,

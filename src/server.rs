@@ -8,8 +8,10 @@ use std::time::Duration;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use std::sync::Arc;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tokio::sync::watch;
+
+use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
 use crate::context::Ctx;
@@ -82,6 +84,19 @@ pub async fn run(
     Ok(())
 }
 
+/// Lets a request's handler drop its TCP connection. An SSE session whose
+/// peer stopped reading needs it: hyper, stuck writing to that peer, would
+/// hold the connection for as long as the peer keeps it open.
+#[derive(Clone, Default)]
+pub struct ConnectionAbort(Arc<Notify>);
+
+impl ConnectionAbort {
+    pub fn abort(&self) {
+        // A stored permit: the connection sees it even if not yet waiting.
+        self.0.notify_one();
+    }
+}
+
 async fn serve_connection<S>(ctx: Ctx, stream: TcpStream, peer: SocketAddr, service: S)
 where
     S: tower_service::Service<
@@ -95,12 +110,15 @@ where
 {
     let _live = ctx.session_guard();
     let _ = stream.set_nodelay(true);
+    let abort = ConnectionAbort::default();
+    let handle = abort.clone();
     let hyper_service = hyper::service::service_fn(move |mut req: http::Request<Incoming>| {
         if ws::wants_upgrade(req.headers()) {
             let on_upgrade = hyper::upgrade::on(&mut req);
             req.extensions_mut().insert(UpgradeSlot::new(on_upgrade));
         }
         req.extensions_mut().insert(PeerAddr(peer));
+        req.extensions_mut().insert(handle.clone());
         service.clone().call(req)
     });
     let conn = http1::Builder::new()
@@ -109,11 +127,17 @@ where
         .serve_connection(TokioIo::new(stream), hyper_service)
         .with_upgrades();
     tokio::pin!(conn);
+    let aborted = abort.0.notified();
+    tokio::pin!(aborted);
     let result = tokio::select! {
         result = conn.as_mut() => result,
+        _ = &mut aborted => return log::debug!("connection from {peer}: dropped"),
         _ = ctx.shutting_down() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            tokio::select! {
+                result = conn => result,
+                _ = aborted => return log::debug!("connection from {peer}: dropped"),
+            }
         }
     };
     if let Err(e) = result {

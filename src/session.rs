@@ -1,17 +1,17 @@
-//! One WebSocket connection from upgrade to close: the SPEC §3 checks, the
-//! `connected` snapshot, then a loop that parses inbound frames into commands
-//! and writes whatever its [`Outbox`] holds.
+//! A connection's life apart from its transport: SPEC §3's checks, the
+//! `connected` snapshot, the loop that drains its [`Outbox`] and enforces
+//! expiry, liveness and shutdown, and the handling of inbound client messages.
+//!
+//! The WebSocket (`ws.rs`) and the SSE stream (`sse.rs`) are two [`Link`]s to
+//! the same loop, and SSE's `POST …/messages` goes through the same
+//! [`handle`] as a WebSocket's text frame: one copy of the rules.
 
-use std::sync::Arc;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::WebSocketStream;
+use warp::http::{header, HeaderMap};
 
 use crate::context::Ctx;
 use crate::db::{self, Access};
@@ -19,69 +19,84 @@ use crate::error::Error;
 use crate::hub::{CloseRequest, Joiner, Outbox, Outgoing};
 use crate::model::Role;
 use crate::protocol::{self, Command, Inbound, Refusal};
-use crate::writer::{Author, Job, Reply, Snapshot};
-
-/// How long a close handshake may take before the TCP connection is dropped.
-const CLOSE_LINGER: Duration = Duration::from_secs(2);
+use crate::writer::{Author, Job, Reply, ReplyTo, Snapshot, Via};
 
 const SHUTTING_DOWN: CloseRequest = CloseRequest {
     code: 1001,
     reason: "server shutting down",
 };
 
-/// What the upgrade request carried.
+const TOKEN_EXPIRED: CloseRequest = CloseRequest {
+    code: 1008,
+    reason: "token expired",
+};
+
+const RATE_LIMIT_EXCEEDED: (u16, &str) = (1008, "rate limit exceeded");
+
+/// What the opening request carried.
 pub struct Params {
     pub view_id: String,
     pub token: Option<String>,
 }
 
-/// Runs a session on an upgraded connection until it closes.
-pub async fn run<S>(ctx: Ctx, mut ws: WebSocketStream<S>, params: Params)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let _live = ctx.session_guard();
-    let admitted = tokio::select! {
-        admitted = admit(&ctx, &params) => admitted,
-        _ = ctx.shutting_down() => {
-            return close(&mut ws, SHUTTING_DOWN.code, SHUTTING_DOWN.reason).await;
-        }
-    };
-    let joined = match admitted {
-        Ok(admitted) => Session::join(&ctx, params.view_id, admitted).await,
-        Err(e) => Err(e),
-    };
-    let session = match joined {
-        Ok(session) => session,
-        Err(e) => {
-            e.log("WebSocket handshake");
-            let code = e.close_code();
-            ctx.metrics
-                .refused
-                .with_label_values(&[&code.to_string()])
-                .inc();
-            return close(&mut ws, code, &e.client_message()).await;
-        }
-    };
-    let role = session.role;
-    ctx.metrics.opened(role);
-    let ended = session.serve(&ctx, &mut ws).await;
-    ctx.metrics.closed(role);
-    let label = match ended {
-        Ended::Closed(code) => code.to_string(),
-        Ended::Peer => "peer".into(),
-        Ended::Dropped => "dropped".into(),
-    };
-    ctx.metrics.closes.with_label_values(&[&label]).inc();
+impl Params {
+    /// The token from `?token=`, else from `Authorization: Bearer`. The query
+    /// wins: browsers can only use the query (WebSocket, EventSource).
+    pub fn new(view_id: String, query: Vec<(String, String)>, headers: &HeaderMap) -> Params {
+        let token = query
+            .into_iter()
+            .find(|(k, _)| k == "token")
+            .map(|(_, v)| v)
+            .or_else(|| {
+                let auth = headers.get(header::AUTHORIZATION)?.to_str().ok();
+                crate::auth::bearer(auth).map(str::to_string)
+            });
+        Params { view_id, token }
+    }
+}
+
+/// What a session needs from its transport.
+pub(crate) trait Link: Send {
+    /// Whether the peer must answer heartbeats (WebSocket pings). An SSE
+    /// comment cannot be answered: it only keeps proxies from timing out.
+    const ANSWERS_HEARTBEATS: bool;
+
+    /// Writes frames in order, then flushes.
+    fn send(&mut self, frames: VecDeque<Outgoing>) -> impl Future<Output = Result<(), ()>> + Send;
+
+    fn heartbeat(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
+
+    /// Ends the session from our side: the close handshake, or SSE's last
+    /// `closed` event.
+    fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;
+
+    /// The next thing the peer did.
+    fn next(&mut self) -> impl Future<Output = Incoming> + Send;
+
+    /// The peer ended the session: finish what that takes (a WebSocket
+    /// writes its reply to the peer's close frame).
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// What the peer did, as the session loop cares.
+pub(crate) enum Incoming {
+    /// A client message (SPEC §3.1).
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    /// Any other frame: proof of life.
+    Alive,
+    /// A frame that breaks the protocol: close with this code.
+    Violation(u16, &'static str),
+    /// The peer closed, or the transport failed under it.
+    Gone,
 }
 
 /// How a session ended, for the metrics.
-enum Ended {
+pub(crate) enum Ended {
     /// We sent this close code.
     Closed(u16),
     /// The peer closed, or the transport failed under it.
     Peer,
-    /// We dropped the TCP connection: a dead peer, or one too slow for even a
+    /// We dropped the connection: a dead peer, or one too slow for even a
     /// close frame.
     Dropped,
 }
@@ -92,6 +107,24 @@ struct Admitted {
     access: Access,
     expires: Option<tokio::time::Instant>,
     revocations: u64,
+}
+
+/// SPEC §3's checks, then the join: a session ready to run, or the refusal
+/// (counted in the metrics; the transport shows it as a close code or an
+/// HTTP status).
+pub(crate) async fn open(ctx: &Ctx, params: Params) -> Result<Session, Error> {
+    let opened = match admit(ctx, &params).await {
+        Ok(admitted) => Session::join(ctx, params.view_id, admitted).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &opened {
+        e.log("handshake");
+        ctx.metrics
+            .refused
+            .with_label_values(&[&e.close_code().to_string()])
+            .inc();
+    }
+    opened
 }
 
 /// SPEC §3's checks in order: token, expiry, user, view, access.
@@ -137,33 +170,35 @@ impl Drop for Membership {
     }
 }
 
-struct Session {
-    membership: Membership,
-    user_id: Arc<str>,
-    connection_id: Arc<str>,
-    role: Role,
-    outbox: Arc<Outbox>,
-    /// The last state version written to this socket; older broadcasts (already
-    /// in the `connected` snapshot) are dropped.
+/// Who sent a client message, as SPEC §3.1's rules need to know.
+#[derive(Clone)]
+pub(crate) struct Sender {
+    pub user_id: Arc<str>,
+    pub view_id: Arc<str>,
+    pub role: Role,
+    /// The sending connection (hub key, connection id), which its broadcasts
+    /// skip; `None` for a POST that names no stream of its own.
+    pub connection: Option<(u64, Arc<str>)>,
+}
+
+pub(crate) struct Session {
+    /// Leaves the hub when the session is dropped, however it ends.
+    _membership: Membership,
+    pub sender: Sender,
+    pub outbox: Arc<Outbox>,
+    /// The last state version written to this connection; older broadcasts
+    /// (already in the `connected` snapshot) are dropped.
     last_version: i64,
     expires: Option<tokio::time::Instant>,
-    rate: RateLimit,
+    /// Shared with SSE's POST route, which counts its messages here.
+    pub rate: Arc<Mutex<RateLimit>>,
 }
 
-/// What to do after an inbound frame.
-enum Flow {
+/// What to do after an inbound message.
+pub(crate) enum Flow {
     Continue,
     Close(u16, &'static str),
-    /// The peer closed or the transport failed: finish the close handshake.
-    Done,
 }
-
-const TOKEN_EXPIRED: CloseRequest = CloseRequest {
-    code: 1008,
-    reason: "token expired",
-};
-
-const RATE_LIMIT_EXCEEDED: (u16, &str) = (1008, "rate limit exceeded");
 
 impl Session {
     /// Joins the view's room *before* taking the snapshot for `connected`, so
@@ -228,25 +263,51 @@ impl Session {
         }));
         log::debug!("connection {connection_id}: user {user_id} joined {view_id} as {role:?}");
         Ok(Session {
-            membership,
-            user_id,
-            connection_id,
-            role,
+            sender: Sender {
+                user_id,
+                view_id,
+                role,
+                connection: Some((joined.key, connection_id)),
+            },
+            _membership: membership,
             outbox,
             last_version: view.version,
             expires,
-            rate: RateLimit::new(ctx.config.rate_per_sec, ctx.config.rate_burst),
+            rate: Arc::new(Mutex::new(RateLimit::new(
+                ctx.config.rate_per_sec,
+                ctx.config.rate_burst,
+            ))),
         })
     }
 
-    async fn serve<S>(mut self, ctx: &Ctx, ws: &mut WebSocketStream<S>) -> Ended
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+    pub fn connection_id(&self) -> &Arc<str> {
+        let (_, id) = self
+            .sender
+            .connection
+            .as_ref()
+            .expect("a session's sender is its connection");
+        id
+    }
+
+    /// Serves the session over `link` until it ends, with a heartbeat every
+    /// `heartbeat`.
+    pub(crate) async fn run<L: Link>(self, ctx: &Ctx, link: &mut L, heartbeat: Duration) -> Ended {
+        let role = self.sender.role;
+        ctx.metrics.opened(role);
+        let ended = self.serve(ctx, link, heartbeat).await;
+        ctx.metrics.closed(role);
+        let label = match ended {
+            Ended::Closed(code) => code.to_string(),
+            Ended::Peer => "peer".into(),
+            Ended::Dropped => "dropped".into(),
+        };
+        ctx.metrics.closes.with_label_values(&[&label]).inc();
+        ended
+    }
+
+    async fn serve<L: Link>(mut self, ctx: &Ctx, link: &mut L, heartbeat: Duration) -> Ended {
         let mut reading = true;
-        let ping_interval = ctx.config.ping_interval;
-        let ping_timeout = ctx.config.ping_timeout;
-        let mut liveness = Liveness::new(ping_interval, ping_timeout);
+        let mut liveness = Liveness::new(heartbeat, ctx.config.ping_timeout, L::ANSWERS_HEARTBEATS);
         let expiry = tokio::time::sleep_until(
             self.expires
                 .unwrap_or_else(|| tokio::time::Instant::now() + FAR_FUTURE),
@@ -272,13 +333,14 @@ impl Session {
                 }
                 _ = self.outbox.ready() => {
                     let batch = self.take(ctx);
-                    if self.write(ws, batch.frames, liveness.write_deadline()).await.is_err() {
-                        // The peer is gone or stuck: drop the TCP connection.
+                    let frames = self.unseen(batch.frames);
+                    if self.guarded(link.send(frames), liveness.write_deadline()).await.is_err() {
+                        // The peer is gone or stuck: drop the connection.
                         self.take(ctx);
                         return Ended::Dropped;
                     }
                     if let Some(CloseRequest { code, reason }) = batch.close {
-                        close(ws, code, reason).await;
+                        link.close(code, reason).await;
                         return Ended::Closed(code);
                     }
                 }
@@ -289,35 +351,37 @@ impl Session {
                 _ = &mut ping_timer, if reading => {
                     if liveness.is_overdue() {
                         ctx.metrics.pings_timed_out.inc();
-                        log::debug!("connection {}: no answer to ping", self.connection_id);
+                        log::debug!("connection {}: no answer to ping", self.connection_id());
                         return Ended::Dropped;
                     }
-                    let ping = std::collections::VecDeque::from([Outgoing {
-                        msg: Message::Ping(Default::default()),
-                        version: 0,
-                    }]);
                     liveness.pinged();
                     ping_timer.as_mut().reset(liveness.next_deadline());
-                    if self.write(ws, ping, liveness.write_deadline()).await.is_err() {
+                    if self.guarded(link.heartbeat(), liveness.write_deadline()).await.is_err() {
                         return Ended::Dropped;
                     }
                 }
-                frame = ws.next(), if reading => {
+                incoming = link.next(), if reading => {
                     if liveness.heard() {
                         ping_timer.as_mut().reset(liveness.next_deadline());
                     }
-                    match self.on_frame(ctx, frame).await {
-                        Flow::Continue => {}
-                        Flow::Close(code, reason) => {
-                            // Replies already queued go first (SPEC §5: "replies
-                            // already queued are sent first").
-                            self.outbox.close(CloseRequest { code, reason });
-                            reading = false;
+                    let flow = match incoming {
+                        Incoming::Text(text) => {
+                            let verdict = lock(&self.rate).check(tokio::time::Instant::now());
+                            let reply = ReplyTo::Outbox(self.outbox.clone());
+                            handle(ctx, &self.sender, verdict, text.as_str(), reply).await
                         }
-                        Flow::Done => {
-                            drain(ws).await;
+                        Incoming::Alive => Flow::Continue,
+                        Incoming::Violation(code, reason) => Flow::Close(code, reason),
+                        Incoming::Gone => {
+                            link.finish().await;
                             return Ended::Peer;
                         }
+                    };
+                    if let Flow::Close(code, reason) = flow {
+                        // Replies already queued go first (SPEC §5: "replies
+                        // already queued are sent first").
+                        self.outbox.close(CloseRequest { code, reason });
+                        reading = false;
                     }
                 }
             }
@@ -334,170 +398,166 @@ impl Session {
         batch
     }
 
-    /// Writes queued frames with one flush. Gives up when the outbox overflows
-    /// meanwhile (the peer is not reading, so not even a close frame would get
-    /// through) or when the write outlasts the liveness deadline (a dead peer
-    /// whose TCP window is full never answers a ping either).
-    async fn write<S>(
-        &mut self,
-        ws: &mut WebSocketStream<S>,
-        frames: std::collections::VecDeque<Outgoing>,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), ()>
-    where
-        S: AsyncRead + AsyncWrite + Unpin,
-    {
+    /// Leaves out broadcasts the `connected` snapshot already included.
+    fn unseen(&mut self, mut frames: VecDeque<Outgoing>) -> VecDeque<Outgoing> {
         let last_version = &mut self.last_version;
-        let outbox = &self.outbox;
-        let work = async {
-            for frame in frames {
-                if frame.version > 0 {
-                    if frame.version <= *last_version {
-                        continue;
-                    }
-                    *last_version = frame.version;
-                }
-                ws.feed(frame.msg).await?;
+        frames.retain(|frame| {
+            if frame.version == 0 {
+                return true;
             }
-            ws.flush().await
-        };
+            let new = frame.version > *last_version;
+            if new {
+                *last_version = frame.version;
+            }
+            new
+        });
+        frames
+    }
+
+    /// Runs a write, giving up when the outbox overflows meanwhile (the peer is
+    /// not reading, so not even a close would get through) or when it outlasts
+    /// the liveness deadline (a dead peer whose TCP window is full never answers
+    /// a ping either).
+    async fn guarded(
+        &self,
+        write: impl Future<Output = Result<(), ()>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ()> {
         tokio::select! {
-            result = work => result.map_err(|_| ()),
-            _ = outbox.overflowed() => Err(()),
+            result = write => result,
+            _ = self.outbox.overflowed() => Err(()),
             _ = tokio::time::sleep_until(deadline) => Err(()),
         }
     }
+}
 
-    async fn on_frame(&mut self, ctx: &Ctx, frame: Option<Result<Message, WsError>>) -> Flow {
-        match frame {
-            Some(Ok(Message::Text(text))) => self.on_text(ctx, text.as_str()).await,
-            Some(Ok(Message::Binary(_))) => Flow::Close(1003, "unsupported data"),
-            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Flow::Continue,
-            Some(Ok(Message::Close(_))) | None => Flow::Done,
-            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
-                Flow::Close(1009, "message too big")
-            }
-            Some(Err(WsError::Utf8(_))) => Flow::Close(1007, "invalid utf-8"),
-            Some(Err(WsError::Protocol(e))) => {
-                log::debug!("connection {}: protocol error: {e}", self.connection_id);
-                Flow::Close(1002, "protocol error")
-            }
-            Some(Err(_)) => Flow::Done,
-        }
-    }
+/// Locks a session's rate bucket; a poisoned lock still holds a usable bucket.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 
-    /// Rate → parse → check against the role → apply (SPEC §3.1).
-    async fn on_text(&mut self, ctx: &Ctx, text: &str) -> Flow {
-        let count = |kind: &str, outcome: &str| {
-            ctx.metrics
-                .inbound
-                .with_label_values(&[kind, outcome])
-                .inc();
-        };
-        let verdict = self.rate.check(tokio::time::Instant::now());
-        if verdict != Verdict::Allowed {
-            match protocol::rate_limited(text) {
-                Ok(Refusal::Reply { error, id }) => {
-                    count(protocol::type_label(text), "rate_limited");
-                    self.outbox.push(protocol::error(&error, id.as_deref()), 0);
-                }
-                _ => {
-                    count("invalid", "unsupported");
-                    return Flow::Close(1003, "unsupported data");
-                }
+/// SPEC §3.1 for one inbound message, whatever carried it: the rate verdict
+/// (the caller owns the bucket) → parse → check against the role → apply.
+/// Replies go to `reply`; a POST is answered exactly once on every path.
+pub(crate) async fn handle(
+    ctx: &Ctx,
+    sender: &Sender,
+    verdict: Verdict,
+    text: &str,
+    reply: ReplyTo,
+) -> Flow {
+    let count = |kind: &str, outcome: &str| {
+        ctx.metrics
+            .inbound
+            .with_label_values(&[kind, outcome])
+            .inc();
+    };
+    if verdict != Verdict::Allowed {
+        match protocol::rate_limited(text) {
+            Ok(Refusal::Reply { error, id }) => {
+                count(protocol::type_label(text), "rate_limited");
+                reply.refuse(error, id);
             }
-            if verdict == Verdict::Exceeded {
-                return Flow::Close(RATE_LIMIT_EXCEEDED.0, RATE_LIMIT_EXCEEDED.1);
-            }
-            return Flow::Continue;
-        }
-        let Inbound { id, command } = match protocol::parse(text, self.role) {
-            Ok(inbound) => inbound,
-            Err(Refusal::Unsupported) => {
+            _ => {
                 count("invalid", "unsupported");
+                reply.unsupported();
                 return Flow::Close(1003, "unsupported data");
             }
-            Err(Refusal::Reply { error, id }) => {
-                let outcome = match error {
-                    Error::Forbidden(_) => "forbidden",
-                    Error::UnknownType => "unknown_type",
-                    _ => "bad_request",
-                };
-                count(protocol::type_label(text), outcome);
-                self.outbox.push(protocol::error(&error, id.as_deref()), 0);
-                return Flow::Continue;
+        }
+        if verdict == Verdict::Exceeded {
+            return Flow::Close(RATE_LIMIT_EXCEEDED.0, RATE_LIMIT_EXCEEDED.1);
+        }
+        return Flow::Continue;
+    }
+    let Inbound { id, command } = match protocol::parse(text, sender.role) {
+        Ok(inbound) => inbound,
+        Err(Refusal::Unsupported) => {
+            count("invalid", "unsupported");
+            reply.unsupported();
+            return Flow::Close(1003, "unsupported data");
+        }
+        Err(Refusal::Reply { error, id }) => {
+            let outcome = match error {
+                Error::Forbidden(_) => "forbidden",
+                Error::UnknownType => "unknown_type",
+                _ => "bad_request",
+            };
+            count(protocol::type_label(text), outcome);
+            reply.refuse(error, id);
+            return Flow::Continue;
+        }
+    };
+    count(command.name(), "accepted");
+    let view_id = &sender.view_id;
+    match command {
+        Command::Ping => {
+            reply.reply(Some(protocol::pong(id.as_deref(), now_ms())));
+        }
+        Command::Change { change, payload } => {
+            let job = Job::Change {
+                view_id: view_id.clone(),
+                change,
+                payload,
+                author: Author {
+                    user_id: sender.user_id.clone(),
+                    via: Via::Message(sender.connection.clone()),
+                },
+                if_match: None,
+                reply: Reply::Message { to: reply, id },
+            };
+            if ctx.writer.submit(job).await.is_err() {
+                return Flow::Close(1011, "internal error");
             }
-        };
-        count(command.name(), "accepted");
-        let view_id = &self.membership.view_id;
-        match command {
-            Command::Ping => {
-                self.outbox.push(protocol::pong(id.as_deref(), now_ms()), 0);
+        }
+        Command::RequestSync { payload } => {
+            let from = protocol::From {
+                user_id: &sender.user_id,
+                connection_id: sender.connection.as_ref().map(|(_, id)| &**id),
+            };
+            let msg = protocol::request_sync_forward(payload.as_deref(), &from);
+            if let (Some(cluster), Ok(text)) = (&ctx.cluster, msg.to_text()) {
+                cluster.request_sync(view_id, text);
             }
-            Command::Change { change, payload } => {
-                let job = Job::Change {
+            if ctx.hub.send_to_controllers(view_id, &msg) > 0
+                || ctx.hub.has_remote_controller(view_id)
+            {
+                reply.reply(None);
+            } else {
+                let job = Job::Snapshot(Snapshot {
                     view_id: view_id.clone(),
-                    change,
-                    payload,
-                    author: Author {
-                        user_id: self.user_id.clone(),
-                        connection: Some((self.membership.key, self.connection_id.clone())),
-                    },
-                    if_match: None,
-                    reply: Reply::Socket {
-                        outbox: self.outbox.clone(),
-                        id,
-                    },
-                };
+                    to: reply,
+                    id,
+                });
                 if ctx.writer.submit(job).await.is_err() {
                     return Flow::Close(1011, "internal error");
                 }
             }
-            Command::RequestSync { payload } => {
-                let from = protocol::From {
-                    user_id: &self.user_id,
-                    connection_id: Some(&self.connection_id),
-                };
-                let msg = protocol::request_sync_forward(payload.as_deref(), &from);
-                if let (Some(cluster), Ok(text)) = (&ctx.cluster, msg.to_text()) {
-                    cluster.request_sync(view_id, text);
-                }
-                if ctx.hub.send_to_controllers(view_id, &msg) == 0
-                    && !ctx.hub.has_remote_controller(view_id)
-                {
-                    let job = Job::Snapshot(Snapshot {
-                        view_id: view_id.clone(),
-                        outbox: self.outbox.clone(),
-                        id,
-                    });
-                    if ctx.writer.submit(job).await.is_err() {
-                        return Flow::Close(1011, "internal error");
-                    }
-                }
-            }
         }
-        Flow::Continue
     }
+    Flow::Continue
 }
 
 /// Longer than any session: stands in for "never" on tokio's clock.
 const FAR_FUTURE: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// SPEC §3.4's pings: one every interval; a peer that lets one go unanswered
-/// (no frame of any kind) for the timeout is dead.
+/// (no frame of any kind) for the timeout is dead. Over SSE the heartbeat is
+/// a comment no one can answer, and only a write that blocks tells of a dead peer.
 struct Liveness {
     interval: Duration,
     timeout: Duration,
+    answers: bool,
     next_ping: tokio::time::Instant,
     /// When the outstanding ping must have been answered by.
     answer_by: Option<tokio::time::Instant>,
 }
 
 impl Liveness {
-    fn new(interval: Duration, timeout: Duration) -> Liveness {
+    fn new(interval: Duration, timeout: Duration, answers: bool) -> Liveness {
         Liveness {
             interval,
             timeout,
+            answers,
             next_ping: tokio::time::Instant::now() + interval,
             answer_by: None,
         }
@@ -514,7 +574,9 @@ impl Liveness {
 
     fn pinged(&mut self) {
         let now = tokio::time::Instant::now();
-        self.answer_by = Some(now + self.timeout);
+        if self.answers {
+            self.answer_by = Some(now + self.timeout);
+        }
         self.next_ping = now + self.interval;
     }
 
@@ -531,7 +593,7 @@ impl Liveness {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Verdict {
+pub(crate) enum Verdict {
     Allowed,
     /// Answer `RATE_LIMITED`.
     Refused,
@@ -541,7 +603,7 @@ enum Verdict {
 
 /// SPEC §5's per-connection token bucket, plus the count of recent refusals
 /// that decides when a flooding connection is closed.
-struct RateLimit {
+pub(crate) struct RateLimit {
     per_sec: f64,
     burst: f64,
     tokens: f64,
@@ -554,7 +616,7 @@ struct RateLimit {
 const REFUSAL_WINDOW: Duration = Duration::from_secs(60);
 
 impl RateLimit {
-    fn new(per_sec: f64, burst: u32) -> RateLimit {
+    pub fn new(per_sec: f64, burst: u32) -> RateLimit {
         RateLimit {
             per_sec,
             burst: f64::from(burst),
@@ -565,7 +627,14 @@ impl RateLimit {
         }
     }
 
-    fn check(&mut self, now: tokio::time::Instant) -> Verdict {
+    /// Whether the bucket is as good as new (full, no refusals in the window),
+    /// so that forgetting it changes nothing.
+    pub fn is_idle(&self, now: tokio::time::Instant) -> bool {
+        let refill = Duration::from_secs_f64(self.burst / self.per_sec.max(1e-9)).min(FAR_FUTURE);
+        now.saturating_duration_since(self.last) > REFUSAL_WINDOW.max(refill)
+    }
+
+    pub fn check(&mut self, now: tokio::time::Instant) -> Verdict {
         let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
         self.last = now;
         self.tokens = (self.tokens + elapsed * self.per_sec).min(self.burst);
@@ -589,36 +658,6 @@ impl RateLimit {
     }
 }
 
-/// Sends a close frame and waits (briefly) for the peer's, so the closing
-/// handshake really reaches the wire.
-async fn close<S>(ws: &mut WebSocketStream<S>, code: u16, reason: &str)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let frame = CloseFrame {
-        code: CloseCode::from(code),
-        reason: reason.to_string().into(),
-    };
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        if ws.close(Some(frame)).await.is_ok() {
-            while let Some(Ok(_)) = ws.next().await {}
-        }
-    })
-    .await;
-}
-
-/// The peer started the close: tungstenite queues our reply; polling writes it.
-async fn drain<S>(ws: &mut WebSocketStream<S>)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let _ = tokio::time::timeout(CLOSE_LINGER, async {
-        let _ = ws.flush().await;
-        while let Some(Ok(_)) = ws.next().await {}
-    })
-    .await;
-}
-
 pub fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -637,15 +676,6 @@ pub(crate) fn new_connection_id() -> String {
         bytes[..8].copy_from_slice(&n.to_be_bytes());
     }
     bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Closes a freshly upgraded socket that is not ours to serve.
-pub async fn refuse<S>(ctx: Ctx, mut ws: WebSocketStream<S>, code: u16, reason: &str)
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let _live = ctx.session_guard();
-    close(&mut ws, code, reason).await;
 }
 
 #[cfg(test)]

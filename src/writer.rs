@@ -35,15 +35,138 @@ const COMMITTED: usize = 4;
 #[derive(Debug, Clone)]
 pub struct Author {
     pub user_id: Arc<str>,
-    /// The sending connection (hub key, connection id); `None` for REST.
-    pub connection: Option<(u64, Arc<str>)>,
+    pub via: Via,
+}
+
+/// How a change arrived, which decides the form of its broadcast and whom it skips.
+#[derive(Debug, Clone)]
+pub enum Via {
+    /// `PATCH /api/portal-views/{id}`: tagged `"source":"rest"`, sent to every
+    /// connection of the view, the caller's own included.
+    Rest,
+    /// A client message of SPEC §3.1 from this connection (hub key, connection
+    /// id), which its broadcast skips; `None` for a `POST …/messages` that
+    /// names no SSE stream of its own (SPEC §7).
+    Message(Option<(u64, Arc<str>)>),
+}
+
+impl Author {
+    /// The change's broadcast, exactly as every node renders it.
+    pub fn broadcast(
+        &self,
+        message_type: &'static str,
+        payload: &RawValue,
+        version: i64,
+    ) -> Message {
+        let (message_type, connection_id, source) = match &self.via {
+            Via::Rest => ("portal-view-update", None, Some("rest")),
+            Via::Message(connection) => {
+                (message_type, connection.as_ref().map(|(_, id)| &**id), None)
+            }
+        };
+        let from = protocol::From {
+            user_id: &self.user_id,
+            connection_id,
+        };
+        protocol::change_broadcast(message_type, payload, version, &from, source)
+    }
+
+    /// The hub key of the sending connection, which does not get its own change back.
+    pub fn skips(&self) -> Option<u64> {
+        match &self.via {
+            Via::Message(Some((key, _))) => Some(*key),
+            _ => None,
+        }
+    }
+}
+
+/// Where the answers to one client message go.
+pub enum ReplyTo {
+    /// The sender's own connection, in order with everything else it is sent.
+    Outbox(Arc<Outbox>),
+    /// A `POST …/messages` (SPEC §7) waiting for its response. `stream` is the
+    /// SSE stream it named as its sender: a write that fails closes it, as it
+    /// would close a WebSocket.
+    Post {
+        tx: oneshot::Sender<Answer>,
+        stream: Option<Arc<Outbox>>,
+    },
+}
+
+/// What a `POST …/messages` answers.
+pub enum Answer {
+    /// The reply a WebSocket would get, or `None` where it would get none.
+    Reply(Option<Message>),
+    /// A refusal of SPEC §3.1: the `error` message, with its HTTP status.
+    Refused {
+        error: Error,
+        id: Option<Box<RawValue>>,
+    },
+    /// Accepted, then failed in storage: nothing was applied or acknowledged.
+    Failed(Error),
+}
+
+impl ReplyTo {
+    /// Sends a reply; a connection is sent nothing for `None`, a POST hears it
+    /// (its response is due either way).
+    pub fn reply(self, msg: Option<Message>) {
+        match self {
+            ReplyTo::Outbox(outbox) => {
+                if let Some(msg) = msg {
+                    outbox.push(msg, 0);
+                }
+            }
+            ReplyTo::Post { tx, .. } => {
+                let _ = tx.send(Answer::Reply(msg));
+            }
+        }
+    }
+
+    /// A refusal that keeps the connection open (SPEC §3.1's `error` reply).
+    pub fn refuse(self, error: Error, id: Option<Box<RawValue>>) {
+        match self {
+            ReplyTo::Outbox(outbox) => {
+                outbox.push(protocol::error(&error, id.as_deref()), 0);
+            }
+            ReplyTo::Post { tx, .. } => {
+                let _ = tx.send(Answer::Refused { error, id });
+            }
+        }
+    }
+
+    /// A message that is not our protocol. A connection is closed 1003
+    /// instead of being told; a POST gets a 400 `BAD_REQUEST`.
+    pub fn unsupported(self) {
+        if let ReplyTo::Post { .. } = self {
+            self.refuse(
+                Error::BadRequest(
+                    "not a client message: send a JSON object with a string \"type\"".into(),
+                ),
+                None,
+            );
+        }
+    }
+
+    /// A write that failed after the message was accepted.
+    fn fail(self, e: Error) {
+        e.log("applying a message");
+        match self {
+            ReplyTo::Outbox(outbox) => close_after_failure(&outbox, &e),
+            ReplyTo::Post { tx, stream } => {
+                if let Some(stream) = stream {
+                    close_after_failure(&stream, &e);
+                }
+                let _ = tx.send(Answer::Failed(e));
+            }
+        }
+    }
 }
 
 /// Where the outcome of a job goes.
 pub enum Reply {
-    /// A WebSocket: an `ack` (if the message had an `id`) or an `error` reply.
-    Socket {
-        outbox: Arc<Outbox>,
+    /// A client message: an `ack` if it carried an `id`.
+    Message {
+        to: ReplyTo,
         id: Option<Box<RawValue>>,
     },
     /// A REST request waiting for the stored view.
@@ -53,7 +176,7 @@ pub enum Reply {
 /// Who asked for the server's own `sync-response`, and where it goes.
 pub struct Snapshot {
     pub view_id: Arc<str>,
-    pub outbox: Arc<Outbox>,
+    pub to: ReplyTo,
     pub id: Option<Box<RawValue>>,
 }
 
@@ -152,7 +275,7 @@ impl Writer {
             payload,
             author: Author {
                 user_id: user_id.into(),
-                connection: None,
+                via: Via::Rest,
             },
             if_match,
             reply: Reply::Rest(tx),
@@ -297,7 +420,8 @@ async fn deliver(
 struct Fanout {
     /// Per view, in order of first appearance: its broadcasts in version order.
     views: Vec<(Arc<str>, Vec<Broadcast>)>,
-    acks: Vec<(Arc<Outbox>, Message)>,
+    /// Replies to the batch's messages, sent after its broadcasts.
+    acks: Vec<(ReplyTo, Option<Message>)>,
 }
 
 impl Fanout {
@@ -313,8 +437,8 @@ impl Fanout {
             let delivered = hub.broadcast_many(&view_id, &frames);
             metrics.deliveries.inc_by(delivered as u64);
         }
-        for (outbox, msg) in self.acks.drain(..) {
-            outbox.push(msg, 0);
+        for (to, msg) in self.acks.drain(..) {
+            to.reply(msg);
         }
     }
 }
@@ -357,8 +481,7 @@ fn split(job: Job, node: Option<&Arc<str>>) -> (Option<StoreOp>, Pending) {
             let event = node.map(|node| EventTemplate {
                 message_type,
                 payload: payload.clone(),
-                user_id: author.user_id.clone(),
-                connection: author.connection.clone(),
+                author: author.clone(),
                 node: node.clone(),
             });
             let op = StoreOp {
@@ -403,11 +526,11 @@ pub fn broadcast_portal_view_update(
     version: i64,
     user_id: &str,
 ) -> usize {
-    let from = protocol::From {
-        user_id,
-        connection_id: None,
+    let author = Author {
+        user_id: user_id.into(),
+        via: Via::Rest,
     };
-    let msg = protocol::change_broadcast("portal-view-update", patch, version, &from, Some("rest"));
+    let msg = author.broadcast("portal-view-update", patch, version);
     hub.broadcast(view_id, &msg, version, None)
 }
 
@@ -437,43 +560,29 @@ fn finish(
                 // The cluster's sequencer delivers it, in order with the
                 // other nodes' changes, and counts the deliveries.
                 let text = stored.event.take().unwrap_or_default();
-                let conn = author.connection.as_ref().map(|(key, _)| *key);
-                cluster.committed(&view_id, stored.version, conn, text);
+                cluster.committed(&view_id, stored.version, author.skips(), text);
                 metrics.broadcasts.inc();
             } else if let Ok(stored) = &result {
                 metrics.broadcasts.inc();
-                match &author.connection {
-                    None => {
-                        fanout.flush(hub, metrics);
-                        let delivered = broadcast_portal_view_update(
-                            hub,
-                            &view_id,
-                            &payload,
-                            stored.version,
-                            &author.user_id,
-                        );
-                        metrics.deliveries.inc_by(delivered as u64);
-                    }
-                    Some((key, connection_id)) => {
-                        let from = protocol::From {
-                            user_id: &author.user_id,
-                            connection_id: Some(connection_id),
-                        };
-                        let msg = protocol::change_broadcast(
-                            message_type,
-                            &payload,
-                            stored.version,
-                            &from,
-                            None,
-                        );
-                        let frame = Broadcast {
-                            msg,
-                            version: stored.version,
-                            except: Some(*key),
-                        };
-                        fanout.broadcast(&view_id, frame);
-                    }
-                };
+                if let Via::Rest = author.via {
+                    // Not held back: it goes to every connection at once.
+                    fanout.flush(hub, metrics);
+                    let delivered = broadcast_portal_view_update(
+                        hub,
+                        &view_id,
+                        &payload,
+                        stored.version,
+                        &author.user_id,
+                    );
+                    metrics.deliveries.inc_by(delivered as u64);
+                } else {
+                    let frame = Broadcast {
+                        msg: author.broadcast(message_type, &payload, stored.version),
+                        version: stored.version,
+                        except: author.skips(),
+                    };
+                    fanout.broadcast(&view_id, frame);
+                }
             }
             match reply {
                 Reply::Rest(tx) => {
@@ -483,36 +592,30 @@ fn finish(
                             .ok_or_else(|| Error::Internal("row not returned".into()))
                     }));
                 }
-                Reply::Socket { outbox, id } => match result {
+                Reply::Message { to, id } => match result {
                     Ok(stored) => {
-                        if let Some(id) = id {
-                            fanout
-                                .acks
-                                .push((outbox, protocol::ack(&id, stored.version)));
-                        }
+                        let ack = id.map(|id| protocol::ack(&id, stored.version));
+                        fanout.acks.push((to, ack));
                     }
                     Err(e) => {
                         // Acks held back for this connection go before its close.
                         fanout.flush(hub, metrics);
-                        refuse(&outbox, e);
+                        to.fail(e);
                     }
                 },
             }
         }
-        Pending::Snapshot(Snapshot {
-            outbox,
-            id,
-            view_id,
-        }) => match result {
+        Pending::Snapshot(Snapshot { to, id, view_id }) => match result {
             Some(Ok(Stored { row: Some(row), .. })) => {
                 // Its state includes the broadcasts before it, so they go first.
                 fanout.flush(hub, metrics);
-                outbox.push(
-                    protocol::server_sync_response(&row.state, row.version, id.as_deref()),
-                    0,
-                );
+                to.reply(Some(protocol::server_sync_response(
+                    &row.state,
+                    row.version,
+                    id.as_deref(),
+                )));
             }
-            Some(Err(e)) => refuse(&outbox, e),
+            Some(Err(e)) => to.fail(e),
             _ => log::error!("snapshot of {view_id} returned no row"),
         },
     }
@@ -522,8 +625,7 @@ fn finish(
 /// acknowledged; the client's picture of the state can no longer be trusted, so
 /// it is closed with the code SPEC's close table gives for the cause (and
 /// resynchronises from `connected` when it reconnects).
-fn refuse(outbox: &Outbox, e: Error) {
-    e.log("applying a message");
+fn close_after_failure(outbox: &Outbox, e: &Error) {
     let reason = match e {
         Error::ViewNotFound => "portal view not found",
         _ => "internal error",

@@ -6,8 +6,17 @@
 //! [`UpgradeSlot`] request extension; the routes here stay ordinary warp
 //! filters that answer 101 and hand the upgraded socket to a session.
 
+use std::collections::VecDeque;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{SinkExt, StreamExt};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
@@ -21,8 +30,12 @@ use warp::Filter;
 
 use crate::context::Ctx;
 use crate::error::Error;
+use crate::hub::Outgoing;
 use crate::routes::{error_response, with_ctx, with_origin_check};
-use crate::session::{self, Params};
+use crate::session::{self, Incoming, Link, Params};
+
+/// How long a close handshake may take before the TCP connection is dropped.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// hyper's upgrade future for this request, if it asked for one. `OnUpgrade` is
 /// not `Clone`, which warp's extension filters need, hence the shared slot.
@@ -82,16 +95,7 @@ pub fn portal_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
                 let target = if query.iter().any(|(k, _)| k == "EIO") {
                     Target::SocketIo
                 } else {
-                    // The query wins over the header; browsers can only use the query.
-                    let token = query
-                        .into_iter()
-                        .find(|(k, _)| k == "token")
-                        .map(|(_, v)| v)
-                        .or_else(|| {
-                            let auth = headers.get(header::AUTHORIZATION)?.to_str().ok();
-                            crate::auth::bearer(auth).map(str::to_string)
-                        });
-                    Target::Portal(Params { view_id, token })
+                    Target::Portal(Params::new(view_id, query, &headers))
                 };
                 upgrade(ctx, &headers, slot, target)
             },
@@ -144,9 +148,7 @@ fn upgrade(ctx: Ctx, headers: &HeaderMap, slot: Option<UpgradeSlot>, target: Tar
         return error_response(&Error::Internal("upgrade not available".into()));
     };
     if ctx.is_shutting_down() {
-        let mut response = error_response(&Error::Internal("shutting down".into()));
-        *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        return response;
+        return error_response(&Error::ShuttingDown);
     }
     let accept = derive_accept_key(key.as_bytes());
     tokio::spawn(async move {
@@ -163,9 +165,11 @@ fn upgrade(ctx: Ctx, headers: &HeaderMap, slot: Option<UpgradeSlot>, target: Tar
             Some(ctx.ws_config),
         )
         .await;
+        let _live = ctx.session_guard();
+        let mut link = WsLink(ws);
         match target {
-            Target::Portal(params) => session::run(ctx, ws, params).await,
-            Target::SocketIo => session::refuse(ctx, ws, 1003, "unsupported protocol").await,
+            Target::Portal(params) => serve(&ctx, &mut link, params).await,
+            Target::SocketIo => link.close(1003, "unsupported protocol").await,
         }
     });
     let mut response = Response::new(Default::default());
@@ -183,4 +187,93 @@ fn upgrade(ctx: Ctx, headers: &HeaderMap, slot: Option<UpgradeSlot>, target: Tar
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
     response
+}
+
+/// Runs a portal session on an upgraded socket until it closes.
+async fn serve<S>(ctx: &Ctx, link: &mut WsLink<S>, params: Params)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let opened = tokio::select! {
+        opened = session::open(ctx, params) => opened,
+        _ = ctx.shutting_down() => {
+            let e = Error::ShuttingDown;
+            return link.close(e.close_code(), &e.client_message()).await;
+        }
+    };
+    match opened {
+        Ok(session) => {
+            session.run(ctx, link, ctx.config.ping_interval).await;
+        }
+        Err(e) => link.close(e.close_code(), &e.client_message()).await,
+    }
+}
+
+/// A session's WebSocket.
+struct WsLink<S>(WebSocketStream<S>);
+
+impl<S> Link for WsLink<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    const ANSWERS_HEARTBEATS: bool = true;
+
+    /// All frames with one flush.
+    async fn send(&mut self, frames: VecDeque<Outgoing>) -> Result<(), ()> {
+        for frame in frames {
+            self.0.feed(frame.msg).await.map_err(|_| ())?;
+        }
+        self.0.flush().await.map_err(|_| ())
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), ()> {
+        self.0
+            .send(Message::Ping(Default::default()))
+            .await
+            .map_err(|_| ())
+    }
+
+    /// Sends a close frame and waits (briefly) for the peer's, so the closing
+    /// handshake really reaches the wire.
+    async fn close(&mut self, code: u16, reason: &str) {
+        let frame = CloseFrame {
+            code: CloseCode::from(code),
+            reason: reason.to_string().into(),
+        };
+        let ws = &mut self.0;
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            if ws.close(Some(frame)).await.is_ok() {
+                while let Some(Ok(_)) = ws.next().await {}
+            }
+        })
+        .await;
+    }
+
+    async fn next(&mut self) -> Incoming {
+        match self.0.next().await {
+            Some(Ok(Message::Text(text))) => Incoming::Text(text),
+            Some(Ok(Message::Binary(_))) => Incoming::Violation(1003, "unsupported data"),
+            Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Incoming::Alive,
+            Some(Ok(Message::Close(_))) | None => Incoming::Gone,
+            Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
+                Incoming::Violation(1009, "message too big")
+            }
+            Some(Err(WsError::Utf8(_))) => Incoming::Violation(1007, "invalid utf-8"),
+            Some(Err(WsError::Protocol(e))) => {
+                log::debug!("WebSocket protocol error: {e}");
+                Incoming::Violation(1002, "protocol error")
+            }
+            Some(Err(_)) => Incoming::Gone,
+        }
+    }
+
+    /// The peer started the close: tungstenite queued our reply; polling writes it.
+    async fn finish(&mut self) {
+        let ws = &mut self.0;
+        let _ = tokio::time::timeout(CLOSE_LINGER, async {
+            let _ = ws.flush().await;
+            while let Some(Ok(_)) = ws.next().await {}
+        })
+        .await;
+    }
 }

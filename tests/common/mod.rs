@@ -335,3 +335,172 @@ impl Client {
 pub fn close_code(code: u16) -> CloseCode {
     CloseCode::from(code)
 }
+
+/// One Server-Sent Event (SPEC §7).
+#[derive(Debug)]
+pub struct SseEvent {
+    pub data: Value,
+    pub id: Option<String>,
+}
+
+/// An SSE stream read event by event, as a browser's EventSource reads it.
+pub struct SseClient {
+    response: reqwest::Response,
+    buf: Vec<u8>,
+    /// The `connected` message, when opened with `TestApp::sse`.
+    pub connected: Value,
+    /// Comment lines seen so far (keep-alives).
+    pub comments: usize,
+}
+
+impl SseClient {
+    pub fn new(response: reqwest::Response) -> SseClient {
+        SseClient {
+            response,
+            buf: Vec::new(),
+            connected: Value::Null,
+            comments: 0,
+        }
+    }
+
+    pub fn connection_id(&self) -> String {
+        self.connected["connectionId"]
+            .as_str()
+            .expect("connectionId")
+            .to_string()
+    }
+
+    /// The next event, or `None` when the stream ends; panics after WAIT.
+    pub async fn next_event(&mut self) -> Option<SseEvent> {
+        tokio::time::timeout(WAIT, self.next_event_untimed())
+            .await
+            .expect("an SSE event in time")
+    }
+
+    async fn next_event_untimed(&mut self) -> Option<SseEvent> {
+        loop {
+            while let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let block = String::from_utf8(block).expect("UTF-8 events");
+                let (mut data, mut id) = (None::<String>, None);
+                for line in block.lines() {
+                    if line.starts_with(':') {
+                        self.comments += 1;
+                    } else if let Some(d) = line.strip_prefix("data:") {
+                        assert!(data.is_none(), "one data line per event: {block:?}");
+                        data = Some(d.strip_prefix(' ').unwrap_or(d).to_string());
+                    } else if let Some(i) = line.strip_prefix("id:") {
+                        id = Some(i.trim_start().to_string());
+                    } else if !line.is_empty() {
+                        panic!("unexpected SSE line {line:?}");
+                    }
+                }
+                if let Some(data) = data {
+                    let data = serde_json::from_str(&data).expect("event data is JSON");
+                    return Some(SseEvent { data, id });
+                }
+            }
+            match self.response.chunk().await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(None) | Err(_) => {
+                    assert!(
+                        self.buf.is_empty(),
+                        "stream ended mid-event: {:?}",
+                        self.buf
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+
+    /// The next event's data; panics if the stream ends.
+    pub async fn recv(&mut self) -> Value {
+        self.next_event().await.expect("stream open").data
+    }
+
+    /// Skips events until one of type `ty` arrives.
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        loop {
+            let message = self.recv().await;
+            if message["type"] == ty {
+                return message;
+            }
+        }
+    }
+
+    /// The next event is `closed` with this code and a reason starting with
+    /// `reason`, and then the stream ends.
+    pub async fn assert_closed(&mut self, code: u16, reason: &str) {
+        let closed = self.recv().await;
+        assert_eq!(closed["type"], "closed", "{closed}");
+        assert_eq!(closed["code"], code, "{closed}");
+        let got = closed["reason"].as_str().expect("reason");
+        assert!(
+            got.starts_with(reason),
+            "reason {got:?} should start with {reason:?}"
+        );
+        assert!(
+            self.next_event().await.is_none(),
+            "the stream ends after `closed`"
+        );
+    }
+}
+
+impl TestApp {
+    pub fn sse_url(&self, view: &str, token: Option<&str>) -> String {
+        match token {
+            Some(t) => format!("http://{}/sse/portal-view/{view}?token={t}", self.addr),
+            None => format!("http://{}/sse/portal-view/{view}", self.addr),
+        }
+    }
+
+    /// Opens an SSE stream for `user` on `view` and reads its `connected` event.
+    pub async fn sse(&self, view: &str, user: &str) -> SseClient {
+        let response = self
+            .http()
+            .get(self.sse_url(view, Some(&self.token(user))))
+            .send()
+            .await
+            .expect("SSE request");
+        assert_eq!(response.status(), 200);
+        assert_eq!(
+            response.headers()["content-type"],
+            "text/event-stream",
+            "content type"
+        );
+        let mut client = SseClient::new(response);
+        let event = client.next_event().await.expect("connected event");
+        assert_eq!(event.data["type"], "connected", "{:?}", event.data);
+        assert_eq!(event.data["userId"], user);
+        assert_eq!(
+            event.id.as_deref(),
+            Some(&*event.data["version"].to_string())
+        );
+        client.connected = event.data;
+        client
+    }
+
+    /// `POST /api/portal-views/{view}/messages` as `user`, naming `stream` as
+    /// the sender; returns the status and the JSON answer.
+    pub async fn post_message(
+        &self,
+        view: &str,
+        user: &str,
+        stream: Option<&str>,
+        message: &Value,
+    ) -> (u16, Value) {
+        let mut request = self
+            .http()
+            .post(self.http_url(&format!("/api/portal-views/{view}/messages")))
+            .bearer_auth(self.token(user))
+            .header("content-type", "application/json")
+            .body(message.to_string());
+        if let Some(id) = stream {
+            request = request.header("x-connection-id", id);
+        }
+        let response = request.send().await.expect("POST");
+        let status = response.status().as_u16();
+        (status, response.json().await.expect("JSON answer"))
+    }
+}

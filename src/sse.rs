@@ -1,0 +1,446 @@
+//! SPEC §7's HTTP fallback for networks that break WebSockets: a session whose
+//! frames go out as Server-Sent Events, and the POST route that carries its
+//! client messages. Both run the session code a WebSocket runs (`session.rs`):
+//! the checks, presence, limits, ordering, expiry, revocation, shutdown and
+//! the permission table are not repeated here, only the framing is.
+
+use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Buf;
+use futures::Stream;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_tungstenite::tungstenite::Message;
+use warp::filters::BoxedFilter;
+use warp::http::{HeaderMap, HeaderValue, StatusCode};
+use warp::reply::Response;
+use warp::sse::Event;
+use warp::{Filter, Reply};
+
+use crate::config::Config;
+use crate::context::Ctx;
+use crate::db;
+use crate::error::Error;
+use crate::hub::{CloseRequest, Outbox, Outgoing};
+use crate::routes::{
+    check_content_type, error_response, read_limited, with_ctx, with_origin_check, with_token,
+};
+use crate::server::ConnectionAbort;
+use crate::session::{self, lock, Ended, Flow, Incoming, Link, Params, RateLimit, Sender, Session};
+use crate::writer::{Answer, ReplyTo};
+
+/// SPEC §7: a comment at least this often, whatever `--ping-interval` says.
+const KEEPALIVE_MAX: Duration = Duration::from_secs(15);
+/// Events on their way from the session to hyper. Small, so that a peer that
+/// stops reading backs up into the session's outbox, whose byte limit decides
+/// when it is a slow consumer, as for a WebSocket.
+const CHANNEL: usize = 64;
+/// How long the last `closed` event may wait to be taken by hyper.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+/// Rate buckets of stream-less POSTs kept before idle ones are forgotten.
+const POST_BUCKETS: usize = 4096;
+/// The header that names a POST's own SSE stream.
+const CONNECTION_ID: &str = "x-connection-id";
+
+/// This node's open SSE streams by connection id, so that a POST's
+/// `X-Connection-Id` can name its sender; and the rate buckets of POSTs that
+/// name none.
+///
+/// `std::sync::Mutex`: each critical section is one map operation and nothing
+/// is awaited while a lock is held (see `hub.rs`).
+#[derive(Default)]
+pub struct Streams {
+    by_id: Mutex<HashMap<Arc<str>, StreamEntry>>,
+    /// Per user: a POST without a stream has no connection to count against,
+    /// so its user is the unit (SPEC §5's rate is per connection).
+    posts: Mutex<HashMap<Arc<str>, RateLimit>>,
+}
+
+/// What a POST needs of the stream it names.
+#[derive(Clone)]
+struct StreamEntry {
+    sender: Sender,
+    outbox: Arc<Outbox>,
+    rate: Arc<Mutex<RateLimit>>,
+}
+
+/// Removes a stream from [`Streams`] when its session ends.
+struct Registration {
+    ctx: Ctx,
+    connection_id: Arc<str>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        lock(&self.ctx.streams.by_id).remove(&self.connection_id);
+    }
+}
+
+impl Streams {
+    fn register(&self, ctx: &Ctx, session: &Session) -> Registration {
+        let connection_id = session.connection_id().clone();
+        let entry = StreamEntry {
+            sender: session.sender.clone(),
+            outbox: session.outbox.clone(),
+            rate: session.rate.clone(),
+        };
+        lock(&self.by_id).insert(connection_id.clone(), entry);
+        Registration {
+            ctx: ctx.clone(),
+            connection_id,
+        }
+    }
+
+    /// The stream `connection_id` if it is `user_id`'s, on `view_id`.
+    fn find(&self, connection_id: &str, user_id: &str, view_id: &str) -> Option<StreamEntry> {
+        let streams = lock(&self.by_id);
+        let entry = streams.get(connection_id)?;
+        (&*entry.sender.user_id == user_id && &*entry.sender.view_id == view_id)
+            .then(|| entry.clone())
+    }
+
+    /// Counts a stream-less POST against its user's bucket.
+    fn post_verdict(
+        &self,
+        user_id: &Arc<str>,
+        config: &Config,
+        now: tokio::time::Instant,
+    ) -> session::Verdict {
+        let mut posts = lock(&self.posts);
+        if posts.len() >= POST_BUCKETS && !posts.contains_key(user_id) {
+            posts.retain(|_, bucket| !bucket.is_idle(now));
+        }
+        posts
+            .entry(user_id.clone())
+            .or_insert_with(|| RateLimit::new(config.rate_per_sec, config.rate_burst))
+            .check(now)
+    }
+}
+
+/// GET /sse/portal-view/{portalViewId}?token=<JWT>
+pub fn stream(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    warp::path!("sse" / "portal-view" / String)
+        .and(warp::get())
+        .and(with_origin_check(ctx.clone()))
+        .and(warp::query::<Vec<(String, String)>>())
+        .and(warp::header::headers_cloned())
+        .and(warp::ext::optional::<ConnectionAbort>())
+        .and(with_ctx(ctx))
+        .then(
+            |view_id: String,
+             query: Vec<(String, String)>,
+             headers: HeaderMap,
+             abort: Option<ConnectionAbort>,
+             ctx: Ctx| async move {
+                let params = Params::new(view_id, query, &headers);
+                match open(ctx, params, abort).await {
+                    Ok(response) => response,
+                    Err(e) => error_response(&e),
+                }
+            },
+        )
+        .boxed()
+}
+
+/// Runs SPEC §3's checks and the join before answering, so that a refusal is
+/// an HTTP status; then streams the session from its own task.
+async fn open(ctx: Ctx, params: Params, abort: Option<ConnectionAbort>) -> Result<Response, Error> {
+    if ctx.is_shutting_down() {
+        return Err(Error::ShuttingDown);
+    }
+    let session = session::open(&ctx, params).await?;
+    let (tx, rx) = mpsc::channel(CHANNEL);
+    let (taken_tx, taken) = oneshot::channel();
+    let mut link = SseLink {
+        tx: Some(tx),
+        taken,
+        stuck: false,
+    };
+    let heartbeat = ctx.config.ping_interval.min(KEEPALIVE_MAX);
+    let registration = ctx.streams.register(&ctx, &session);
+    let live = ctx.session_guard();
+    tokio::spawn(async move {
+        let _live = live;
+        let _registration = registration;
+        ctx.metrics.sse_streams.inc();
+        let ended = session.run(&ctx, &mut link, heartbeat).await;
+        ctx.metrics.sse_streams.dec();
+        if matches!(ended, Ended::Dropped) || link.stuck {
+            // A WebSocket session owns its TCP connection and drops it by
+            // ending; this one's belongs to hyper.
+            if let Some(abort) = abort {
+                abort.abort();
+            }
+        }
+    });
+    let events = Events {
+        rx,
+        _taken: taken_tx,
+    };
+    let mut response = warp::sse::reply(events).into_response();
+    // Proxies that buffer responses (nginx) would hold events back.
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    Ok(response)
+}
+
+/// A session's event stream: what it sends goes to hyper through a channel,
+/// and hyper dropping the response (the client went away) closes it.
+struct SseLink {
+    /// `None` once the stream has ended.
+    tx: Option<mpsc::Sender<Event>>,
+    /// Resolves (with an error) when hyper has taken the whole stream or
+    /// dropped it.
+    taken: oneshot::Receiver<()>,
+    /// Hyper did not take our last event in time: the peer stopped reading,
+    /// and its connection must be dropped, as a WebSocket's would be.
+    stuck: bool,
+}
+
+impl Link for SseLink {
+    const ANSWERS_HEARTBEATS: bool = false;
+
+    async fn send(&mut self, frames: VecDeque<Outgoing>) -> Result<(), ()> {
+        let tx = self.tx.as_ref().ok_or(())?;
+        for frame in frames {
+            tx.send(event(&frame.msg, frame.version))
+                .await
+                .map_err(|_| ())?;
+        }
+        Ok(())
+    }
+
+    async fn heartbeat(&mut self) -> Result<(), ()> {
+        let tx = self.tx.as_ref().ok_or(())?;
+        let comment = Event::default().comment(" keep-alive");
+        tx.send(comment).await.map_err(|_| ())
+    }
+
+    /// Sends `closed` and ends the stream, then waits (briefly) for hyper to
+    /// take it all.
+    async fn close(&mut self, code: u16, reason: &str) {
+        let Some(tx) = self.tx.take() else {
+            return;
+        };
+        let closed = event(&crate::protocol::closed(code, reason), 0);
+        let taken = &mut self.taken;
+        let delivered = tokio::time::timeout(CLOSE_LINGER, async move {
+            tx.send(closed).await.map_err(|_| ())?;
+            drop(tx);
+            let _ = taken.await;
+            Ok::<(), ()>(())
+        })
+        .await;
+        self.stuck = delivered.is_err();
+    }
+
+    async fn next(&mut self) -> Incoming {
+        match &self.tx {
+            Some(tx) => tx.closed().await,
+            None => std::future::pending().await,
+        }
+        Incoming::Gone
+    }
+
+    async fn finish(&mut self) {}
+}
+
+/// The channel's receiving end as the body stream warp's SSE reply takes.
+struct Events {
+    rx: mpsc::Receiver<Event>,
+    /// Dropped with the stream, which tells [`SseLink::close`] it was taken.
+    _taken: oneshot::Sender<()>,
+}
+
+impl Stream for Events {
+    type Item = Result<Event, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx).map(|event| event.map(Ok))
+    }
+}
+
+/// One server message as an event: its JSON on one `data:` line, and the
+/// version it carries as the event's `id`.
+fn event(msg: &Message, version: i64) -> Event {
+    let text = msg.to_text().unwrap_or_default();
+    // A payload is forwarded as the client formatted it, and a bare CR or LF
+    // would end the `data:` line early. In JSON they can only be whitespace
+    // between tokens (a string cannot hold them unescaped), so spaces will do.
+    let data = if text.contains(['\n', '\r']) {
+        text.replace(['\n', '\r'], " ")
+    } else {
+        text.to_string()
+    };
+    let event = Event::default().data(data);
+    let version = if version > 0 {
+        Some(version)
+    } else {
+        version_of(text)
+    };
+    match version {
+        Some(version) => event.id(version.to_string()),
+        None => event,
+    }
+}
+
+/// The top-level `version` of a message that is not a broadcast (`connected`,
+/// `ack`, the server's `sync-response`); broadcasts carry theirs alongside.
+fn version_of(text: &str) -> Option<i64> {
+    #[derive(Deserialize)]
+    struct Head {
+        #[serde(default)]
+        version: Option<i64>,
+    }
+    if !text.contains("\"version\"") {
+        return None;
+    }
+    serde_json::from_str::<Head>(text).ok()?.version
+}
+
+/// POST /api/portal-views/{portalViewId}/messages
+pub fn post_message(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    warp::path!("api" / "portal-views" / String / "messages")
+        .and(warp::post())
+        .and(with_origin_check(ctx.clone()))
+        .and(with_token(ctx.clone()))
+        .and(warp::header::headers_cloned())
+        .and(warp::body::stream())
+        .and(with_ctx(ctx))
+        .then(
+            |view_id: String, user_id: String, headers: HeaderMap, body, ctx: Ctx| async move {
+                match post(&ctx, view_id, user_id, &headers, body).await {
+                    Ok(answer) => answer_response(answer),
+                    Err(e) => error_response(&e),
+                }
+            },
+        )
+        .boxed()
+}
+
+/// Checks in the order of PATCH: who (401/404/403), then the stream it
+/// names (400), then the body (415/413/400); then the message itself, exactly
+/// as a WebSocket's text frame.
+async fn post<S, B>(
+    ctx: &Ctx,
+    view_id: String,
+    user_id: String,
+    headers: &HeaderMap,
+    body: S,
+) -> Result<Answer, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let (id, user) = (view_id.clone(), user_id.clone());
+    let access = ctx
+        .db
+        .call(move |conn| db::access(conn, &user, &id))
+        .await?;
+    let stream = match headers.get(CONNECTION_ID) {
+        None => None,
+        Some(value) => {
+            let found = value
+                .to_str()
+                .ok()
+                .and_then(|id| ctx.streams.find(id, &user_id, &view_id));
+            Some(found.ok_or_else(|| {
+                Error::BadRequest(
+                    "X-Connection-Id does not name an open SSE stream of yours on this view".into(),
+                )
+            })?)
+        }
+    };
+    check_content_type(headers)?;
+    let body = read_limited(body, headers, ctx.config.max_message_bytes).await?;
+    let text = std::str::from_utf8(&body)
+        .map_err(|_| Error::BadRequest("the body is not valid UTF-8".into()))?;
+    let now = tokio::time::Instant::now();
+    let user_id: Arc<str> = user_id.into();
+    let (verdict, connection, outbox) = match stream {
+        Some(stream) => (
+            lock(&stream.rate).check(now),
+            stream.sender.connection,
+            Some(stream.outbox),
+        ),
+        None => (
+            ctx.streams.post_verdict(&user_id, &ctx.config, now),
+            None,
+            None,
+        ),
+    };
+    // The role is read afresh: a stream's may be a revocation behind.
+    let sender = Sender {
+        user_id,
+        view_id: view_id.into(),
+        role: access.role,
+        connection,
+    };
+    let (tx, rx) = oneshot::channel();
+    let reply = ReplyTo::Post {
+        tx,
+        stream: outbox.clone(),
+    };
+    let flow = session::handle(ctx, &sender, verdict, text, reply).await;
+    if let (Flow::Close(code, reason), Some(outbox)) = (flow, &outbox) {
+        // A body that is not our protocol is the request's fault alone (400);
+        // what else would close a WebSocket (a flood) closes the stream.
+        if code != 1003 {
+            outbox.close(CloseRequest { code, reason });
+        }
+    }
+    rx.await
+        .map_err(|_| Error::Internal("a message went unanswered".into()))
+}
+
+/// SPEC §7: 200 with the reply a WebSocket would get (`{}` for none), or the
+/// `error` message with its status.
+fn answer_response(answer: Answer) -> Response {
+    let (status, msg) = match answer {
+        Answer::Reply(Some(msg)) => (StatusCode::OK, msg),
+        Answer::Reply(None) => (StatusCode::OK, Message::text("{}")),
+        Answer::Refused { error, id } => (
+            error.status(),
+            crate::protocol::error(&error, id.as_deref()),
+        ),
+        Answer::Failed(e) => return error_response(&e),
+    };
+    let mut response = Response::new(msg.into_data().into());
+    *response.status_mut() = status;
+    response.headers_mut().insert(
+        warp::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_are_one_data_line_with_the_version_as_id() {
+        let broadcast =
+            Message::text(r#"{"type":"portal-view-update","payload":{"a":1},"version":7}"#);
+        assert_eq!(
+            event(&broadcast, 7).to_string(),
+            "data:{\"type\":\"portal-view-update\",\"payload\":{\"a\":1},\"version\":7}\nid:7\n\n"
+        );
+        let ack = Message::text(r#"{"type":"ack","id":"x","version":12}"#);
+        assert!(event(&ack, 0).to_string().ends_with("\nid:12\n\n"));
+        // A nested "version" is not the message's.
+        let forward = Message::text(r#"{"type":"request-sync","payload":{"version":3}}"#);
+        assert!(!event(&forward, 0).to_string().contains("id:"));
+        let pretty = Message::text("{\"type\":\"x\",\r\n\"payload\":{\n\"a\":\r1}}");
+        assert_eq!(
+            event(&pretty, 0).to_string(),
+            "data:{\"type\":\"x\",  \"payload\":{ \"a\": 1}}\n\n"
+        );
+    }
+}
