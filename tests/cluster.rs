@@ -325,6 +325,47 @@ async fn request_sync_reaches_a_controller_on_another_node() {
     assert!(msg["version"].as_i64().is_some(), "{msg}");
 }
 
+/// SPEC §7's streams are sessions like any other: an SSE viewer on one node
+/// gets a WebSocket controller's changes from another, in order; an SSE
+/// controller's POSTs reach WebSocket viewers elsewhere; presence spans both.
+#[tokio::test]
+async fn sse_streams_take_part_in_the_cluster() {
+    let Some(url) = redis_url().await else { return };
+    let nodes = cluster(&url, 2).await;
+    let mut controller = nodes[0].connect("pv1", "ed").await;
+    let mut sse_viewer = nodes[1].sse("pv1", "v1").await;
+    let mut ws_viewer = nodes[0].connect("pv1", "v2").await;
+    let presence = presence_until(&mut controller, |p| p["presence"]["viewers"] == 2).await;
+    assert!(
+        names(&presence, "joined").contains(&"v1".to_string()),
+        "{presence:?}"
+    );
+    for i in 1..=20 {
+        controller
+            .send(json!({"type": "portal-view-update", "payload": {"i": i}}))
+            .await;
+    }
+    let mut versions = Vec::new();
+    while versions.len() < 20 {
+        let event = sse_viewer.next_event().await.expect("stream open");
+        if event.data["type"] == "portal-view-update" {
+            assert_eq!(event.id, Some(event.data["version"].to_string()));
+            versions.push(event.data["version"].as_i64().expect("version"));
+        }
+    }
+    assert_eq!(versions, (1..=20).collect::<Vec<i64>>());
+    // An SSE controller on node B drives the WebSocket viewer on node A.
+    let presenter = nodes[1].sse("pv1", "om").await;
+    let me = presenter.connection_id();
+    let update = json!({"type": "item-update", "payload": {"itemId": 1, "t": "x"}, "id": 5});
+    let (status, ack) = nodes[1].post_message("pv1", "om", Some(&me), &update).await;
+    assert_eq!(status, 200, "{ack}");
+    assert_eq!(ack["version"], 21);
+    let seen = ws_viewer.recv_type("item-update").await;
+    assert_eq!(seen["version"], 21);
+    assert_eq!(seen["from"], json!({"userId": "om", "connectionId": me}));
+}
+
 #[tokio::test]
 async fn health_reports_redis_down_and_serving_continues() {
     let Some(_) = redis_url().await else { return };

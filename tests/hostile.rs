@@ -322,6 +322,18 @@ fn patch(app: &TestApp, view: &str, body: impl AsRef<[u8]>) -> Vec<u8> {
     )
 }
 
+/// `POST /api/portal-views/{view}/messages` as the owner, with extra headers.
+fn post_message(app: &TestApp, view: &str, headers: &[(&str, String)], body: &[u8]) -> Vec<u8> {
+    let mut all = vec![bearer(&app.token("owner")), json_type()];
+    all.extend(headers.iter().cloned());
+    http(
+        "POST",
+        &format!("/api/portal-views/{view}/messages"),
+        &all,
+        body,
+    )
+}
+
 const KEY: &str = "dGhlIHNhbXBsZSBub25jZQ==";
 /// RFC 6455 §1.3's accept value for [`KEY`].
 const ACCEPT: &str = "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=";
@@ -1838,6 +1850,77 @@ fn cases(app: &TestApp) -> Vec<Case> {
             "http: HTTP/2 preface on an HTTP/1 server → dropped",
             b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec(),
             Expect::Dropped,
+        ),
+        // --- SSE fallback (SPEC §7): the POST route takes what a text frame takes
+        raw(
+            "sse: POST with invalid UTF-8 → 400",
+            post_message(app, "pv1", &[], b"{\"type\":\"ping\",\"id\":\"\xff\"}"),
+            status(400, Some("BAD_REQUEST")),
+        ),
+        raw(
+            "sse: POST with NaN → 400 error message",
+            post_message(app, "pv1", &[], br#"{"type":"portal-view-update","payload":{"n":NaN}}"#),
+            status(400, None),
+        ),
+        raw(
+            "sse: POST with 10k nested arrays in a patch → 400 error message",
+            post_message(
+                app,
+                "pv1",
+                &[],
+                format!(r#"{{"type":"portal-view-update","payload":{{"a":{deep_arrays}}}}}"#).as_bytes(),
+            ),
+            status(400, None),
+        ),
+        raw(
+            "sse: POST whose item-update nests 126 deep → 400 error message",
+            post_message(
+                app,
+                "pv1",
+                &[],
+                format!(r#"{{"type":"item-update","payload":{{"itemId":"a","x":{}1{}}}}}"#, "[".repeat(126), "]".repeat(126)).as_bytes(),
+            ),
+            status(400, None),
+        ),
+        raw(
+            "sse: POST naming a 10 kB X-Connection-Id → 400",
+            post_message(app, "pv1", &[("X-Connection-Id", "z".repeat(10_000))], br#"{"type":"ping"}"#),
+            status(400, Some("BAD_REQUEST")),
+        ),
+        raw(
+            "sse: POST announcing Content-Length 10^9 → 413",
+            post_message(app, "pv1", &[("Content-Length", "1000000000".into())], b""),
+            status(413, Some("PAYLOAD_TOO_LARGE")),
+        ),
+        raw(
+            "sse: POST with chunked garbage → 400",
+            post_message(
+                app,
+                "pv1",
+                &[("Transfer-Encoding", "chunked".into())],
+                b"zz\r\nnot hex\r\n0\r\n\r\n",
+            ),
+            status(400, None),
+        ),
+        raw(
+            "sse: GET with a 60 kB token → 401",
+            http("GET", &format!("/sse/portal-view/pv1?token={}", "a".repeat(60_000)), &[], b""),
+            status(401, Some("INVALID_TOKEN")),
+        ),
+        raw(
+            "sse: GET of ../pv1 → 404",
+            http("GET", &format!("/sse/portal-view/..%2Fpv1?token={}", app.token("owner")), &[], b""),
+            status(404, Some("NOT_FOUND")),
+        ),
+        raw(
+            "sse: GET with alg none → 401",
+            http(
+                "GET",
+                &format!("/sse/portal-view/pv1?token={}", unsigned_token(json!({"sub": "owner", "exp": exp}))),
+                &[],
+                b"",
+            ),
+            status(401, Some("INVALID_TOKEN")),
         ),
         // --- REST
         raw(
