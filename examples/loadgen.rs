@@ -126,6 +126,10 @@ struct Args {
     /// How viewers read a delivery: scan for the fields, or a full JSON parse
     #[arg(long, value_enum, default_value = "scan")]
     parse: Parse,
+    /// How viewers connect: WebSocket, or SPEC §7's SSE stream (controllers
+    /// always use a WebSocket)
+    #[arg(long, value_enum, default_value = "ws")]
+    transport: Transport,
     /// Bytes each socket reads at once. Small keeps 10,000 idle sockets cheap;
     /// larger means fewer read calls per delivery when updates come back to back
     #[arg(long, default_value_t = 4096)]
@@ -151,6 +155,12 @@ enum Mode {
 enum Parse {
     Scan,
     Full,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+enum Transport {
+    Ws,
+    Sse,
 }
 
 // ---------------------------------------------------------------------------
@@ -430,6 +440,73 @@ impl Target {
         }
     }
 
+    /// A viewer's connection on `transport`, with its handshake time in µs.
+    async fn viewer(
+        &self,
+        view: &str,
+        token: Option<&str>,
+        transport: Transport,
+    ) -> Result<(Feed, u64), String> {
+        match transport {
+            Transport::Ws => {
+                let (ws, us) = self.connect(&self.url(view, token)).await?;
+                Ok((Feed::Ws(Box::new(ws)), us))
+            }
+            Transport::Sse => {
+                let target = match token {
+                    Some(t) => format!("/sse/portal-view/{view}?token={t}"),
+                    None => format!("/sse/portal-view/{view}"),
+                };
+                let start = now_us();
+                let sse = tokio::time::timeout(self.connect_timeout, self.sse(&target))
+                    .await
+                    .map_err(|_| "handshake timed out".to_string())??;
+                Ok((Feed::Sse(sse), now_us() - start))
+            }
+        }
+    }
+
+    /// `GET` of an SSE stream, its `200` and its `connected` event.
+    async fn sse(&self, target: &str) -> Result<Sse, String> {
+        use tokio::io::AsyncWriteExt;
+        let mut stream = TcpStream::connect(self.addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
+        let _ = stream.set_nodelay(true);
+        let _ = stream.set_zero_linger();
+        let request = format!(
+            "GET {target} HTTP/1.1\r\nHost: {}\r\nAccept: text/event-stream\r\n\r\n",
+            self.addr
+        );
+        stream
+            .write_all(request.as_bytes())
+            .await
+            .map_err(|e| format!("request: {e}"))?;
+        let mut sse = Sse {
+            stream,
+            buf: Vec::with_capacity(self.config.read_buffer_size),
+            read_size: self.config.read_buffer_size,
+        };
+        let head_end = loop {
+            if let Some(at) = sse.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            if !sse.fill().await? {
+                return Err("ended before the response head".into());
+            }
+        };
+        let head = String::from_utf8_lossy(&sse.buf[..head_end]).to_string();
+        if !head.starts_with("HTTP/1.1 200") {
+            return Err(format!("refused: {}", short(&head)));
+        }
+        sse.buf.drain(..head_end);
+        match sse.next().await? {
+            Some(text) if msg_type(&text) == Some("connected") => Ok(sse),
+            Some(text) => Err(format!("first event was not connected: {}", short(&text))),
+            None => Err("ended before connected".into()),
+        }
+    }
+
     /// TCP connect, upgrade, and the `connected` message. Returns the socket and
     /// the handshake time in µs.
     async fn connect(&self, url: &str) -> Result<(Ws, u64), String> {
@@ -475,6 +552,79 @@ impl Target {
             Ok(Ok(ws)) => Ok((ws, now_us() - start)),
             Ok(Err(e)) => Err(e),
             Err(_) => Err("handshake timed out".into()),
+        }
+    }
+}
+
+/// What a viewer reads deliveries from.
+enum Feed {
+    Ws(Box<Ws>),
+    Sse(Sse),
+}
+
+impl Feed {
+    /// The next text message; `Err` says why the connection ended.
+    async fn next(&mut self) -> Result<String, String> {
+        match self {
+            Feed::Ws(ws) => loop {
+                match ws.next().await {
+                    Some(Ok(Message::Text(t))) => return Ok(t.as_str().to_string()),
+                    Some(Ok(Message::Close(f))) => {
+                        let why = f
+                            .map(|f| format!("{} {}", u16::from(f.code), f.reason))
+                            .unwrap_or_default();
+                        return Err(format!("closed by server: {why}"));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(e)) => return Err(format!("read error: {e}")),
+                    None => return Err("connection ended".into()),
+                }
+            },
+            Feed::Sse(sse) => match sse.next().await? {
+                Some(text) if msg_type(&text) == Some("closed") => {
+                    Err(format!("closed by server: {}", short(&text)))
+                }
+                Some(text) => Ok(text),
+                None => Err("stream ended".into()),
+            },
+        }
+    }
+}
+
+/// An SSE stream read line by line: each event's JSON is one `data:` line,
+/// so the chunked framing around it (size lines) is skipped unparsed.
+struct Sse {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    read_size: usize,
+}
+
+impl Sse {
+    /// Reads more; false at the end of the stream.
+    async fn fill(&mut self) -> Result<bool, String> {
+        use tokio::io::AsyncReadExt;
+        self.buf.reserve(self.read_size);
+        let n = self
+            .stream
+            .read_buf(&mut self.buf)
+            .await
+            .map_err(|e| format!("read error: {e}"))?;
+        Ok(n > 0)
+    }
+
+    /// The next event's data, or `None` at the end of the stream.
+    async fn next(&mut self) -> Result<Option<String>, String> {
+        loop {
+            while let Some(eol) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=eol).collect();
+                if let Some(data) = line.strip_prefix(b"data:") {
+                    let text = String::from_utf8_lossy(data.trim_ascii()).to_string();
+                    return Ok(Some(text));
+                }
+            }
+            if !self.fill().await? {
+                return Ok(None);
+            }
         }
     }
 }
@@ -525,9 +675,12 @@ fn delivery(text: &str, parse: Parse) -> Option<Option<(u64, u64)>> {
 }
 
 /// One viewer: handshake (bounded by `gate`), then read until the run ends.
+#[allow(clippy::too_many_arguments)]
 async fn viewer(
     target: Arc<Target>,
-    url: String,
+    view: String,
+    token: Option<String>,
+    transport: Transport,
     gate: Arc<Semaphore>,
     stats: Arc<Stats>,
     in_view: Arc<AtomicU64>,
@@ -535,12 +688,12 @@ async fn viewer(
     parse: Parse,
 ) {
     let permit = gate.acquire_owned().await;
-    let mut ws = match target.connect(&url).await {
-        Ok((ws, us)) => {
+    let mut feed = match target.viewer(&view, token.as_deref(), transport).await {
+        Ok((feed, us)) => {
             record(Kind::Handshake, us);
             in_view.fetch_add(1, Relaxed);
             stats.connected.fetch_add(1, Relaxed);
-            ws
+            feed
         }
         Err(e) => {
             stats.connect_failed.fetch_add(1, Relaxed);
@@ -551,8 +704,8 @@ async fn viewer(
     drop(permit);
     let mut last_seq = 0u64;
     loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => match delivery(t.as_str(), parse) {
+        match feed.next().await {
+            Ok(text) => match delivery(&text, parse) {
                 Some(Some((seq, sent))) => {
                     let now = now_us();
                     record(Kind::Delivery, now.saturating_sub(sent));
@@ -573,28 +726,10 @@ async fn viewer(
                 }
                 None => {}
             },
-            Some(Ok(Message::Close(f))) => {
+            Err(why) => {
                 if !stats.stopping.load(Relaxed) {
                     stats.dropped.fetch_add(1, Relaxed);
-                    let why = f
-                        .map(|f| format!("{} {}", u16::from(f.code), f.reason))
-                        .unwrap_or_default();
-                    stats.reason(format!("viewer closed by server: {why}"));
-                }
-                return;
-            }
-            Some(Ok(_)) => {}
-            Some(Err(e)) => {
-                if !stats.stopping.load(Relaxed) {
-                    stats.dropped.fetch_add(1, Relaxed);
-                    stats.reason(format!("viewer read error: {e}"));
-                }
-                return;
-            }
-            None => {
-                if !stats.stopping.load(Relaxed) {
-                    stats.dropped.fetch_add(1, Relaxed);
-                    stats.reason("viewer connection ended".into());
+                    stats.reason(format!("viewer {why}"));
                 }
                 return;
             }
@@ -837,7 +972,7 @@ async fn run(args: Args) -> Result<Value, String> {
     for i in 0..args.viewers {
         let user = format!("{}{i}", args.viewer_prefix);
         let view = format!("{}{}", args.view_prefix, i % views);
-        viewer_urls.push(target.url(&view, tokens.token(&user)?.as_deref()));
+        viewer_urls.push((view, tokens.token(&user)?));
     }
     let connect_cpu_before = pid.and_then(|p| cpu_secs(&p.to_string()));
     let connect_start = now_us();
@@ -855,10 +990,12 @@ async fn run(args: Args) -> Result<Value, String> {
         .collect();
     let mut tasks = Vec::with_capacity(args.viewers);
     let per_view: Vec<Arc<AtomicU64>> = (0..views).map(|_| Arc::default()).collect();
-    for (i, url) in viewer_urls.into_iter().enumerate() {
+    for (i, (view, token)) in viewer_urls.into_iter().enumerate() {
         tasks.push(tokio::spawn(viewer(
             target.clone(),
-            url,
+            view,
+            token,
+            args.transport,
             gate.clone(),
             stats.clone(),
             per_view[i % views].clone(),

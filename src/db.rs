@@ -113,6 +113,12 @@ impl Db {
             .map_err(|_| Error::Internal("storage task failed".into()))?
     }
 
+    /// [`access`] on a storage thread: SPEC §3's user, view and access checks.
+    pub async fn access_of(&self, user_id: &str, view_id: &str) -> Result<Access, Error> {
+        let (user, view) = (user_id.to_string(), view_id.to_string());
+        self.call(move |conn| access(conn, &user, &view)).await
+    }
+
     /// A pooled connection for synchronous callers (the CLI, tests).
     pub fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, Error> {
         Ok(self.pool.get()?)

@@ -358,11 +358,7 @@ fn get_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .and(with_token(ctx.clone()))
         .and(with_ctx(ctx))
         .then(|view_id: String, user_id: String, ctx: Ctx| async move {
-            let access = ctx
-                .db
-                .call(move |conn| db::access(conn, &user_id, &view_id))
-                .await;
-            match access {
+            match ctx.db.access_of(&user_id, &view_id).await {
                 Ok(access) => view_response(&ctx, &access.view),
                 Err(e) => error_response(&e),
             }
@@ -403,11 +399,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    let (id, user) = (view_id.clone(), user_id.clone());
-    let access = ctx
-        .db
-        .call(move |conn| db::access(conn, &user, &id))
-        .await?;
+    let access = ctx.db.access_of(&user_id, &view_id).await?;
     if access.role != Role::Controller {
         return Err(Error::Forbidden(
             "only controllers may change a portal view",

@@ -132,15 +132,9 @@ async fn admit(ctx: &Ctx, params: &Params) -> Result<Admitted, Error> {
     let token = params.token.as_deref().ok_or(Error::InvalidToken)?;
     let verified = ctx.tokens.verify(token)?;
     let revocations = ctx.hub.revocations();
-    let user_id = verified.user_id;
-    let view_id = params.view_id.clone();
-    let user = user_id.clone();
-    let access = ctx
-        .db
-        .call(move |conn| db::access(conn, &user, &view_id))
-        .await?;
+    let access = ctx.db.access_of(&verified.user_id, &params.view_id).await?;
     Ok(Admitted {
-        user_id,
+        user_id: verified.user_id,
         access,
         expires: expiry_instant(verified.exp + ctx.config.jwt_leeway),
         revocations,
@@ -232,11 +226,7 @@ impl Session {
         if ctx.hub.revocations() != revocations {
             // A membership changed between our access lookup and our join, too
             // early for the revocation to have found this connection: look again.
-            let (user, id) = (user_id.to_string(), view_id.to_string());
-            let fresh = ctx
-                .db
-                .call(move |conn| db::access(conn, &user, &id))
-                .await?;
+            let fresh = ctx.db.access_of(&user_id, &view_id).await?;
             if fresh.role != role {
                 return Err(Error::AccessRevoked);
             }

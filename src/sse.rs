@@ -24,7 +24,6 @@ use warp::{Filter, Reply};
 
 use crate::config::Config;
 use crate::context::Ctx;
-use crate::db;
 use crate::error::Error;
 use crate::hub::{CloseRequest, Outbox, Outgoing};
 use crate::routes::{
@@ -338,11 +337,7 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    let (id, user) = (view_id.clone(), user_id.clone());
-    let access = ctx
-        .db
-        .call(move |conn| db::access(conn, &user, &id))
-        .await?;
+    let access = ctx.db.access_of(&user_id, &view_id).await?;
     let stream = match headers.get(CONNECTION_ID) {
         None => None,
         Some(value) => {

@@ -76,14 +76,7 @@ async fn cluster_with(
 }
 
 async fn health(node: &TestApp) -> Value {
-    node.http()
-        .get(node.http_url("/health"))
-        .send()
-        .await
-        .expect("health")
-        .json()
-        .await
-        .expect("json")
+    common::health(node).await.1
 }
 
 async fn wait_redis_up(node: &TestApp) {

@@ -43,45 +43,6 @@ async fn read_for(client: &mut Client, wait: Duration) -> Vec<Value> {
     got
 }
 
-async fn health(app: &TestApp) -> (u16, Value) {
-    let response = app
-        .http()
-        .get(app.http_url("/health"))
-        .send()
-        .await
-        .expect("health");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("json"))
-}
-
-/// Polls `/health` until it reports `n` connections (bounded by WAIT).
-async fn wait_connections(app: &TestApp, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let (_, body) = health(app).await;
-        if body["connections"] == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "connections stayed at {} instead of {n}",
-            body["connections"]
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn metrics(app: &TestApp) -> String {
-    app.http()
-        .get(app.http_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
 /// The value of one sample line of the Prometheus text, e.g.
 /// `portal_closes_total{code="1008"}`; 0 when absent.
 fn sample(text: &str, name: &str) -> f64 {

@@ -11,39 +11,6 @@ use portal_sync::auth::now_secs;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-async fn health(app: &TestApp) -> Value {
-    app.http()
-        .get(app.http_url("/health"))
-        .send()
-        .await
-        .expect("health")
-        .json()
-        .await
-        .expect("json")
-}
-
-/// Polls `/health` until it reports `n` connections (bounded by WAIT).
-async fn wait_connections(app: &TestApp, n: u64) {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let body = health(app).await;
-        if body["connections"] == n {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "connections stayed at {} instead of {n}",
-            body["connections"]
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-async fn metrics(app: &TestApp) -> String {
-    let response = app.http().get(app.http_url("/metrics")).send().await;
-    response.expect("metrics").text().await.expect("text")
-}
-
 /// A GET of the stream with `token`; returns the status and the JSON body.
 async fn sse_refusal(app: &TestApp, url: &str) -> (u16, Value) {
     let response = app.http().get(url).send().await.expect("request");
@@ -404,7 +371,7 @@ async fn post_refusals_follow_the_websocket_rules() {
     assert_eq!(status, 413);
     // Nothing was applied, and the streams are still open.
     assert_eq!(app.stored("pv1").version, 0);
-    assert_eq!(health(&app).await["connections"], 2);
+    assert_eq!(health(&app).await.1["connections"], 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -581,7 +548,7 @@ async fn an_sse_reader_that_stops_reading_is_dropped() {
     // and the queue hold for one that does not.
     let filler = "x".repeat(1024);
     let mut sent = 0;
-    while sent < 8000 && health(&app).await["connections"] == 2 {
+    while sent < 8000 && health(&app).await.1["connections"] == 2 {
         for i in sent + 1..=sent + 100 {
             owner
                 .send(json!({"type": "portal-view-update", "payload": {"n": i, "fill": filler}, "id": i}))

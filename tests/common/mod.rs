@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Once;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
 use portal_sync::auth::Tokens;
@@ -503,4 +503,45 @@ impl TestApp {
         let status = response.status().as_u16();
         (status, response.json().await.expect("JSON answer"))
     }
+}
+
+/// `GET /health`: the status and the JSON body.
+pub async fn health(app: &TestApp) -> (u16, Value) {
+    let response = app
+        .http()
+        .get(app.http_url("/health"))
+        .send()
+        .await
+        .expect("health");
+    let status = response.status().as_u16();
+    (status, response.json().await.expect("json"))
+}
+
+/// Polls `/health` until it reports `n` connections (bounded by WAIT).
+pub async fn wait_connections(app: &TestApp, n: u64) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (_, body) = health(app).await;
+        if body["connections"] == n {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "connections stayed at {} instead of {n}",
+            body["connections"]
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `GET /metrics` as text.
+pub async fn metrics(app: &TestApp) -> String {
+    app.http()
+        .get(app.http_url("/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
 }
