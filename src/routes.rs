@@ -123,8 +123,19 @@ fn cors_headers(request: &HeaderMap, ctx: &Ctx, mut response: Response) -> Respo
     response
 }
 
-/// OPTIONS /api/… (CORS preflight from an allow-listed origin)
+/// OPTIONS /api/… and OPTIONS /sse/portal-view/{id} (CORS preflight from an
+/// allow-listed origin).
 fn preflight(ctx: Ctx) -> BoxedFilter<(Response,)> {
+    // What each preflighted path allows: (methods, request headers).
+    let api = warp::path("api").map(|| {
+        (
+            "GET, PATCH, PUT, DELETE, POST",
+            "authorization, content-type, if-match, x-connection-id",
+        )
+    });
+    // A page on another origin reads the stream with fetch(), which sends the
+    // token as `Authorization` (an EventSource cannot set headers).
+    let sse = warp::path!("sse" / "portal-view" / String).map(|_| ("GET", "authorization"));
     // Not `warp::options()`: its 405 for every other method would outrank the
     // 404 of an unknown /api route.
     warp::method()
@@ -146,17 +157,17 @@ fn preflight(ctx: Ctx) -> BoxedFilter<(Response,)> {
             },
         )
         .untuple_one()
-        .and(warp::path("api"))
-        .map(|| {
+        .and(api.or(sse).unify())
+        .map(|(methods, headers): (&'static str, &'static str)| {
             let mut response = no_content();
             let h = response.headers_mut();
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_METHODS,
-                HeaderValue::from_static("GET, PATCH, PUT, DELETE, POST"),
+                HeaderValue::from_static(methods),
             );
             h.insert(
                 header::ACCESS_CONTROL_ALLOW_HEADERS,
-                HeaderValue::from_static("authorization, content-type, if-match, x-connection-id"),
+                HeaderValue::from_static(headers),
             );
             h.insert(
                 header::ACCESS_CONTROL_MAX_AGE,

@@ -243,6 +243,94 @@ async fn each_handshake_check_is_its_http_status() {
         .expect("repair storage");
 }
 
+const APP_ORIGIN: &str = "https://app.example.com";
+
+/// `OPTIONS path` as a browser preflights a GET with `Authorization` from `origin`.
+async fn preflight(app: &TestApp, path: &str, origin: &str) -> reqwest::Response {
+    app.http()
+        .request(reqwest::Method::OPTIONS, app.http_url(path))
+        .header("origin", origin)
+        .header("access-control-request-method", "GET")
+        .header("access-control-request-headers", "authorization")
+        .send()
+        .await
+        .expect("preflight")
+}
+
+fn header_text<'a>(response: &'a reqwest::Response, name: &str) -> &'a str {
+    response
+        .headers()
+        .get(name)
+        .unwrap_or_else(|| panic!("no {name} header"))
+        .to_str()
+        .expect("text")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_allowed_origin_may_preflight_and_read_the_stream() {
+    let app = spawn_app_with(|c| c.allowed_origins = vec![APP_ORIGIN.into()]).await;
+    let answer = preflight(&app, "/sse/portal-view/pv1", APP_ORIGIN).await;
+    assert_eq!(answer.status(), 204);
+    assert_eq!(
+        header_text(&answer, "access-control-allow-origin"),
+        APP_ORIGIN
+    );
+    let methods = header_text(&answer, "access-control-allow-methods");
+    assert!(methods.split(", ").any(|m| m == "GET"), "{methods}");
+    let headers = header_text(&answer, "access-control-allow-headers");
+    assert!(
+        headers.split(", ").any(|h| h == "authorization"),
+        "{headers}"
+    );
+    // The same answer whatever the view: the preflight carries no token.
+    let unknown = preflight(&app, "/sse/portal-view/nope", APP_ORIGIN).await;
+    assert_eq!(unknown.status(), 204);
+
+    // The stream itself, fetched with the token in a header, is readable.
+    let response = app
+        .http()
+        .get(app.sse_url("pv1", None))
+        .bearer_auth(app.token("v1"))
+        .header("origin", APP_ORIGIN)
+        .send()
+        .await
+        .expect("SSE");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        header_text(&response, "access-control-allow-origin"),
+        APP_ORIGIN
+    );
+    assert_eq!(header_text(&response, "content-type"), "text/event-stream");
+    let mut stream = SseClient::new(response);
+    let connected = stream.recv().await;
+    assert_eq!(connected["type"], "connected");
+    assert_eq!(connected["userId"], "v1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_origin_gets_the_api_preflight_refusal_on_the_stream() {
+    let app = spawn_app_with(|c| c.allowed_origins = vec![APP_ORIGIN.into()]).await;
+    let api = preflight(&app, "/api/portal-views/pv1", "https://evil.example").await;
+    let sse = preflight(&app, "/sse/portal-view/pv1", "https://evil.example").await;
+    assert_eq!(api.status(), 405, "the api preflight's refusal");
+    assert_eq!(sse.status(), api.status());
+    for refused in [&api, &sse] {
+        for name in [
+            "access-control-allow-origin",
+            "access-control-allow-methods",
+            "access-control-allow-headers",
+        ] {
+            assert!(refused.headers().get(name).is_none(), "{name}");
+        }
+    }
+    let (api, sse): (Value, Value) = (
+        api.json().await.expect("JSON"),
+        sse.json().await.expect("JSON"),
+    );
+    assert_eq!(sse, api);
+    assert_eq!(sse["error"]["code"], "METHOD_NOT_ALLOWED");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stream_ends_with_closed_when_its_token_expires() {
     let app = spawn_app().await;
