@@ -95,6 +95,23 @@ const CLOSE_WORDS = {
   1013: 'server overloaded',
 };
 
+const TRANSPORT_WORDS = { websocket: 'WebSocket', sse: 'SSE fallback' };
+
+/**
+ * The connection options a page's address may carry: `?transport=sse` (or
+ * `websocket`) pins the transport instead of falling back on its own, and
+ * `?probe=<ms>` changes how often the fallback tries a WebSocket again.
+ */
+export function connectionOptions(search = location.search) {
+  const query = new URLSearchParams(search);
+  const options = {};
+  const transport = query.get('transport');
+  if (transport === 'sse' || transport === 'websocket') options.transport = transport;
+  const probe = Number(query.get('probe'));
+  if (query.has('probe') && Number.isFinite(probe) && probe >= 100) options.probeIntervalMs = probe;
+  return options;
+}
+
 /** Keeps the status badge and the version in step with the client. */
 export function bindStatus(client, statusElement, versionElement) {
   let tick = null;
@@ -103,8 +120,9 @@ export function bindStatus(client, statusElement, versionElement) {
     statusElement.dataset.state = status;
     statusElement.dataset.code = code ?? '';
     const cause = code ? `${reason || CLOSE_WORDS[code] || 'closed'} (${code})` : '';
+    statusElement.dataset.transport = client.transport;
     if (status === 'connecting') statusElement.textContent = 'Connecting…';
-    else if (status === 'live') statusElement.textContent = 'Live';
+    else if (status === 'live') statusElement.textContent = `Live · ${TRANSPORT_WORDS[client.transport]}`;
     else if (status === 'closed') statusElement.textContent = `Closed: ${cause || 'stopped'}`;
     else if (status === 'reconnecting' && delayMs !== null) {
       const due = Date.now() + delayMs;

@@ -1,10 +1,15 @@
-// The portal-sync browser client: one WebSocket to one portal view, kept in
+// The portal-sync browser client: one connection to one portal view, kept in
 // sync across disconnects, gaps and restarts. Pages read `client.state`,
-// `client.version`, `client.role` and listen for events; they never touch the
-// socket or the wire format themselves.
+// `client.version`, `client.role`, `client.transport` and listen for events;
+// they never touch the socket or the wire format themselves.
+//
+// The connection is a WebSocket, or, where a network breaks WebSockets, the
+// HTTP fallback of SPEC §7: an SSE stream for what the server sends and one
+// POST per message the other way (`SseLink`, which looks like a WebSocket to
+// the rest of the client). See `WS_FAILURES_BEFORE_FALLBACK` for when.
 //
 // Events (CustomEvent, details in brackets):
-//   status    the connection changed   {status, code, reason, delayMs}
+//   status    the connection changed   {status, code, reason, delayMs, transport}
 //   state     the state or version changed {cause, from}
 //   presence  who is watching changed  {joined, left}
 //   reply     the server refused a message {code, message, id}
@@ -20,6 +25,18 @@ export const RESYNC_TIMEOUT_MS = 5000;
 export const SYNC_ANSWER_DELAY_MS = 100;
 /** Our own close code for "re-sync took too long: reconnect now". */
 const RESYNC_CLOSE = 4000;
+/**
+ * WebSocket attempts in a row that fail before `connected` (a close that is
+ * not the server's 1008) after which the client falls back to SSE + POST. A
+ * proxy that breaks WebSockets fails every attempt; a server that is merely
+ * restarting fails a few, so once a WebSocket has worked on this page the
+ * client allows more (`WS_FAILURES_AFTER_LIVE`, about 4–7 s of backoff)
+ * before it concludes the network changed.
+ */
+export const WS_FAILURES_BEFORE_FALLBACK = 2;
+export const WS_FAILURES_AFTER_LIVE = 4;
+/** How often a client on the fallback tries a WebSocket again. */
+export const PROBE_INTERVAL_MS = 30_000;
 
 /**
  * Whether a close is worth reconnecting after. 1008 is the server saying no
@@ -80,21 +97,241 @@ export function changeOf(type, payload) {
   }
 }
 
+/** A server message, or null for anything that is not a JSON object. */
+function parseMessage(data) {
+  try {
+    const message = JSON.parse(data);
+    return isObject(message) ? message : null;
+  } catch {
+    return null;
+  }
+}
+
 function applyChange(state, change) {
   return change.kind === 'replace' ? structuredClone(change.state) : mergePatch(state, change.patch);
+}
+
+/**
+ * Server-Sent Events, incrementally: `feed` takes the stream's text as it
+ * arrives, in chunks cut anywhere, and returns the events it completed, as
+ * `{data, id, event}` (the WHATWG rules: CR, LF or CRLF line ends, comments
+ * start with a colon, one optional space after a field's colon).
+ */
+export class SseParser {
+  constructor() {
+    this._line = '';
+    this._data = null;
+    this._id = null;
+    this._event = null;
+    this._afterCr = false;
+    /** Comment lines seen (the server's keep-alives). */
+    this.comments = 0;
+  }
+
+  feed(chunk) {
+    const events = [];
+    let start = 0;
+    for (let i = 0; i < chunk.length; i++) {
+      const c = chunk.charCodeAt(i);
+      if (c !== 10 && c !== 13) continue;
+      if (c === 10 && this._afterCr && i === start) {
+        // The LF of a CRLF, its CR having ended the line already.
+        this._afterCr = false;
+        start = i + 1;
+        continue;
+      }
+      this._line += chunk.slice(start, i);
+      this._afterCr = c === 13;
+      start = i + 1;
+      const event = this._takeLine();
+      if (event) events.push(event);
+    }
+    if (start < chunk.length) {
+      this._line += chunk.slice(start);
+      this._afterCr = false;
+    }
+    return events;
+  }
+
+  _takeLine() {
+    const line = this._line;
+    this._line = '';
+    if (line === '') {
+      if (this._data === null) return null;
+      const event = { data: this._data.endsWith('\n') ? this._data.slice(0, -1) : this._data, id: this._id, event: this._event ?? 'message' };
+      this._data = null;
+      this._event = null;
+      return event;
+    }
+    if (line.startsWith(':')) {
+      this.comments += 1;
+      return null;
+    }
+    const colon = line.indexOf(':');
+    const name = colon < 0 ? line : line.slice(0, colon);
+    let value = colon < 0 ? '' : line.slice(colon + 1);
+    if (value.startsWith(' ')) value = value.slice(1);
+    if (name === 'data') this._data = (this._data ?? '') + value + '\n';
+    else if (name === 'id') this._id = value;
+    else if (name === 'event') this._event = value;
+    return null;
+  }
+}
+
+/**
+ * What a refused SSE request (SPEC §7: the checks of §3 as HTTP statuses)
+ * would have been on a WebSocket: a refusal is 1008 and stops the client, a
+ * shutdown is 1001, anything else (a 500, a proxy's 502) is worth a retry.
+ */
+export function closeOfStatus(status, message) {
+  if ([401, 403, 404, 429].includes(status)) return { code: 1008, reason: message || `HTTP ${status}` };
+  if (status === 503) return { code: 1001, reason: message || 'shutting down' };
+  return { code: 1011, reason: message || `HTTP ${status}` };
+}
+
+/**
+ * The HTTP fallback of SPEC §7 behind the WebSocket interface the client
+ * uses (`send`, `close`, `onmessage`, `onclose`): the stream is read with
+ * `fetch`, not `EventSource`, so the token travels in an Authorization
+ * header rather than the URL, the client sees the HTTP status of a refusal,
+ * and nothing reconnects behind the client's back. Messages go out one POST
+ * at a time, in order, as frames would, each naming this stream in
+ * `X-Connection-Id`; the POST's answer (an `ack`, an `error`, …) is handed
+ * to `onmessage` as if the stream had carried it.
+ */
+export class SseLink {
+  constructor({ streamUrl, messagesUrl, token, fetch: fetchImpl }) {
+    this.url = streamUrl;
+    this.messagesUrl = messagesUrl;
+    this.token = token;
+    this.fetch = fetchImpl;
+    this.transport = 'sse';
+    /** Ours, from the stream's `connected`. */
+    this.connectionId = null;
+    this.onmessage = null;
+    this.onclose = null;
+    this._abort = new AbortController();
+    this._ended = false;
+    this._posts = Promise.resolve();
+    this._read();
+  }
+
+  send(text) {
+    if (this._ended) return;
+    this._posts = this._posts.then(() => this._post(text));
+  }
+
+  close(code = 1000, reason = '') {
+    this._end(code, reason);
+  }
+
+  async _read() {
+    let response;
+    try {
+      response = await this.fetch(this.url, {
+        headers: { Authorization: `Bearer ${this.token}`, Accept: 'text/event-stream' },
+        cache: 'no-store',
+        signal: this._abort.signal,
+      });
+    } catch {
+      return this._end(1006, '');
+    }
+    if (!response.ok) {
+      const { code, reason } = closeOfStatus(response.status, errorMessage(await readJson(response)));
+      return this._end(code, reason);
+    }
+    const parser = new SseParser();
+    const decoder = new TextDecoder();
+    let last = null;
+    try {
+      const reader = response.body.getReader();
+      while (!this._ended) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        for (const event of parser.feed(decoder.decode(value, { stream: true }))) {
+          let message;
+          try {
+            message = JSON.parse(event.data);
+          } catch {
+            continue;
+          }
+          if (message?.type === 'closed') last = message;
+          else {
+            if (message?.type === 'connected') this.connectionId = message.connectionId ?? null;
+            this._deliver(event.data);
+          }
+        }
+      }
+    } catch {
+      // Aborted by `close`, or the network dropped the stream.
+    }
+    // A stream that ends without `closed` was cut, as a WebSocket's 1006.
+    this._end(last?.code ?? 1006, last?.reason ?? '');
+  }
+
+  async _post(text) {
+    if (this._ended) return;
+    const headers = { Authorization: `Bearer ${this.token}`, 'Content-Type': 'application/json', Accept: 'application/json' };
+    if (this.connectionId) headers['X-Connection-Id'] = this.connectionId;
+    let response;
+    let body;
+    try {
+      response = await this.fetch(this.messagesUrl, { method: 'POST', headers, body: text, cache: 'no-store' });
+      body = await readJson(response);
+    } catch {
+      // Whether the server got it is unknown: end the link, so unacked
+      // changes are rejected and the next `connected` tells the truth.
+      return this._end(1006, 'a message could not be sent');
+    }
+    if (isObject(body) && typeof body.type === 'string') return this._deliver(JSON.stringify(body));
+    if (response.ok) return; // `{}`: a WebSocket would have been sent nothing
+    // Not a protocol answer: the request itself was refused (the token, the
+    // view, a stream this node does not hold) or the server failed.
+    const { code, reason } = closeOfStatus(response.status, errorMessage(body));
+    this._end(code, reason);
+  }
+
+  _deliver(data) {
+    if (!this._ended) this.onmessage?.({ data });
+  }
+
+  _end(code, reason) {
+    if (this._ended) return;
+    this._ended = true;
+    this._abort.abort();
+    // Like a WebSocket's close event: after the call that caused it returns.
+    queueMicrotask(() => this.onclose?.({ code, reason }));
+  }
+}
+
+async function readJson(response) {
+  try {
+    return JSON.parse(await response.text());
+  } catch {
+    return null;
+  }
+}
+
+/** The message of a REST error body (`{"error":{"code","message"}}`). */
+function errorMessage(body) {
+  return isObject(body) && isObject(body.error) && typeof body.error.message === 'string' ? body.error.message : '';
 }
 
 export class PortalClient extends EventTarget {
   /**
    * @param {object} options
    * @param {string} options.view   the portal view id
-   * @param {string} options.token  a JWT; sent as `?token=` (browsers cannot set headers on a WebSocket)
+   * @param {string} options.token  a JWT; sent as `?token=` on a WebSocket (browsers cannot set its
+   *   headers), as `Authorization: Bearer` on everything else
    * @param {string} [options.origin]  http(s)://host:port of the server; defaults to the page's
+   * @param {'auto'|'websocket'|'sse'} [options.transport]  `auto` (the default): a WebSocket, SSE +
+   *   POST when WebSockets keep failing, and back when one works again; the others stick to one
+   * @param {number} [options.probeIntervalMs]  on the fallback, how often to try a WebSocket again
    * @param {typeof WebSocket} [options.WebSocket]  for tests outside a browser
    * @param {typeof fetch} [options.fetch]
    * @param {() => number} [options.random]
    */
-  constructor({ view, token, origin, WebSocket: WS, fetch: fetchImpl, random } = {}) {
+  constructor({ view, token, origin, transport, probeIntervalMs, WebSocket: WS, fetch: fetchImpl, random } = {}) {
     super();
     this.view = view;
     this.token = token;
@@ -102,9 +339,15 @@ export class PortalClient extends EventTarget {
     const wsScheme = base.protocol === 'https:' ? 'wss:' : 'ws:';
     this.wsUrl = `${wsScheme}//${base.host}/ws/portal-view/${encodeURIComponent(view)}?token=${encodeURIComponent(token)}`;
     this.apiUrl = `${base.origin}/api/portal-views/${encodeURIComponent(view)}`;
+    this.sseUrl = `${base.origin}/sse/portal-view/${encodeURIComponent(view)}`;
     this.WebSocket = WS ?? globalThis.WebSocket;
     this.fetch = fetchImpl ?? globalThis.fetch.bind(globalThis);
     this.random = random ?? Math.random;
+    /** `auto`, `websocket` or `sse`: what the page asked for. */
+    this.mode = transport === 'sse' || transport === 'websocket' ? transport : 'auto';
+    /** What the connection is now: `websocket`, or `sse` (SSE + POST). */
+    this.transport = this.mode === 'sse' ? 'sse' : 'websocket';
+    this.probeIntervalMs = probeIntervalMs ?? PROBE_INTERVAL_MS;
 
     /** idle | connecting | live | reconnecting | closed */
     this.status = 'idle';
@@ -137,6 +380,13 @@ export class PortalClient extends EventTarget {
     this._resync = null;
     this._answerTimer = null;
     this._restartAfterClose = false;
+    /** WebSocket attempts in a row that failed before `connected`. */
+    this._wsFailures = 0;
+    /** Whether a WebSocket has reached `connected` on this page. */
+    this._wsWorked = false;
+    /** On the fallback: the WebSocket being tried, {ws, connected, queue}, or its timer. */
+    this._probe = null;
+    this._probeTimer = null;
   }
 
   /** Opens the connection; it then stays open until `stop()` or a 1008. */
@@ -150,6 +400,7 @@ export class PortalClient extends EventTarget {
     this._stopped = true;
     clearTimeout(this._reconnectTimer);
     this._reconnectTimer = null;
+    this._dropProbe();
     if (this.socket) this.socket.close(1000, 'bye');
     else this._setStatus('closed', { code: 1000, reason: 'stopped' });
   }
@@ -195,20 +446,24 @@ export class PortalClient extends EventTarget {
   _open() {
     this._reconnectTimer = null;
     this._setStatus(this._wasLive || this._attempt > 0 ? 'reconnecting' : 'connecting', {});
-    const ws = new this.WebSocket(this.wsUrl);
-    this.socket = ws;
-    ws.onmessage = (event) => {
-      if (ws !== this.socket) return;
-      let message;
-      try {
-        message = JSON.parse(event.data);
-      } catch {
-        return;
-      }
-      if (isObject(message)) this._onMessage(message);
+    const socket =
+      this.transport === 'sse'
+        ? new SseLink({ streamUrl: this.sseUrl, messagesUrl: `${this.apiUrl}/messages`, token: this.token, fetch: this.fetch })
+        : new this.WebSocket(this.wsUrl);
+    this._attach(socket);
+    if (this.transport === 'sse') this._scheduleProbe();
+  }
+
+  /** Makes `socket` the connection; messages and closes of any other are ignored. */
+  _attach(socket) {
+    this.socket = socket;
+    socket.onmessage = (event) => {
+      if (socket !== this.socket) return;
+      const message = parseMessage(event.data);
+      if (message) this._onMessage(message);
     };
-    ws.onclose = (event) => {
-      if (ws === this.socket) this._onClose(event.code, event.reason ?? '');
+    socket.onclose = (event) => {
+      if (socket === this.socket) this._onClose(event.code, event.reason ?? '');
     };
   }
 
@@ -230,11 +485,87 @@ export class PortalClient extends EventTarget {
     if (lost.length) this._publish('revert');
     if (this._stopped) return this._setStatus('closed', { code, reason });
     if (!resyncRestart && !shouldReconnect(code, reason, wasLive)) {
+      this._dropProbe();
       return this._setStatus('closed', { code, reason });
     }
+    if (!wasLive && !resyncRestart) this._countFailure();
     const delayMs = resyncRestart ? 0 : backoffMs(this._attempt++, this.random);
     this._reconnectTimer = setTimeout(() => this._open(), delayMs);
     this._setStatus('reconnecting', { code, reason, delayMs });
+    // A WebSocket tried meanwhile may already be in.
+    if (this._probe?.connected) this._adoptProbe();
+  }
+
+  /**
+   * A connection that failed before `connected`. A WebSocket that keeps
+   * failing without the server ever saying why is taken for a network that
+   * breaks them (a 1008 is the server answering: it stops the client before
+   * it gets here).
+   */
+  _countFailure() {
+    if (this.mode !== 'auto' || this.transport !== 'websocket') return;
+    this._wsFailures += 1;
+    if (this._wsFailures >= (this._wsWorked ? WS_FAILURES_AFTER_LIVE : WS_FAILURES_BEFORE_FALLBACK)) {
+      this._wsFailures = 0;
+      this.transport = 'sse';
+    }
+  }
+
+  /** On the fallback, tries a WebSocket again every `probeIntervalMs`. */
+  _scheduleProbe() {
+    if (this.mode !== 'auto' || this._stopped || this._probe || this._probeTimer) return;
+    this._probeTimer = setTimeout(() => this._startProbe(), this.probeIntervalMs);
+  }
+
+  _startProbe() {
+    this._probeTimer = null;
+    if (this._stopped || this.transport !== 'sse') return;
+    const probe = { ws: new this.WebSocket(this.wsUrl), connected: null, queue: [] };
+    this._probe = probe;
+    probe.ws.onmessage = (event) => {
+      if (this._probe !== probe) return;
+      const message = parseMessage(event.data);
+      if (!message) return;
+      if (probe.connected) probe.queue.push(message);
+      else if (message.type === 'connected') {
+        probe.connected = message;
+        this._adoptProbe();
+      }
+    };
+    probe.ws.onclose = () => {
+      if (this._probe !== probe) return;
+      this._probe = null;
+      this._scheduleProbe();
+    };
+  }
+
+  /**
+   * The probe WebSocket is in: it becomes the connection, and the SSE link
+   * is closed. Not while a change of ours awaits its answer over the link
+   * (that answer would be lost); the next answer or close comes back here.
+   * The probe's own `connected` and what followed it bring the state.
+   */
+  _adoptProbe() {
+    const probe = this._probe;
+    if (this._stopped || !probe?.connected || this._pending.size > 0) return;
+    this._probe = null;
+    const old = this.socket;
+    clearTimeout(this._reconnectTimer);
+    this._reconnectTimer = null;
+    this._endResync();
+    this.transport = 'websocket';
+    this._attach(probe.ws);
+    old?.close(1000, 'back on a WebSocket');
+    this._onConnected(probe.connected);
+    for (const message of probe.queue) this._onMessage(message);
+  }
+
+  _dropProbe() {
+    clearTimeout(this._probeTimer);
+    this._probeTimer = null;
+    const probe = this._probe;
+    this._probe = null;
+    probe?.ws.close(1000, 'bye');
   }
 
   _onMessage(message) {
@@ -246,7 +577,9 @@ export class PortalClient extends EventTarget {
         if (!pending) return;
         this._pending.delete(message.id);
         pending.resolve({ version: message.version });
-        return this._sequence(message.version, pending.change, 'ack', null);
+        this._sequence(message.version, pending.change, 'ack', null);
+        if (this._probe?.connected) this._adoptProbe();
+        return;
       }
       case 'error': {
         const pending = this._pending.get(message.id);
@@ -254,6 +587,7 @@ export class PortalClient extends EventTarget {
           this._pending.delete(message.id);
           pending.reject(Object.assign(new Error(message.message), { code: message.code }));
           this._publish('revert');
+          if (this._probe?.connected) this._adoptProbe();
         }
         return this._emit('reply', { code: message.code, message: message.message, id: message.id });
       }
@@ -286,6 +620,10 @@ export class PortalClient extends EventTarget {
     this.version = message.version;
     this._attempt = 0;
     this._wasLive = true;
+    if (this.transport === 'websocket') {
+      this._wsFailures = 0;
+      this._wsWorked = true;
+    }
     this._setStatus('live', {});
     this._publish('connected');
     this._emit('presence', { joined: [], left: [] });
@@ -406,7 +744,7 @@ export class PortalClient extends EventTarget {
 
   _setStatus(status, { code = null, reason = '', delayMs = null }) {
     this.status = status;
-    this._emit('status', { status, code, reason, delayMs });
+    this._emit('status', { status, code, reason, delayMs, transport: this.transport });
   }
 
   _emit(name, detail) {

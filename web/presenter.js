@@ -4,7 +4,7 @@
 // and a note, never controls the server would refuse anyway.
 
 import { PortalClient } from './client.js';
-import { bindStatus, field, forgetCredentials, h, itemIds, readCredentials, renderStage, signInForm } from './app.js';
+import { bindStatus, connectionOptions, field, forgetCredentials, h, itemIds, readCredentials, renderStage, signInForm } from './app.js';
 
 const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
 const ACTIVITY_LINES = 20;
@@ -21,7 +21,7 @@ function showSignIn(note, view) {
 }
 
 function present({ view, token }) {
-  const client = new PortalClient({ view, token });
+  const client = new PortalClient({ view, token, ...connectionOptions() });
   // A debugging handle (the console can reach the socket anyway).
   window.portal = { client };
   bindStatus(client, $('status'), $('version'));

@@ -2,7 +2,7 @@
 // is shown is whatever the presenter last stored.
 
 import { PortalClient } from './client.js';
-import { bindStatus, readCredentials, renderStage, signInForm } from './app.js';
+import { bindStatus, connectionOptions, readCredentials, renderStage, signInForm } from './app.js';
 
 const stage = document.querySelector('[data-testid=stage]');
 const who = document.querySelector('[data-testid=who]');
@@ -12,7 +12,7 @@ if (!credentials) {
   document.querySelector('#app').replaceChildren(signInForm({ note: 'Sign in to watch a portal view.' }));
   document.querySelector('[data-testid=status]').textContent = 'Signed out';
 } else {
-  const client = new PortalClient(credentials);
+  const client = new PortalClient({ ...credentials, ...connectionOptions() });
   // A debugging handle (the console can reach the socket anyway).
   window.portal = { client };
   bindStatus(client, document.querySelector('[data-testid=status]'), document.querySelector('[data-testid=version]'));

@@ -9,8 +9,11 @@ import {
   PortalClient,
   RECONNECT_BASE_MS,
   RECONNECT_CAP_MS,
+  SseParser,
+  WS_FAILURES_AFTER_LIVE,
   backoffMs,
   changeOf,
+  closeOfStatus,
   mergePatch,
   shouldReconnect,
 } from '../../web/client.js';
@@ -230,7 +233,7 @@ describe('PortalClient', () => {
     const pending = client.send('ping');
     socket.drop(1006);
     assert.equal(client.status, 'reconnecting');
-    assert.deepEqual(statuses.at(-1), { status: 'reconnecting', code: 1006, reason: '', delayMs: RECONNECT_BASE_MS / 2 });
+    assert.deepEqual(statuses.at(-1), { status: 'reconnecting', code: 1006, reason: '', delayMs: RECONNECT_BASE_MS / 2, transport: 'websocket' });
     t.mock.timers.tick(RECONNECT_BASE_MS / 2 - 1);
     assert.equal(FakeSocket.all.length, 1, 'waits out the backoff');
     t.mock.timers.tick(1);
@@ -253,7 +256,7 @@ describe('PortalClient', () => {
     t.mock.timers.tick(60_000);
     assert.equal(FakeSocket.all.length, 1);
     assert.equal(client.status, 'closed');
-    assert.deepEqual(statuses.at(-1), { status: 'closed', code: 1008, reason: 'token expired', delayMs: null });
+    assert.deepEqual(statuses.at(-1), { status: 'closed', code: 1008, reason: 'token expired', delayMs: null, transport: 'websocket' });
   });
 
   test('unacked changes are rejected when the connection drops', async (t) => {
@@ -285,5 +288,310 @@ describe('PortalClient', () => {
     t.mock.timers.tick(0);
     assert.equal(FakeSocket.all.length, 2, 'reconnected at once');
     assert.equal(client.status, 'reconnecting');
+  });
+});
+
+/**
+ * The server's side of the HTTP fallback, scripted: every request is kept;
+ * a stream GET answers `streamStatus` (200 by default: a body the test
+ * writes events into); a POST waits for the test's `answer`.
+ */
+class FakeHttp {
+  constructor() {
+    this.requests = [];
+    this.streams = [];
+    this.posts = [];
+    this.streamStatus = 200;
+    this.fetch = (url, init = {}) => this._fetch(url, init);
+  }
+
+  async _fetch(url, init) {
+    const request = { url: String(url), method: init.method ?? 'GET', headers: init.headers ?? {}, body: init.body };
+    this.requests.push(request);
+    if (request.method === 'POST') {
+      return new Promise((resolve) => {
+        this.posts.push({
+          request,
+          message: JSON.parse(request.body),
+          answer: (status, body) => resolve(new Response(JSON.stringify(body), { status })),
+        });
+      });
+    }
+    if (this.streamStatus !== 200) {
+      const message = this.streamStatus === 401 ? 'invalid token' : 'internal error';
+      return new Response(JSON.stringify({ error: { code: 'X', message } }), { status: this.streamStatus });
+    }
+    const encoder = new TextEncoder();
+    let controller;
+    const body = new ReadableStream({ start: (c) => (controller = c) });
+    const stream = {
+      request,
+      aborted: false,
+      write: (text) => controller.enqueue(encoder.encode(text)),
+      send: (message) => stream.write(`data:${JSON.stringify(message)}\n${message.version === undefined ? '' : `id:${message.version}\n`}\n`),
+      end: () => controller.close(),
+    };
+    init.signal?.addEventListener('abort', () => {
+      stream.aborted = true;
+      controller.error(new DOMException('aborted', 'AbortError'));
+    });
+    this.streams.push(stream);
+    return new Response(body, { status: 200, headers: { 'content-type': 'text/event-stream' } });
+  }
+}
+
+/** Lets fetch promises, stream reads and microtasks run. */
+async function settle() {
+  for (let i = 0; i < 10; i++) await new Promise((resolve) => setImmediate(resolve));
+}
+
+const CONNECTED = (connectionId, role = 'viewer', version = 5) => ({
+  type: 'connected',
+  portalViewId: 'demo',
+  connectionId,
+  userId: role === 'controller' ? 'alice' : 'carol',
+  role,
+  state: structuredClone(STATE),
+  version,
+  presence: { controllers: 1, viewers: 1, connections: 2 },
+});
+
+function fallbackClient(options = {}) {
+  FakeSocket.all = [];
+  const http = new FakeHttp();
+  const client = new PortalClient({
+    view: 'demo',
+    token: 'tok en',
+    origin: 'http://127.0.0.1:3000',
+    WebSocket: FakeSocket,
+    fetch: http.fetch,
+    random: () => 0,
+    ...options,
+  });
+  const statuses = [];
+  client.addEventListener('status', (e) => statuses.push(e.detail));
+  return { client, http, statuses };
+}
+
+describe('the HTTP fallback (SSE + POST)', () => {
+  test('the SSE parser gives the same events however the stream is cut', () => {
+    const text = ': keep-alive\r\ndata:{"type":"connected","version":1}\r\nid:1\r\n\r\ndata: two\rdata:lines\r\r:c\n\nevent:x\ndata\n\n';
+    const whole = new SseParser();
+    const expected = whole.feed(text);
+    assert.deepEqual(expected, [
+      { data: '{"type":"connected","version":1}', id: '1', event: 'message' },
+      { data: 'two\nlines', id: '1', event: 'message' },
+      { data: '', id: '1', event: 'x' },
+    ]);
+    assert.equal(whole.comments, 2);
+    for (const size of [1, 2, 3, 7]) {
+      const parser = new SseParser();
+      const events = [];
+      for (let i = 0; i < text.length; i += size) events.push(...parser.feed(text.slice(i, i + size)));
+      assert.deepEqual(events, expected, `chunks of ${size}`);
+    }
+  });
+
+  test('a refused stream is the close a WebSocket would have got', () => {
+    assert.deepEqual(closeOfStatus(401, 'token expired'), { code: 1008, reason: 'token expired' });
+    for (const status of [403, 404, 429]) assert.equal(closeOfStatus(status, 'x').code, 1008);
+    assert.deepEqual(closeOfStatus(503, ''), { code: 1001, reason: 'shutting down' });
+    assert.equal(closeOfStatus(500, 'internal error').code, 1011);
+    assert.equal(closeOfStatus(502, '').code, 1011, "a proxy's error is worth a retry");
+  });
+
+  test('after two WebSocket attempts fail it streams over SSE with the token in a header, and POSTs its messages', async (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, http, statuses } = fallbackClient();
+    client.start();
+    FakeSocket.all[0].drop(1006);
+    t.mock.timers.tick(RECONNECT_BASE_MS);
+    assert.equal(FakeSocket.all.length, 2);
+    assert.equal(client.transport, 'websocket', 'one failure is not enough');
+    FakeSocket.all[1].drop(1006);
+    assert.equal(client.transport, 'sse');
+    t.mock.timers.tick(RECONNECT_BASE_MS * 2);
+    await settle();
+    assert.equal(FakeSocket.all.length, 2, 'no third WebSocket');
+    assert.equal(http.streams.length, 1);
+    const { request } = http.streams[0];
+    assert.equal(request.url, 'http://127.0.0.1:3000/sse/portal-view/demo');
+    assert.equal(request.headers.Authorization, 'Bearer tok en');
+
+    const stream = http.streams[0];
+    stream.write(': keep-alive\n\n');
+    stream.send(CONNECTED('c9', 'controller'));
+    stream.send(broadcast(6, { currentItem: '2' }));
+    await settle();
+    assert.equal(client.status, 'live');
+    assert.deepEqual(statuses.at(-1), { status: 'live', code: null, reason: '', delayMs: null, transport: 'sse' });
+    assert.equal(client.version, 6);
+    assert.equal(client.state.currentItem, '2');
+
+    const first = client.updateView({ currentItem: '1' });
+    const second = client.updateItem('2', { title: 'Zwei' });
+    await settle();
+    assert.equal(http.posts.length, 1, 'one POST at a time: the second waits for the first answer');
+    const post = http.posts[0];
+    assert.equal(post.request.url, 'http://127.0.0.1:3000/api/portal-views/demo/messages');
+    assert.equal(post.request.headers['X-Connection-Id'], 'c9');
+    assert.equal(post.request.headers.Authorization, 'Bearer tok en');
+    assert.equal(post.request.headers['Content-Type'], 'application/json');
+    assert.deepEqual(post.message, { type: 'portal-view-update', payload: { currentItem: '1' }, id: 1 });
+    assert.equal(client.state.currentItem, '1', 'shown before the ack');
+    post.answer(200, { type: 'ack', id: 1, version: 7 });
+    assert.deepEqual(await first, { version: 7 });
+    await settle();
+    assert.equal(http.posts.length, 2);
+    assert.equal(http.posts[1].message.type, 'item-update');
+    http.posts[1].answer(403, { type: 'error', code: 'FORBIDDEN', message: 'not allowed', id: 2 });
+    await assert.rejects(second, { code: 'FORBIDDEN' });
+    assert.equal(client.version, 7);
+    assert.equal(client.state.items['2'].title, 'Two', 'the refused change is undone');
+  });
+
+  test('the closed event ends the stream with its code: token expired stops, a slow consumer retries', async (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, http, statuses } = fallbackClient({ transport: 'sse' });
+    client.start();
+    await settle();
+    http.streams[0].send(CONNECTED('c1'));
+    http.streams[0].send({ type: 'closed', code: 1013, reason: 'slow consumer' });
+    http.streams[0].end();
+    await settle();
+    assert.deepEqual(statuses.at(-1), { status: 'reconnecting', code: 1013, reason: 'slow consumer', delayMs: RECONNECT_BASE_MS / 2, transport: 'sse' });
+    t.mock.timers.tick(RECONNECT_BASE_MS / 2);
+    await settle();
+    assert.equal(http.streams.length, 2);
+    http.streams[1].send(CONNECTED('c2'));
+    http.streams[1].send({ type: 'closed', code: 1008, reason: 'token expired' });
+    http.streams[1].end();
+    await settle();
+    assert.equal(client.status, 'closed');
+    assert.deepEqual(client.lastClose, { code: 1008, reason: 'token expired' });
+    t.mock.timers.tick(60_000);
+    await settle();
+    assert.equal(http.streams.length, 2, 'no retry after 1008');
+    assert.equal(FakeSocket.all.length, 0, 'transport: sse never opens a WebSocket');
+  });
+
+  test('a refused stream stops with the reason (401) or retries (500); a stream cut without closed is a 1006', async (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, http, statuses } = fallbackClient({ transport: 'sse' });
+    http.streamStatus = 500;
+    client.start();
+    await settle();
+    assert.equal(statuses.at(-1).code, 1011);
+    assert.equal(client.status, 'reconnecting');
+    http.streamStatus = 200;
+    t.mock.timers.tick(RECONNECT_BASE_MS / 2);
+    await settle();
+    http.streams[0].send(CONNECTED('c1'));
+    await settle();
+    assert.equal(client.status, 'live');
+    http.streams[0].end();
+    await settle();
+    assert.deepEqual(client.lastClose, { code: 1006, reason: '' });
+    http.streamStatus = 401;
+    t.mock.timers.tick(RECONNECT_BASE_MS / 2);
+    await settle();
+    assert.equal(client.status, 'closed');
+    assert.deepEqual(client.lastClose, { code: 1008, reason: 'invalid token' });
+  });
+
+  test('a POST whose answer is not a protocol message ends the link, and unacked changes are rejected', async (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, http } = fallbackClient({ transport: 'sse' });
+    client.start();
+    await settle();
+    http.streams[0].send(CONNECTED('c1', 'controller'));
+    await settle();
+    const change = client.updateView({ currentItem: '2' });
+    await settle();
+    http.posts[0].answer(400, { error: { code: 'BAD_REQUEST', message: 'X-Connection-Id does not name an open SSE stream of yours on this view' } });
+    await assert.rejects(change, { code: 'OFFLINE' });
+    await settle();
+    assert.equal(client.status, 'reconnecting');
+    assert.equal(client.lastClose.code, 1011);
+    assert.ok(http.streams[0].aborted, 'the stream is closed');
+  });
+
+  test('a server restart on a page whose WebSocket worked takes four failures before falling back', (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, http } = fallbackClient();
+    client.start();
+    FakeSocket.all[0].deliver(CONNECTED('c1'));
+    FakeSocket.all[0].drop(1001, 'server shutting down');
+    for (let i = 1; i < WS_FAILURES_AFTER_LIVE; i++) {
+      t.mock.timers.tick(RECONNECT_CAP_MS);
+      FakeSocket.all[i].drop(1006);
+      assert.equal(client.transport, 'websocket', `after ${i} failures`);
+    }
+    t.mock.timers.tick(RECONNECT_CAP_MS);
+    FakeSocket.all[WS_FAILURES_AFTER_LIVE].drop(1006);
+    assert.equal(client.transport, 'sse');
+    assert.equal(http.requests.length, 0);
+  });
+
+  test('transport: websocket never falls back, and a 1008 stops the client instead of falling back', (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client } = fallbackClient({ transport: 'websocket' });
+    client.start();
+    for (let i = 0; i < 5; i++) {
+      FakeSocket.all.at(-1).drop(1006);
+      t.mock.timers.tick(RECONNECT_CAP_MS);
+    }
+    assert.equal(client.transport, 'websocket', 'transport: websocket never falls back');
+    const auto = fallbackClient().client;
+    auto.start();
+    FakeSocket.all[0].drop(1008, 'access denied');
+    assert.equal(auto.status, 'closed');
+    assert.equal(auto.transport, 'websocket');
+  });
+
+  test('on the fallback it tries a WebSocket every probe interval, and one that connects replaces the stream', async (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const { client, http, statuses } = fallbackClient({ probeIntervalMs: 1000 });
+    client.start();
+    FakeSocket.all[0].drop(1006);
+    t.mock.timers.tick(RECONNECT_BASE_MS);
+    FakeSocket.all[1].drop(1006);
+    t.mock.timers.tick(RECONNECT_BASE_MS * 2);
+    await settle();
+    const stream = http.streams[0];
+    stream.send(CONNECTED('c1', 'controller'));
+    await settle();
+    assert.equal(client.transport, 'sse');
+
+    t.mock.timers.tick(999);
+    assert.equal(FakeSocket.all.length, 2);
+    t.mock.timers.tick(1);
+    assert.equal(FakeSocket.all.length, 3, 'the first probe');
+    FakeSocket.all[2].drop(1006);
+    assert.equal(client.transport, 'sse', 'a failed probe changes nothing');
+    t.mock.timers.tick(1000);
+    const probe = FakeSocket.all[3];
+    assert.ok(probe, 'the next probe, an interval later');
+
+    // A change is in flight over POST when the probe gets in: it waits for the answer.
+    const change = client.updateView({ currentItem: '2' });
+    await settle();
+    probe.deliver(CONNECTED('c7', 'controller', 6));
+    probe.deliver(broadcast(7, { currentItem: '2' }));
+    assert.equal(client.transport, 'sse', 'not while a change awaits its ack');
+    assert.equal(stream.aborted, false);
+    http.posts[0].answer(200, { type: 'ack', id: 1, version: 6 });
+    assert.deepEqual(await change, { version: 6 });
+    await settle();
+    assert.equal(client.transport, 'websocket');
+    assert.ok(stream.aborted, 'the stream is closed');
+    assert.equal(client.connectionId, 'c7');
+    assert.equal(client.version, 7, "the probe's connected plus what followed it");
+    assert.equal(client.state.currentItem, '2');
+    assert.deepEqual(statuses.at(-1), { status: 'live', code: null, reason: '', delayMs: null, transport: 'websocket' });
+    probe.deliver(broadcast(8, { currentItem: '1' }));
+    assert.equal(client.version, 8);
+    t.mock.timers.tick(10_000);
+    assert.equal(FakeSocket.all.length, 4, 'no probes once back on a WebSocket');
   });
 });
