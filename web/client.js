@@ -364,7 +364,7 @@ export class PortalClient extends EventTarget {
     this.version = null;
     /** What pages show: `confirmed` plus our changes the server has not acked yet. */
     this.state = {};
-    /** The socket in use; exposed for debugging from the console. */
+    /** The connection in use (a WebSocket or an SseLink); exposed for debugging from the console. */
     this.socket = null;
 
     this._attempt = 0;

@@ -4,35 +4,14 @@
 // server, as a proxy that breaks WebSockets would).
 
 import assert from 'node:assert/strict';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 
 import { PortalClient } from '../../web/client.js';
-import { Server, byTestId, eventually, launchBrowser, openPage, screenshot, shownVersion, text, waitStatus, waitText } from './harness.js';
+import { byTestId, eventually, screenshot, sharedBrowser, shownVersion, text, waitStatus, waitText, withServer } from './harness.js';
 
 const TEST = { timeout: 90_000 };
 
-let browser;
-before(async () => {
-  browser = await launchBrowser();
-});
-after(async () => {
-  await browser?.close();
-});
-
-/** Starts a server, runs `body(server, pages, clients)`, and always cleans up. */
-async function withServer(body) {
-  const server = await Server.start();
-  const pages = [];
-  const clients = [];
-  try {
-    await body(server, pages, clients);
-    for (const { errors } of pages) assert.deepEqual(errors, [], 'no script errors or CSP violations');
-  } finally {
-    for (const client of clients) client.stop();
-    for (const { context } of pages) await context.close().catch(() => {});
-    await server.dispose();
-  }
-}
+const { open } = sharedBrowser();
 
 /** client.js in Node on SSE + POST only, recording every version it took. */
 function sseClient(server, user, clients) {
@@ -139,8 +118,7 @@ test('client.js on SSE: a refused stream stops with its reason, and the token ne
 test('with WebSockets blocked, the viewer page falls back to SSE, says so, and follows the presenter live', TEST, () =>
   withServer(async (server, pages) => {
     const gate = { blocked: true, attempts: 0 };
-    const viewer = await openPage(browser, server.users.carol.viewer, { before: (page) => blockWebSockets(page, gate) });
-    pages.push(viewer);
+    const viewer = await open(pages, server.users.carol.viewer, { before: (page) => blockWebSockets(page, gate) });
     await waitStatus(viewer.page, 'live');
     assert.equal(await text(viewer.page, 'status'), 'Live · SSE fallback');
     assert.equal(await byTestId(viewer.page, 'status').getAttribute('data-transport'), 'sse');
@@ -150,8 +128,7 @@ test('with WebSockets blocked, the viewer page falls back to SSE, says so, and f
     assert.ok(!stream.url.includes('token'), 'no token in the stream URL');
     assert.match(stream.headers.authorization, /^Bearer /);
 
-    const presenter = await openPage(browser, server.users.alice.presenter);
-    pages.push(presenter);
+    const presenter = await open(pages, server.users.alice.presenter);
     await waitStatus(presenter.page, 'live');
     assert.equal(await text(presenter.page, 'status'), 'Live · WebSocket');
     assert.equal(await text(presenter.page, 'count-viewers'), '1', 'the SSE viewer counts in presence');
@@ -171,10 +148,8 @@ test('with WebSockets blocked, the viewer page falls back to SSE, says so, and f
 
 test('a presenter on ?transport=sse drives a WebSocket viewer: its changes are POSTed naming its stream', TEST, () =>
   withServer(async (server, pages) => {
-    const viewer = await openPage(browser, server.users.carol.viewer);
-    pages.push(viewer);
-    const presenter = await openPage(browser, withQuery(server.users.alice.presenter, 'transport=sse'));
-    pages.push(presenter);
+    const viewer = await open(pages, server.users.carol.viewer);
+    const presenter = await open(pages, withQuery(server.users.alice.presenter, 'transport=sse'));
     const p = presenter.page;
     await waitStatus(p, 'live');
     await waitStatus(viewer.page, 'live');
@@ -212,8 +187,7 @@ test('a presenter on ?transport=sse drives a WebSocket viewer: its changes are P
 test('on the fallback the page keeps trying WebSockets and goes back to one when it works', TEST, () =>
   withServer(async (server, pages) => {
     const gate = { blocked: true, attempts: 0 };
-    const viewer = await openPage(browser, withQuery(server.users.carol.viewer, 'probe=500'), { before: (page) => blockWebSockets(page, gate) });
-    pages.push(viewer);
+    const viewer = await open(pages, withQuery(server.users.carol.viewer, 'probe=500'), { before: (page) => blockWebSockets(page, gate) });
     await waitStatus(viewer.page, 'live');
     assert.equal(await text(viewer.page, 'status'), 'Live · SSE fallback');
     await eventually(() => gate.attempts >= 4, { what: 'probes every 0.5 s' });

@@ -2,10 +2,12 @@
 // port with a temp database, Debian's Chromium driven by playwright-core, and
 // small helpers to read what a page shows. Every wait is bounded.
 
+import assert from 'node:assert/strict';
 import { spawn } from 'node:child_process';
 import { mkdir, mkdtemp, rm } from 'node:fs/promises';
 import { tmpdir } from 'node:os';
 import path from 'node:path';
+import { after, before } from 'node:test';
 import { fileURLToPath } from 'node:url';
 import { chromium } from 'playwright-core';
 
@@ -182,6 +184,47 @@ export class Server {
 
 export function launchBrowser() {
   return chromium.launch({ executablePath: CHROMIUM, timeout: SERVER_WAIT_MS });
+}
+
+/**
+ * One Chromium for a test file: launched before its tests, closed after.
+ * `open(pages, url, options)` opens a page in it and adds its record to `pages`.
+ */
+export function sharedBrowser() {
+  let browser;
+  before(async () => {
+    browser = await launchBrowser();
+  });
+  after(async () => {
+    await browser?.close();
+  });
+  return {
+    async open(pages, url, options) {
+      const record = await openPage(browser, url, options);
+      pages.push(record);
+      return record;
+    },
+  };
+}
+
+/**
+ * Starts a server, runs `body(server, pages, clients)`, and always cleans up:
+ * the PortalClients in `clients` are stopped, the pages' contexts closed, the
+ * server stopped and its files removed. A page that threw or hit the CSP
+ * fails the test.
+ */
+export async function withServer(body) {
+  const server = await Server.start();
+  const pages = [];
+  const clients = [];
+  try {
+    await body(server, pages, clients);
+    for (const { errors } of pages) assert.deepEqual(errors, [], 'no script errors or CSP violations');
+  } finally {
+    for (const client of clients) client.stop();
+    for (const { context } of pages) await context.close().catch(() => {});
+    await server.dispose();
+  }
 }
 
 /**

@@ -5,52 +5,26 @@
 // right is not enough.
 
 import assert from 'node:assert/strict';
-import { after, before, test } from 'node:test';
+import { test } from 'node:test';
 
 import {
-  Server,
   byTestId,
   eventually,
-  launchBrowser,
-  openPage,
   routeSocket,
   screenshot,
+  sharedBrowser,
   shownVersion,
   text,
   waitStatus,
   waitText,
+  withServer,
 } from './harness.js';
 
 const TEST = { timeout: 90_000 };
 const PRESENTER_SIZE = { width: 1280, height: 800 };
 const VIEWER_SIZE = { width: 1280, height: 720 };
 
-let browser;
-before(async () => {
-  browser = await launchBrowser();
-});
-after(async () => {
-  await browser?.close();
-});
-
-/** Starts a server, runs `body(server, pages)`, and always cleans up. */
-async function withServer(body) {
-  const server = await Server.start();
-  const pages = [];
-  try {
-    await body(server, pages);
-    for (const { errors } of pages) assert.deepEqual(errors, [], 'no script errors or CSP violations');
-  } finally {
-    for (const { context } of pages) await context.close().catch(() => {});
-    await server.dispose();
-  }
-}
-
-async function open(pages, url, options) {
-  const record = await openPage(browser, url, options);
-  pages.push(record);
-  return record;
-}
+const { open } = sharedBrowser();
 
 test('the presenter drives two viewers: next, item edits and show/hide reach them live', TEST, () =>
   withServer(async (server, pages) => {
