@@ -115,14 +115,14 @@ export function connectionOptions(search = location.search) {
 /** Keeps the status badge and the version in step with the client. */
 export function bindStatus(client, statusElement, versionElement) {
   let tick = null;
-  const render = ({ status, code, reason, delayMs }) => {
+  const render = ({ status, code, reason, delayMs, transport }) => {
     clearInterval(tick);
     statusElement.dataset.state = status;
     statusElement.dataset.code = code ?? '';
     const cause = code ? `${reason || CLOSE_WORDS[code] || 'closed'} (${code})` : '';
-    statusElement.dataset.transport = client.transport;
+    statusElement.dataset.transport = transport;
     if (status === 'connecting') statusElement.textContent = 'Connecting…';
-    else if (status === 'live') statusElement.textContent = `Live · ${TRANSPORT_WORDS[client.transport]}`;
+    else if (status === 'live') statusElement.textContent = `Live · ${TRANSPORT_WORDS[transport]}`;
     else if (status === 'closed') statusElement.textContent = `Closed: ${cause || 'stopped'}`;
     else if (status === 'reconnecting' && delayMs !== null) {
       const due = Date.now() + delayMs;

@@ -197,7 +197,8 @@ export function closeOfStatus(status, message) {
  * and nothing reconnects behind the client's back. Messages go out one POST
  * at a time, in order, as frames would, each naming this stream in
  * `X-Connection-Id`; the POST's answer (an `ack`, an `error`, …) is handed
- * to `onmessage` as if the stream had carried it.
+ * to `onmessage` as if the stream had carried it. Its message events carry
+ * the parsed object as `message` rather than the text as `data`.
  */
 export class SseLink {
   constructor({ streamUrl, messagesUrl, token, fetch: fetchImpl }) {
@@ -249,16 +250,11 @@ export class SseLink {
         const { value, done } = await reader.read();
         if (done) break;
         for (const event of parser.feed(decoder.decode(value, { stream: true }))) {
-          let message;
-          try {
-            message = JSON.parse(event.data);
-          } catch {
-            continue;
-          }
+          const message = parseMessage(event.data);
           if (message?.type === 'closed') last = message;
-          else {
-            if (message?.type === 'connected') this.connectionId = message.connectionId ?? null;
-            this._deliver(event.data);
+          else if (message) {
+            if (message.type === 'connected') this.connectionId = message.connectionId ?? null;
+            this._deliver(message);
           }
         }
       }
@@ -283,7 +279,7 @@ export class SseLink {
       // changes are rejected and the next `connected` tells the truth.
       return this._end(1006, 'a message could not be sent');
     }
-    if (isObject(body) && typeof body.type === 'string') return this._deliver(JSON.stringify(body));
+    if (isObject(body) && typeof body.type === 'string') return this._deliver(body);
     if (response.ok) return; // `{}`: a WebSocket would have been sent nothing
     // Not a protocol answer: the request itself was refused (the token, the
     // view, a stream this node does not hold) or the server failed.
@@ -291,8 +287,9 @@ export class SseLink {
     this._end(code, reason);
   }
 
-  _deliver(data) {
-    if (!this._ended) this.onmessage?.({ data });
+  /** Hands on a message already parsed (as `event.message`), so it is parsed once. */
+  _deliver(message) {
+    if (!this._ended) this.onmessage?.({ message });
   }
 
   _end(code, reason) {
@@ -459,7 +456,7 @@ export class PortalClient extends EventTarget {
     this.socket = socket;
     socket.onmessage = (event) => {
       if (socket !== this.socket) return;
-      const message = parseMessage(event.data);
+      const message = event.message ?? parseMessage(event.data);
       if (message) this._onMessage(message);
     };
     socket.onclose = (event) => {

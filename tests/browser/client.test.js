@@ -50,31 +50,95 @@ class FakeSocket {
 
 const STATE = { currentItem: '1', items: { 1: { title: 'One' }, 2: { title: 'Two' } } };
 
-/** A started client whose socket has received `connected` as `role` at version 5. */
-function connectedClient(role, { fetch } = {}) {
+/**
+ * The server's side of the HTTP fallback, scripted: every request is kept;
+ * a stream GET answers `streamStatus` (200 by default: a body the test
+ * writes events into); a POST waits for the test's `answer`.
+ */
+class FakeHttp {
+  constructor() {
+    this.requests = [];
+    this.streams = [];
+    this.posts = [];
+    this.streamStatus = 200;
+    this.fetch = (url, init = {}) => this._fetch(url, init);
+  }
+
+  async _fetch(url, init) {
+    const request = { url: String(url), method: init.method ?? 'GET', headers: init.headers ?? {}, body: init.body };
+    this.requests.push(request);
+    if (request.method === 'POST') {
+      return new Promise((resolve) => {
+        this.posts.push({
+          request,
+          message: JSON.parse(request.body),
+          answer: (status, body) => resolve(new Response(JSON.stringify(body), { status })),
+        });
+      });
+    }
+    if (this.streamStatus !== 200) {
+      const message = this.streamStatus === 401 ? 'invalid token' : 'internal error';
+      return new Response(JSON.stringify({ error: { code: 'X', message } }), { status: this.streamStatus });
+    }
+    const encoder = new TextEncoder();
+    let controller;
+    const body = new ReadableStream({ start: (c) => (controller = c) });
+    const stream = {
+      request,
+      aborted: false,
+      write: (text) => controller.enqueue(encoder.encode(text)),
+      send: (message) => stream.write(`data:${JSON.stringify(message)}\n${message.version === undefined ? '' : `id:${message.version}\n`}\n`),
+      end: () => controller.close(),
+    };
+    init.signal?.addEventListener('abort', () => {
+      stream.aborted = true;
+      controller.error(new DOMException('aborted', 'AbortError'));
+    });
+    this.streams.push(stream);
+    return new Response(body, { status: 200, headers: { 'content-type': 'text/event-stream' } });
+  }
+}
+
+/** Lets fetch promises, stream reads and microtasks run. */
+async function settle() {
+  for (let i = 0; i < 10; i++) await new Promise((resolve) => setImmediate(resolve));
+}
+
+const CONNECTED = (connectionId, role = 'viewer', version = 5) => ({
+  type: 'connected',
+  portalViewId: 'demo',
+  connectionId,
+  userId: role === 'controller' ? 'alice' : 'carol',
+  role,
+  state: structuredClone(STATE),
+  version,
+  presence: { controllers: 1, viewers: 1, connections: 2 },
+});
+
+/** A client on a scripted WebSocket and a scripted HTTP server, not started yet. */
+function newClient(options = {}) {
   FakeSocket.all = [];
+  const http = new FakeHttp();
   const client = new PortalClient({
     view: 'demo',
     token: 'tok en',
     origin: 'http://127.0.0.1:3000',
     WebSocket: FakeSocket,
-    fetch: fetch ?? (() => Promise.reject(new Error('no fetch in this test'))),
+    fetch: http.fetch,
     random: () => 0,
+    ...options,
   });
   const statuses = [];
   client.addEventListener('status', (e) => statuses.push(e.detail));
+  return { client, http, statuses };
+}
+
+/** A started client whose socket has received `connected` as `role` at version 5. */
+function connectedClient(role, { fetch } = {}) {
+  const { client, statuses } = newClient({ fetch: fetch ?? (() => Promise.reject(new Error('no fetch in this test'))) });
   client.start();
   const socket = FakeSocket.all[0];
-  socket.deliver({
-    type: 'connected',
-    portalViewId: 'demo',
-    connectionId: 'c1',
-    userId: role === 'controller' ? 'alice' : 'carol',
-    role,
-    state: structuredClone(STATE),
-    version: 5,
-    presence: { controllers: 1, viewers: 1, connections: 2 },
-  });
+  socket.deliver(CONNECTED('c1', role));
   return { client, socket, statuses };
 }
 
@@ -291,88 +355,6 @@ describe('PortalClient', () => {
   });
 });
 
-/**
- * The server's side of the HTTP fallback, scripted: every request is kept;
- * a stream GET answers `streamStatus` (200 by default: a body the test
- * writes events into); a POST waits for the test's `answer`.
- */
-class FakeHttp {
-  constructor() {
-    this.requests = [];
-    this.streams = [];
-    this.posts = [];
-    this.streamStatus = 200;
-    this.fetch = (url, init = {}) => this._fetch(url, init);
-  }
-
-  async _fetch(url, init) {
-    const request = { url: String(url), method: init.method ?? 'GET', headers: init.headers ?? {}, body: init.body };
-    this.requests.push(request);
-    if (request.method === 'POST') {
-      return new Promise((resolve) => {
-        this.posts.push({
-          request,
-          message: JSON.parse(request.body),
-          answer: (status, body) => resolve(new Response(JSON.stringify(body), { status })),
-        });
-      });
-    }
-    if (this.streamStatus !== 200) {
-      const message = this.streamStatus === 401 ? 'invalid token' : 'internal error';
-      return new Response(JSON.stringify({ error: { code: 'X', message } }), { status: this.streamStatus });
-    }
-    const encoder = new TextEncoder();
-    let controller;
-    const body = new ReadableStream({ start: (c) => (controller = c) });
-    const stream = {
-      request,
-      aborted: false,
-      write: (text) => controller.enqueue(encoder.encode(text)),
-      send: (message) => stream.write(`data:${JSON.stringify(message)}\n${message.version === undefined ? '' : `id:${message.version}\n`}\n`),
-      end: () => controller.close(),
-    };
-    init.signal?.addEventListener('abort', () => {
-      stream.aborted = true;
-      controller.error(new DOMException('aborted', 'AbortError'));
-    });
-    this.streams.push(stream);
-    return new Response(body, { status: 200, headers: { 'content-type': 'text/event-stream' } });
-  }
-}
-
-/** Lets fetch promises, stream reads and microtasks run. */
-async function settle() {
-  for (let i = 0; i < 10; i++) await new Promise((resolve) => setImmediate(resolve));
-}
-
-const CONNECTED = (connectionId, role = 'viewer', version = 5) => ({
-  type: 'connected',
-  portalViewId: 'demo',
-  connectionId,
-  userId: role === 'controller' ? 'alice' : 'carol',
-  role,
-  state: structuredClone(STATE),
-  version,
-  presence: { controllers: 1, viewers: 1, connections: 2 },
-});
-
-function fallbackClient(options = {}) {
-  FakeSocket.all = [];
-  const http = new FakeHttp();
-  const client = new PortalClient({
-    view: 'demo',
-    token: 'tok en',
-    origin: 'http://127.0.0.1:3000',
-    WebSocket: FakeSocket,
-    fetch: http.fetch,
-    random: () => 0,
-    ...options,
-  });
-  const statuses = [];
-  client.addEventListener('status', (e) => statuses.push(e.detail));
-  return { client, http, statuses };
-}
-
 describe('the HTTP fallback (SSE + POST)', () => {
   test('the SSE parser gives the same events however the stream is cut', () => {
     const text = ': keep-alive\r\ndata:{"type":"connected","version":1}\r\nid:1\r\n\r\ndata: two\rdata:lines\r\r:c\n\nevent:x\ndata\n\n';
@@ -402,7 +384,7 @@ describe('the HTTP fallback (SSE + POST)', () => {
 
   test('after two WebSocket attempts fail it streams over SSE with the token in a header, and POSTs its messages', async (t) => {
     t.mock.timers.enable({ apis: ['setTimeout'] });
-    const { client, http, statuses } = fallbackClient();
+    const { client, http, statuses } = newClient();
     client.start();
     FakeSocket.all[0].drop(1006);
     t.mock.timers.tick(RECONNECT_BASE_MS);
@@ -452,7 +434,7 @@ describe('the HTTP fallback (SSE + POST)', () => {
 
   test('the closed event ends the stream with its code: token expired stops, a slow consumer retries', async (t) => {
     t.mock.timers.enable({ apis: ['setTimeout'] });
-    const { client, http, statuses } = fallbackClient({ transport: 'sse' });
+    const { client, http, statuses } = newClient({ transport: 'sse' });
     client.start();
     await settle();
     http.streams[0].send(CONNECTED('c1'));
@@ -477,7 +459,7 @@ describe('the HTTP fallback (SSE + POST)', () => {
 
   test('a refused stream stops with the reason (401) or retries (500); a stream cut without closed is a 1006', async (t) => {
     t.mock.timers.enable({ apis: ['setTimeout'] });
-    const { client, http, statuses } = fallbackClient({ transport: 'sse' });
+    const { client, http, statuses } = newClient({ transport: 'sse' });
     http.streamStatus = 500;
     client.start();
     await settle();
@@ -501,7 +483,7 @@ describe('the HTTP fallback (SSE + POST)', () => {
 
   test('a POST whose answer is not a protocol message ends the link, and unacked changes are rejected', async (t) => {
     t.mock.timers.enable({ apis: ['setTimeout'] });
-    const { client, http } = fallbackClient({ transport: 'sse' });
+    const { client, http } = newClient({ transport: 'sse' });
     client.start();
     await settle();
     http.streams[0].send(CONNECTED('c1', 'controller'));
@@ -518,7 +500,7 @@ describe('the HTTP fallback (SSE + POST)', () => {
 
   test('a server restart on a page whose WebSocket worked takes four failures before falling back', (t) => {
     t.mock.timers.enable({ apis: ['setTimeout'] });
-    const { client, http } = fallbackClient();
+    const { client, http } = newClient();
     client.start();
     FakeSocket.all[0].deliver(CONNECTED('c1'));
     FakeSocket.all[0].drop(1001, 'server shutting down');
@@ -535,14 +517,14 @@ describe('the HTTP fallback (SSE + POST)', () => {
 
   test('transport: websocket never falls back, and a 1008 stops the client instead of falling back', (t) => {
     t.mock.timers.enable({ apis: ['setTimeout'] });
-    const { client } = fallbackClient({ transport: 'websocket' });
+    const { client } = newClient({ transport: 'websocket' });
     client.start();
     for (let i = 0; i < 5; i++) {
       FakeSocket.all.at(-1).drop(1006);
       t.mock.timers.tick(RECONNECT_CAP_MS);
     }
     assert.equal(client.transport, 'websocket', 'transport: websocket never falls back');
-    const auto = fallbackClient().client;
+    const auto = newClient().client;
     auto.start();
     FakeSocket.all[0].drop(1008, 'access denied');
     assert.equal(auto.status, 'closed');
@@ -551,7 +533,7 @@ describe('the HTTP fallback (SSE + POST)', () => {
 
   test('on the fallback it tries a WebSocket every probe interval, and one that connects replaces the stream', async (t) => {
     t.mock.timers.enable({ apis: ['setTimeout'] });
-    const { client, http, statuses } = fallbackClient({ probeIntervalMs: 1000 });
+    const { client, http, statuses } = newClient({ probeIntervalMs: 1000 });
     client.start();
     FakeSocket.all[0].drop(1006);
     t.mock.timers.tick(RECONNECT_BASE_MS);
