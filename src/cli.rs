@@ -29,6 +29,16 @@ pub struct Cli {
     #[arg(long, env = "PORTAL_JWT_SECRET", global = true, hide_env_values = true)]
     jwt_secret: Option<String>,
 
+    /// File holding the HS256 secret (instead of --jwt-secret, which `ps` shows);
+    /// surrounding whitespace is ignored
+    #[arg(
+        long,
+        env = "PORTAL_JWT_SECRET_FILE",
+        global = true,
+        conflicts_with = "jwt_secret"
+    )]
+    jwt_secret_file: Option<PathBuf>,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -73,6 +83,21 @@ struct ServeArgs {
     /// Largest WebSocket message or REST body, in bytes (1009 / 413 above it)
     #[arg(long, env = "PORTAL_MAX_MESSAGE_BYTES", default_value_t = 65536)]
     max_message_bytes: usize,
+    /// Largest serialized state of a view, in bytes (a change past it is refused)
+    #[arg(long, env = "PORTAL_MAX_STATE_BYTES", default_value_t = 512 * 1024)]
+    max_state_bytes: usize,
+    /// Seconds a viewer's request-sync waits for a controller's sync-response
+    /// before the server answers with the stored state
+    #[arg(long, env = "PORTAL_SYNC_TIMEOUT", default_value_t = 2, value_parser = clap::value_parser!(u64).range(1..))]
+    sync_timeout: u64,
+    /// Seconds an HTTP response may wait for a peer that does not read before
+    /// the connection is dropped
+    #[arg(long, env = "PORTAL_HTTP_WRITE_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+    http_write_timeout: u64,
+    /// Connections that have not sent a complete request yet; past this the
+    /// oldest is dropped [default: half the open-file limit]
+    #[arg(long, env = "PORTAL_MAX_PENDING_CONNS", value_parser = clap::value_parser!(u64).range(1..))]
+    max_pending_conns: Option<u64>,
     /// Outbound bytes queued per connection before it is closed 1013 `slow consumer`
     #[arg(long, env = "PORTAL_SEND_QUEUE_BYTES", default_value_t = 1 << 20)]
     send_queue_bytes: usize,
@@ -222,13 +247,14 @@ fn init_logging() {
 
 fn run(cli: Cli) -> Result<(), String> {
     let db_path = |default: &str| cli.db.clone().unwrap_or_else(|| PathBuf::from(default));
-    let secret =
-        || {
-            cli.jwt_secret.clone().filter(|s| !s.is_empty()).ok_or_else(|| {
-            "no JWT secret: set --jwt-secret or PORTAL_JWT_SECRET (or try `portal-sync demo`)"
+    let configured = configured_secret(&cli)?;
+    let secret = || {
+        configured.clone().ok_or_else(|| {
+            "no JWT secret: set --jwt-secret, --jwt-secret-file or PORTAL_JWT_SECRET \
+             (or try `portal-sync demo`)"
                 .to_string()
         })
-        };
+    };
     match cli.command {
         Command::Serve(args) => serve(
             config(&args, db_path("portal-sync.db"), secret()?),
@@ -236,7 +262,7 @@ fn run(cli: Cli) -> Result<(), String> {
             None,
         ),
         Command::Demo(args) => {
-            let secret = match cli.jwt_secret.clone().filter(|s| !s.is_empty()) {
+            let secret = match configured.clone() {
                 Some(s) => s,
                 None => random_secret()?,
             };
@@ -328,10 +354,27 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
+/// The secret from `--jwt-secret-file` or `--jwt-secret` (an empty one is none).
+fn configured_secret(cli: &Cli) -> Result<Option<String>, String> {
+    let secret = match &cli.jwt_secret_file {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .map_err(|e| format!("cannot read the JWT secret file {}: {e}", path.display()))?;
+            Some(text.trim().to_string())
+        }
+        None => cli.jwt_secret.clone(),
+    };
+    Ok(secret.filter(|s| !s.is_empty()))
+}
+
 fn config(args: &ServeArgs, db_path: PathBuf, secret: String) -> Config {
     Config {
         jwt_leeway: args.jwt_leeway,
         max_message_bytes: args.max_message_bytes,
+        max_state_bytes: args.max_state_bytes,
+        sync_timeout: Duration::from_secs(args.sync_timeout),
+        http_write_timeout: Duration::from_secs(args.http_write_timeout),
+        max_pending_conns: args.max_pending_conns.map(|n| n as usize),
         send_queue_bytes: args.send_queue_bytes,
         shutdown_timeout: Duration::from_secs(args.shutdown_timeout),
         ping_interval: Duration::from_secs(args.ping_interval),

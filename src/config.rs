@@ -14,6 +14,12 @@ pub struct Config {
     pub jwt_leeway: u64,
     /// Largest WebSocket message or REST body (SPEC §5).
     pub max_message_bytes: usize,
+    /// Largest serialized state a view may reach (SPEC §5); a change past it
+    /// is refused and changes nothing.
+    pub max_state_bytes: usize,
+    /// How long a viewer's `request-sync` waits for a controller's
+    /// `sync-response` before the server answers it itself (SPEC §3.1).
+    pub sync_timeout: Duration,
     /// Outbound bytes queued per connection before it is closed 1013.
     pub send_queue_bytes: usize,
     /// How long shutdown waits for connections to close (SPEC §3.4).
@@ -44,6 +50,12 @@ pub struct Config {
     /// Prefix of the Redis channel, so clusters (and tests) sharing a Redis
     /// stay apart.
     pub redis_prefix: String,
+    /// How long a write of an HTTP response may stall (the peer not reading)
+    /// before its connection is dropped.
+    pub http_write_timeout: Duration,
+    /// Connections that have not yet sent a complete request head; past this
+    /// the oldest is dropped. `None`: half the open-file limit.
+    pub max_pending_conns: Option<usize>,
 }
 
 impl Config {
@@ -54,6 +66,8 @@ impl Config {
             jwt_secret: jwt_secret.into(),
             jwt_leeway: 0,
             max_message_bytes: 65536,
+            max_state_bytes: 512 * 1024,
+            sync_timeout: Duration::from_secs(2),
             send_queue_bytes: 1 << 20,
             shutdown_timeout: Duration::from_secs(10),
             sqlite_synchronous: Synchronous::Full,
@@ -69,6 +83,8 @@ impl Config {
             revocation_poll: Duration::from_millis(250),
             redis_url: None,
             redis_prefix: "portal-sync".into(),
+            http_write_timeout: Duration::from_secs(30),
+            max_pending_conns: None,
         }
     }
 }
