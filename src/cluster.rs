@@ -200,7 +200,11 @@ impl Cluster {
     }
 
     /// A viewer's `request-sync`, forwarded to the controllers on other nodes
-    /// (this node's own controllers got it directly).
+    /// (this node's own controllers got it directly). Called at most once per
+    /// view per window (see `sync_requests`); the answer to it is a
+    /// controller's `sync-response`, which reaches every node as a broadcast
+    /// and clears that view's waiting requesters there, or, after the timeout,
+    /// the server's own from the requester's node.
     pub fn request_sync(&self, view: &str, message: &str) {
         let envelope = Envelope {
             node: self.node_id.to_string(),
@@ -386,9 +390,10 @@ async fn sequencer(
                             changes.push((view, version, node, conn, message));
                         }
                         Event::RequestSync { view, node, message } => {
-                            // This node's own controllers got it directly.
+                            // This node's own controllers got it directly; the
+                            // others' forwards share its window (SPEC §3.1).
                             if node != *seq.node_id {
-                                seq.hub.send_to_controllers(&view, &Message::text(message));
+                                seq.hub.remote_request_sync(&view, Message::text(message));
                             }
                         }
                         Event::Presence { view, node, summary } => {

@@ -15,6 +15,7 @@ use crate::error::Error;
 use crate::hub::{Hub, Limits};
 use crate::metrics::Metrics;
 use crate::revocation::{self, Nudge};
+use crate::sync_requests::{self, SyncTiming};
 use crate::writer::Writer;
 
 /// Cheap to clone: one `Arc`.
@@ -58,11 +59,17 @@ impl Ctx {
         let path = config.db_path.clone();
         let sync = config.sqlite_synchronous;
         let db = tokio::task::spawn_blocking(move || Db::open(&path, sync)).await??;
-        let hub = Arc::new(Hub::new(Limits {
-            per_user: config.max_conns_per_user,
-            per_view: config.max_conns_per_view,
-            total: config.max_conns,
-        }));
+        let hub = Arc::new(
+            Hub::new(Limits {
+                per_user: config.max_conns_per_user,
+                per_view: config.max_conns_per_view,
+                total: config.max_conns,
+            })
+            .with_sync_timing(SyncTiming {
+                window: config.presence_batch,
+                timeout: config.sync_timeout,
+            }),
+        );
         let metrics = Arc::new(Metrics::new());
         let cluster = match &config.redis_url {
             Some(url) => Some(Cluster::start(
@@ -88,6 +95,10 @@ impl Ctx {
                 config.revocation_poll,
                 revocation_nudge.clone(),
             ),
+        ));
+        tokio::spawn(until_shutdown(
+            stop.clone(),
+            sync_requests::run(hub.clone(), writer.clone(), cluster.clone()),
         ));
         tokio::spawn(until_shutdown(
             stop,

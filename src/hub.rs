@@ -5,17 +5,20 @@
 //! every critical section is a few map operations or queue pushes and nothing
 //! is awaited while a lock is held, so a blocking lock is both correct and
 //! cheaper (the reasoning of mini-redis's `db.rs`). Lock order is always
-//! `Hub::rooms` before a `Room`, and a `Room` before an `Outbox`.
+//! `Hub::rooms` before a `Room`, and a `Room` before an `Outbox` or
+//! `Hub::sync_due`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BinaryHeap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::model::{Presence, Role};
 use crate::protocol;
+use crate::sync_requests::{Asked, SyncRequests, SyncTiming};
 
 /// Locks a mutex even if a thread panicked while holding it: the data under
 /// these locks stays consistent between statements, so a poisoned lock is
@@ -251,6 +254,10 @@ struct RoomInner {
     /// while 10,000 viewers connected to one view; see BENCHMARKS.md).
     local_controllers: usize,
     local_viewers: usize,
+    /// Viewers' request-syncs waiting for an answer, and the forward window.
+    sync: SyncRequests,
+    /// The earliest time this room is in `Hub::sync_due`.
+    sync_scheduled: Option<tokio::time::Instant>,
 }
 
 impl RoomInner {
@@ -298,6 +305,15 @@ impl RoomInner {
 
     fn has_controller(&self) -> bool {
         self.local_controllers > 0
+    }
+
+    /// Queues a frame for this node's controllers of the view.
+    fn send_to_controllers(&self, msg: &Message) {
+        for member in self.members.values() {
+            if member.role == Role::Controller {
+                member.outbox.push(msg.clone(), 0);
+            }
+        }
     }
 
     /// Counts a local person in or out of their role when their first
@@ -422,6 +438,58 @@ pub struct Hub {
     /// Cluster mode: views whose local connections changed since this node
     /// last told the others (see [`Hub::take_summaries`]).
     shared: Mutex<Option<std::collections::HashSet<Arc<str>>>>,
+    sync_timing: SyncTiming,
+    /// Rooms with a request-sync deadline, earliest first (a room may be in
+    /// it more than once; a stale entry finds nothing to do).
+    sync_due: Mutex<BinaryHeap<SyncDeadline>>,
+    sync_scheduled: Notify,
+}
+
+/// A room's next request-sync deadline, ordered so that the heap's top is the
+/// earliest.
+struct SyncDeadline {
+    at: tokio::time::Instant,
+    room: Arc<Room>,
+}
+
+impl PartialEq for SyncDeadline {
+    fn eq(&self, other: &Self) -> bool {
+        self.at == other.at
+    }
+}
+
+impl Eq for SyncDeadline {}
+
+impl PartialOrd for SyncDeadline {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for SyncDeadline {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        other.at.cmp(&self.at)
+    }
+}
+
+/// What became of a viewer's `request-sync`.
+pub enum SyncAsked {
+    /// Forwarded to this node's controllers now: publish this to the others.
+    Forwarded(Message),
+    /// Waiting for a controller's answer (or the timeout); nothing to send now.
+    Waiting,
+    /// No controller on any node: the server answers at once, with this id.
+    AnswerNow(Option<Box<RawValue>>),
+}
+
+/// A room's request-sync work that is due (see [`Hub::take_due_syncs`]).
+pub struct DueSync {
+    pub view_id: Arc<str>,
+    /// The window's forward for the other nodes.
+    pub to_nodes: Option<Message>,
+    /// Requesters no controller answered in time: where the server's own
+    /// answer goes, with its id.
+    pub answers: Vec<(Arc<Outbox>, Option<Box<RawValue>>)>,
 }
 
 impl Default for Hub {
@@ -475,7 +543,16 @@ impl Hub {
             revocations: AtomicU64::new(0),
             remote: Mutex::new(Remote::default()),
             shared: Mutex::new(None),
+            sync_timing: SyncTiming::default(),
+            sync_due: Mutex::new(BinaryHeap::new()),
+            sync_scheduled: Notify::new(),
         }
+    }
+
+    /// The request-sync window and timeout (SPEC §3.1), from the config.
+    pub fn with_sync_timing(mut self, timing: SyncTiming) -> Hub {
+        self.sync_timing = timing;
+        self
     }
 
     /// Cluster mode: from now on, local presence changes are collected for
@@ -751,6 +828,7 @@ impl Hub {
         let Some(member) = inner.members.remove(&key) else {
             return;
         };
+        inner.sync.left(key);
         self.connections.fetch_sub(1, Ordering::Relaxed);
         rooms.total -= 1;
         if let Some(n) = rooms.per_user.get_mut(&member.user_id) {
@@ -862,6 +940,9 @@ impl Hub {
         };
         let mut inner = lock(&room.inner);
         inner.last_version = inner.last_version.max(version);
+        if protocol::answers_sync_requests(msg) {
+            inner.sync.answered();
+        }
         let mut delivered = 0;
         for (key, member) in &inner.members {
             if Some(*key) != except && member.outbox.push(msg.clone(), version) {
@@ -915,6 +996,12 @@ impl Hub {
         if let Some(last) = frames.iter().map(|f| f.version).max() {
             inner.last_version = inner.last_version.max(last);
         }
+        if frames
+            .iter()
+            .any(|f| protocol::answers_sync_requests(&f.msg))
+        {
+            inner.sync.answered();
+        }
         let mut delivered = 0;
         for (key, member) in &inner.members {
             delivered += member.outbox.push_many(
@@ -927,18 +1014,133 @@ impl Hub {
         delivered
     }
 
-    /// Sends a frame to the view's controllers; returns how many got it.
-    pub fn send_to_controllers(&self, view_id: &str, msg: &Message) -> usize {
+    /// A viewer connection's `request-sync` (SPEC §3.1). Its controllers
+    /// are asked at most once per window; the requester waits for the next
+    /// controller `sync-response` or the timeout, and is answered at once
+    /// when no controller is connected on any node.
+    pub fn request_sync(
+        &self,
+        view_id: &str,
+        key: u64,
+        user_id: &Arc<str>,
+        connection_id: &Arc<str>,
+        id: Option<Box<RawValue>>,
+    ) -> SyncAsked {
         let Some(room) = self.room(view_id) else {
-            return 0;
+            return SyncAsked::AnswerNow(id);
         };
-        let inner = lock(&room.inner);
-        inner
-            .members
-            .values()
-            .filter(|m| m.role == Role::Controller)
-            .filter(|m| m.outbox.push(msg.clone(), 0))
-            .count()
+        let mut inner = lock(&room.inner);
+        let remote_controller = inner
+            .remote_people
+            .keys()
+            .any(|(_, role)| *role == Role::Controller);
+        // A requester that is not in the room (a POST naming a stream that
+        // just closed) could not be answered later.
+        if !(inner.has_controller() || remote_controller) || !inner.members.contains_key(&key) {
+            return SyncAsked::AnswerNow(id);
+        }
+        let now = tokio::time::Instant::now();
+        let asked = inner
+            .sync
+            .ask(key, user_id, connection_id, id, now, self.sync_timing);
+        let outcome = match asked {
+            Asked::AlreadyWaiting => return SyncAsked::Waiting,
+            Asked::Folded => SyncAsked::Waiting,
+            Asked::ForwardNow(msg) => {
+                inner.send_to_controllers(&msg);
+                SyncAsked::Forwarded(msg)
+            }
+        };
+        self.schedule_sync(&room, &mut inner);
+        outcome
+    }
+
+    /// Another node's forwarded `request-sync`: this node's controllers get
+    /// it within the same window as its own requesters' forwards.
+    pub fn remote_request_sync(&self, view_id: &str, msg: Message) {
+        let Some(room) = self.room(view_id) else {
+            return;
+        };
+        let mut inner = lock(&room.inner);
+        if !inner.has_controller() {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        match inner.sync.remote(msg, now, self.sync_timing) {
+            Some(msg) => {
+                inner.send_to_controllers(&msg);
+            }
+            None => self.schedule_sync(&room, &mut inner),
+        }
+    }
+
+    /// Puts the room in `sync_due` if its next deadline is earlier than the
+    /// one it is already there for.
+    fn schedule_sync(&self, room: &Arc<Room>, inner: &mut RoomInner) {
+        let Some(next) = inner.sync.next_deadline() else {
+            return;
+        };
+        if inner.sync_scheduled.is_some_and(|at| at <= next) {
+            return;
+        }
+        inner.sync_scheduled = Some(next);
+        lock(&self.sync_due).push(SyncDeadline {
+            at: next,
+            room: room.clone(),
+        });
+        self.sync_scheduled.notify_one();
+    }
+
+    /// The earliest request-sync deadline of any room.
+    pub fn next_sync_deadline(&self) -> Option<tokio::time::Instant> {
+        lock(&self.sync_due).peek().map(|d| d.at)
+    }
+
+    /// Resolves when a deadline was scheduled (possibly earlier than the
+    /// one being waited for).
+    pub async fn sync_scheduled(&self) {
+        self.sync_scheduled.notified().await
+    }
+
+    /// Handles every room whose request-sync deadline has come: sends the
+    /// window's forward to this node's controllers, and returns what the
+    /// caller must do outside the hub (publish, answer through the writer).
+    pub fn take_due_syncs(&self, now: tokio::time::Instant) -> Vec<DueSync> {
+        let mut rooms = Vec::new();
+        {
+            let mut heap = lock(&self.sync_due);
+            while heap.peek().is_some_and(|d| d.at <= now) {
+                if let Some(due) = heap.pop() {
+                    rooms.push(due.room);
+                }
+            }
+        }
+        let mut work = Vec::new();
+        for room in rooms {
+            let mut inner = lock(&room.inner);
+            if inner.sync_scheduled.is_some_and(|at| at <= now) {
+                inner.sync_scheduled = None;
+            }
+            let due = inner.sync.due(now, self.sync_timing);
+            if let Some(msg) = &due.to_controllers {
+                inner.send_to_controllers(msg);
+            }
+            let answers: Vec<(Arc<Outbox>, Option<Box<RawValue>>)> = due
+                .timed_out
+                .into_iter()
+                .filter_map(|(key, id)| Some((inner.members.get(&key)?.outbox.clone(), id)))
+                .collect();
+            self.schedule_sync(&room, &mut inner);
+            drop(inner);
+            if due.to_nodes.is_some() || !answers.is_empty() {
+                work.push(DueSync {
+                    view_id: room.view_id.clone(),
+                    to_nodes: due.to_nodes,
+                    answers,
+                });
+            }
+        }
+        work
     }
 
     pub fn has_controller(&self, view_id: &str) -> bool {
@@ -1161,6 +1363,55 @@ mod tests {
         assert_eq!(a.take().close, Some(ACCESS_REVOKED));
         assert_eq!(b.take().close, None);
         assert_eq!(other.take().close, None);
+    }
+
+    #[test]
+    fn request_syncs_are_forwarded_per_window_and_answered_once() {
+        use std::time::Duration;
+        let hub = Hub::default();
+        let (boss, controller) = join(&hub, "v", "boss", Role::Controller);
+        let (a, a_out) = join(&hub, "v", "a", Role::Viewer);
+        let (b, _) = join(&hub, "v", "b", Role::Viewer);
+        let ask = |key: u64, conn: &str, id: Option<&str>| {
+            let id = id.and_then(|id| RawValue::from_string(id.into()).ok());
+            hub.request_sync("v", key, &"x".into(), &conn.into(), id)
+        };
+        assert!(matches!(ask(a.key, "ca", None), SyncAsked::Forwarded(_)));
+        assert!(matches!(ask(b.key, "cb", None), SyncAsked::Waiting));
+        assert_eq!(texts(&controller).len(), 1, "one forward at once");
+        let after_window = tokio::time::Instant::now() + Duration::from_millis(150);
+        let due = hub.take_due_syncs(after_window);
+        assert_eq!(due.len(), 1);
+        assert!(due[0].to_nodes.is_some() && due[0].answers.is_empty());
+        let forwards = texts(&controller);
+        assert_eq!(forwards.len(), 1, "one forward for the rest of the window");
+        assert_eq!(forwards[0]["from"]["connectionId"], "cb");
+        // A controller's sync-response answers both: nothing times out.
+        let state = RawValue::from_string("{}".into()).expect("raw");
+        let from = protocol::From {
+            user_id: "boss",
+            connection_id: None,
+        };
+        let answer = protocol::change_broadcast("sync-response", &state, 1, &from, None);
+        hub.broadcast("v", &answer, 1, None);
+        let much_later = tokio::time::Instant::now() + Duration::from_secs(5);
+        assert!(hub.take_due_syncs(much_later).is_empty());
+        // Unanswered, a requester is answered once, with its latest id; one
+        // that left is not.
+        ask(a.key, "ca", Some("1"));
+        ask(a.key, "ca", Some("2"));
+        ask(b.key, "cb", None);
+        hub.leave("v", b.key);
+        let due = hub.take_due_syncs(much_later);
+        let answers: Vec<_> = due.iter().flat_map(|d| d.answers.iter()).collect();
+        assert_eq!(answers.len(), 1);
+        assert!(Arc::ptr_eq(&answers[0].0, &a_out));
+        assert_eq!(answers[0].1.as_ref().map(|id| id.get()), Some("2"));
+        assert!(hub.take_due_syncs(much_later).is_empty());
+        assert_eq!(hub.next_sync_deadline(), None);
+        // No controller left: answered at once.
+        hub.leave("v", boss.key);
+        assert!(matches!(ask(a.key, "ca", None), SyncAsked::AnswerNow(None)));
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod routes;
 pub mod server;
 pub mod session;
 pub mod sse;
+pub mod sync_requests;
 pub mod web;
 pub mod writer;
 pub mod ws;

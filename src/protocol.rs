@@ -68,9 +68,10 @@ pub enum Command {
         change: Change,
         payload: Box<RawValue>,
     },
-    RequestSync {
-        payload: Option<Box<RawValue>>,
-    },
+    /// A viewer asks for the current state. Its payload, if any, is not kept:
+    /// it is never forwarded (SPEC §3.1), so a flood of 64 KB requests costs
+    /// no copies.
+    RequestSync,
 }
 
 /// A parsed message and the `id` to echo on its reply.
@@ -174,7 +175,7 @@ impl Command {
         match self {
             Command::Ping => "ping",
             Command::Change { change, .. } => change.message_type(),
-            Command::RequestSync { .. } => "request-sync",
+            Command::RequestSync => "request-sync",
         }
     }
 }
@@ -190,11 +191,7 @@ fn is_string_or_number(raw: &RawValue) -> bool {
 pub fn command(kind: Kind, payload: Option<&RawValue>) -> Result<Command, Error> {
     let change = match kind {
         Kind::Ping => return Ok(Command::Ping),
-        Kind::RequestSync => {
-            return Ok(Command::RequestSync {
-                payload: payload.map(RawValue::to_owned),
-            })
-        }
+        Kind::RequestSync => return Ok(Command::RequestSync),
         Kind::PortalViewUpdate => Change::Merge(object_payload(payload)?),
         Kind::SyncResponse => Change::Replace(object_payload(payload)?),
         Kind::ItemUpdate => {
@@ -397,24 +394,32 @@ pub fn change_broadcast(
     })
 }
 
-/// A viewer's `request-sync`, forwarded to the controllers.
-pub fn request_sync_forward(payload: Option<&RawValue>, from: &From) -> Message {
+/// Whether a state-change broadcast is a controller's `sync-response`, which
+/// answers every request-sync of the view waiting on this node. Broadcasts
+/// are serialized by [`change_broadcast`] alone (on every node, and into the
+/// cluster's stored events), with `type` first, so its start tells. (The
+/// server's own `sync-response` is a reply, never a broadcast.)
+pub fn answers_sync_requests(broadcast: &Message) -> bool {
+    broadcast
+        .to_text()
+        .is_ok_and(|text| text.starts_with(r#"{"type":"sync-response","#))
+}
+
+/// A viewer's `request-sync` as the controllers receive it: who asked, never
+/// the viewer's payload (SPEC §3.1).
+pub fn request_sync_forward(from: &From) -> Message {
     #[derive(Serialize)]
     struct Wire<'a> {
         #[serde(rename = "type")]
         ty: &'static str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        payload: Option<&'a RawValue>,
         from: &'a From<'a>,
     }
     to_message(&Wire {
         ty: "request-sync",
-        payload,
         from,
     })
 }
 
-/// The server's own answer to `request-sync` when no controller is connected.
 /// SSE's last event where a WebSocket would get a close frame (SPEC §7).
 pub fn closed(code: u16, reason: &str) -> Message {
     #[derive(Serialize)]
@@ -431,6 +436,8 @@ pub fn closed(code: u16, reason: &str) -> Message {
     })
 }
 
+/// The server's own answer to `request-sync`: no controller is connected, or
+/// none answered within `--sync-timeout`.
 pub fn server_sync_response(state: &RawValue, version: i64, id: Option<&RawValue>) -> Message {
     #[derive(Serialize)]
     struct Wire<'a> {
@@ -549,6 +556,29 @@ mod tests {
         assert_eq!(ok(r#"{"itemId":"a b"}"#), None);
         assert_eq!(ok(r#"{"itemId":null}"#), None);
         assert_eq!(ok(r#"{"x":1}"#), None);
+    }
+
+    #[test]
+    fn only_a_controllers_sync_response_broadcast_answers_sync_requests() {
+        let raw =
+            RawValue::from_string(r#"{"a":"{\"type\":\"sync-response\","}"#.into()).expect("raw");
+        let from = From {
+            user_id: "u",
+            connection_id: Some("c"),
+        };
+        assert!(answers_sync_requests(&change_broadcast(
+            "sync-response",
+            &raw,
+            3,
+            &from,
+            None
+        )));
+        for ty in ["portal-view-update", "item-update"] {
+            assert!(!answers_sync_requests(&change_broadcast(
+                ty, &raw, 3, &from, None
+            )));
+        }
+        assert!(!answers_sync_requests(&request_sync_forward(&from)));
     }
 
     #[test]

@@ -16,7 +16,7 @@ use warp::http::{header, HeaderMap};
 use crate::context::Ctx;
 use crate::db::{self, Access};
 use crate::error::Error;
-use crate::hub::{CloseRequest, Joiner, Outbox, Outgoing};
+use crate::hub::{CloseRequest, Joiner, Outbox, Outgoing, SyncAsked};
 use crate::model::Role;
 use crate::protocol::{self, Command, Inbound, Refusal};
 use crate::writer::{Author, Job, Reply, ReplyTo, Snapshot, Via};
@@ -499,27 +499,33 @@ pub(crate) async fn handle(
                 return Flow::Close(1011, "internal error");
             }
         }
-        Command::RequestSync { payload } => {
-            let from = protocol::From {
-                user_id: &sender.user_id,
-                connection_id: sender.connection.as_ref().map(|(_, id)| &**id),
+        Command::RequestSync => {
+            let asked = match &sender.connection {
+                Some((key, connection_id)) => {
+                    ctx.hub
+                        .request_sync(view_id, *key, &sender.user_id, connection_id, id)
+                }
+                // A POST naming no stream of its own could never receive a
+                // later answer: it gets the stored state now, and nobody is asked.
+                None => SyncAsked::AnswerNow(id),
             };
-            let msg = protocol::request_sync_forward(payload.as_deref(), &from);
-            if let (Some(cluster), Ok(text)) = (&ctx.cluster, msg.to_text()) {
-                cluster.request_sync(view_id, text);
-            }
-            if ctx.hub.send_to_controllers(view_id, &msg) > 0
-                || ctx.hub.has_remote_controller(view_id)
-            {
-                reply.reply(None);
-            } else {
-                let job = Job::Snapshot(Snapshot {
-                    view_id: view_id.clone(),
-                    to: reply,
-                    id,
-                });
-                if ctx.writer.submit(job).await.is_err() {
-                    return Flow::Close(1011, "internal error");
+            match asked {
+                SyncAsked::Forwarded(msg) => {
+                    if let (Some(cluster), Ok(text)) = (&ctx.cluster, msg.to_text()) {
+                        cluster.request_sync(view_id, text);
+                    }
+                    reply.reply(None);
+                }
+                SyncAsked::Waiting => reply.reply(None),
+                SyncAsked::AnswerNow(id) => {
+                    let job = Job::Snapshot(Snapshot {
+                        view_id: view_id.clone(),
+                        to: reply,
+                        id,
+                    });
+                    if ctx.writer.submit(job).await.is_err() {
+                        return Flow::Close(1011, "internal error");
+                    }
                 }
             }
         }

@@ -318,6 +318,187 @@ async fn request_sync_reaches_a_controller_on_another_node() {
     assert!(msg["version"].as_i64().is_some(), "{msg}");
 }
 
+/// Polls node's `GET /api/portal-views/pv1` until its presence counts
+/// `controllers` (other nodes' included).
+async fn wait_controllers(node: &TestApp, controllers: u64) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let view: Value = node
+            .http()
+            .get(node.http_url("/api/portal-views/pv1"))
+            .bearer_auth(node.token("owner"))
+            .send()
+            .await
+            .expect("GET view")
+            .json()
+            .await
+            .expect("JSON");
+        if view["presence"]["controllers"] == controllers {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "presence never showed {controllers} controller(s): {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SPEC §3.1 across nodes. The only controller is on node A, the viewer on
+/// node B. The controller's sync-response, committed on A, reaches B through
+/// the cluster and answers the viewer there: no server answer follows, even
+/// past the timeout. A request the controller ignores is answered by B itself
+/// after the timeout.
+#[tokio::test]
+async fn a_controller_on_another_node_answers_or_the_requesters_node_does() {
+    let Some(url) = redis_url().await else { return };
+    let timeout = Duration::from_secs(1);
+    let nodes = cluster_with(&url, 2, &random_prefix(), |c| c.sync_timeout = timeout).await;
+    let mut controller = nodes[0].connect("pv1", "ed").await;
+    let mut viewer = nodes[1].connect("pv1", "v1").await;
+    wait_controllers(&nodes[1], 1).await;
+    let from = json!({"userId": "v1", "connectionId": viewer.connected["connectionId"]});
+
+    viewer
+        .send(json!({"type": "request-sync", "payload": {"big": "x"}, "id": "a"}))
+        .await;
+    assert_eq!(
+        controller.recv_type("request-sync").await,
+        json!({"type": "request-sync", "from": from})
+    );
+    controller
+        .send(json!({"type": "sync-response", "payload": {"slide": 1}, "id": "c"}))
+        .await;
+    assert_eq!(controller.recv_type("ack").await["version"], 1);
+    let answer = viewer.recv().await;
+    assert_eq!(
+        answer,
+        json!({"type": "sync-response", "payload": {"slide": 1}, "version": 1,
+               "from": {"userId": "ed", "connectionId": controller.connected["connectionId"]}})
+    );
+    let rest = read_for(&mut viewer, timeout + Duration::from_millis(500)).await;
+    assert!(
+        rest.is_empty(),
+        "no server answer after the controller's: {rest:?}"
+    );
+
+    let started = std::time::Instant::now();
+    viewer
+        .send(json!({"type": "request-sync", "id": "b"}))
+        .await;
+    controller.recv_type("request-sync").await;
+    let answer = tokio::time::timeout(timeout + Duration::from_secs(3), viewer.recv())
+        .await
+        .expect("the viewer's node answers within --sync-timeout (plus slack)");
+    assert_eq!(
+        answer,
+        json!({"type": "sync-response", "payload": {"slide": 1}, "version": 1, "source": "server", "id": "b"})
+    );
+    assert!(
+        started.elapsed() >= timeout * 9 / 10,
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+/// Coalescing holds for a controller whatever node its requesters are on:
+/// viewers on both nodes flood request-sync, and the controller gets at most
+/// one forward per window, each naming one of them, without payload.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwards_from_every_node_share_a_controllers_window() {
+    use futures::SinkExt;
+    let Some(url) = redis_url().await else { return };
+    let nodes = cluster_with(&url, 2, &random_prefix(), |c| {
+        c.sync_timeout = Duration::from_millis(250);
+    })
+    .await;
+    let window = nodes[0].config.presence_batch;
+    let mut controller = nodes[0].connect("pv1", "ed").await;
+    let mut viewers = Vec::new();
+    for node in &nodes {
+        for user in ["v1", "v2"] {
+            for _ in 0..2 {
+                viewers.push((node.addr, node.connect("pv1", user).await));
+            }
+        }
+    }
+    wait_controllers(&nodes[1], 1).await;
+    let requesters: std::collections::HashMap<Value, std::net::SocketAddr> = viewers
+        .iter()
+        .map(|(addr, v)| {
+            let from = json!({"userId": v.connected["userId"], "connectionId": v.connected["connectionId"]});
+            (from, *addr)
+        })
+        .collect();
+    let flood = Duration::from_secs(2);
+    let started = std::time::Instant::now();
+    let tasks: Vec<_> = viewers
+        .into_iter()
+        .map(|(_, viewer)| {
+            tokio::spawn(async move {
+                let (mut sink, mut stream) = viewer.ws.split();
+                let reader =
+                    tokio::spawn(async move { while let Some(Ok(_)) = stream.next().await {} });
+                let end = tokio::time::Instant::now() + flood;
+                let mut tick = tokio::time::interval(Duration::from_millis(60));
+                while tokio::time::Instant::now() < end {
+                    tick.tick().await;
+                    let request =
+                        json!({"type": "request-sync", "payload": {"pad": "y".repeat(1000)}});
+                    sink.send(tokio_tungstenite::tungstenite::Message::text(
+                        request.to_string(),
+                    ))
+                    .await
+                    .expect("send");
+                }
+                reader.abort();
+            })
+        })
+        .collect();
+    let mut forwards = 0usize;
+    let mut nodes_named = std::collections::HashSet::new();
+    let mut last = started;
+    loop {
+        let wait = if started.elapsed() < flood {
+            flood
+        } else {
+            Duration::from_millis(500)
+        };
+        let Ok(msg) = tokio::time::timeout(wait, controller.recv()).await else {
+            break;
+        };
+        if msg["type"] != "request-sync" {
+            continue;
+        }
+        assert_eq!(
+            msg.as_object().map(|m| m.len()),
+            Some(2),
+            "type and from only: {msg}"
+        );
+        let node = requesters
+            .get(&msg["from"])
+            .unwrap_or_else(|| panic!("from names a requester: {msg}"));
+        nodes_named.insert(*node);
+        forwards += 1;
+        last = std::time::Instant::now();
+    }
+    for task in tasks {
+        task.await.expect("viewer task");
+    }
+    let span = last - started;
+    let bound = (span.as_secs_f64() / window.as_secs_f64()) as usize + 2;
+    eprintln!("{forwards} forwards in {span:?} (bound {bound})");
+    assert!(
+        forwards <= bound,
+        "{forwards} forwards in {span:?}: more than one per window"
+    );
+    assert_eq!(
+        nodes_named.len(),
+        2,
+        "requesters on both nodes were forwarded"
+    );
+}
+
 /// SPEC §7's streams are sessions like any other: an SSE viewer on one node
 /// gets a WebSocket controller's changes from another, in order; an SSE
 /// controller's POSTs reach WebSocket viewers elsewhere; presence spans both.

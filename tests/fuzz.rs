@@ -219,9 +219,9 @@ enum Outcome {
     Ping {
         id: Option<String>,
     },
+    /// The payload, whatever it is, is dropped (SPEC §3.1: never forwarded).
     RequestSync {
         id: Option<String>,
-        payload: Option<String>,
     },
     Merge {
         id: Option<String>,
@@ -252,10 +252,7 @@ fn actual(text: &str, role: Role) -> Outcome {
             let id = id.map(|raw| raw.get().to_string());
             match command {
                 Command::Ping => Outcome::Ping { id },
-                Command::RequestSync { payload } => Outcome::RequestSync {
-                    id,
-                    payload: payload.map(|raw| raw.get().to_string()),
-                },
+                Command::RequestSync => Outcome::RequestSync { id },
                 Command::Change { change, payload } => {
                     let payload = payload.get().to_string();
                     match change {
@@ -311,7 +308,7 @@ fn model(message: &Value, role: Role) -> Outcome {
     let as_object = payload.and_then(Value::as_object).cloned();
     match (ty, as_object, raw) {
         ("ping", ..) => Outcome::Ping { id },
-        ("request-sync", _, payload) => Outcome::RequestSync { id, payload },
+        ("request-sync", ..) => Outcome::RequestSync { id },
         ("portal-view-update", Some(patch), Some(payload)) => Outcome::Merge { id, patch, payload },
         ("sync-response", Some(state), Some(payload)) => Outcome::Replace { id, state, payload },
         ("item-update", Some(mut patch), Some(payload)) => {

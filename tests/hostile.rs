@@ -2162,6 +2162,37 @@ fn cases(app: &TestApp) -> Vec<Case> {
             },
         )
         .slow(),
+        // Round 2 (request-sync)
+        ws(
+            "ws: viewer request-sync whose payload fills the message (65536 bytes), no controller → server sync-response without it",
+            "v1",
+            "h-sync",
+            vec![text({
+                let head = r#"{"type":"request-sync","id":"big","payload":""#;
+                let tail = r#""}"#;
+                format!("{head}{}{tail}", "p".repeat(MAX - head.len() - tail.len()))
+            })],
+            replies(vec![Reply::Json(json!({
+                "type": "sync-response", "payload": {}, "version": 0, "source": "server", "id": "big"
+            }))]),
+        ),
+        ws(
+            "ws: viewer request-sync × 30 back to back, no controller → 30 server sync-responses, each with its id",
+            "v2",
+            "h-sync",
+            (0..30)
+                .map(|i| text(format!(r#"{{"type":"request-sync","payload":[{i}],"id":{i}}}"#)))
+                .collect(),
+            replies(
+                (0..30)
+                    .map(|i| {
+                        Reply::Json(json!({
+                            "type": "sync-response", "payload": {}, "version": 0, "source": "server", "id": i
+                        }))
+                    })
+                    .collect(),
+            ),
+        ),
     ]
 }
 

@@ -1625,8 +1625,9 @@ async fn sync_response_replaces_the_whole_state() {
 // §3.1 request-sync
 
 /// With controllers online, a viewer's request-sync is forwarded to every
-/// controller connection (two tabs of one user included) with `from` and the
-/// viewer's payload, without the `id`; the viewer gets nothing back, other
+/// controller connection (two tabs of one user included) with `from`, without
+/// the viewer's payload (SPEC §3.1) or `id`; a second viewer's request in the
+/// same window follows in the next one. The viewer gets nothing back, other
 /// viewers and other views get nothing, nothing is stored.
 #[tokio::test]
 async fn request_sync_is_forwarded_to_online_controllers() {
@@ -1641,7 +1642,7 @@ async fn request_sync_is_forwarded_to_online_controllers() {
     let mut elsewhere = app.connect("pv2", "owner").await;
     v1.send(json!({"type": "request-sync", "payload": {"want": "items"}, "id": "r1"}))
         .await;
-    let expected = json!({"type": "request-sync", "payload": {"want": "items"}, "from": from(&v1)});
+    let expected = json!({"type": "request-sync", "from": from(&v1)});
     for c in [&mut owner, &mut owner_tab2, &mut ed] {
         assert_eq!(next(c).await, expected);
     }
