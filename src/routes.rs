@@ -326,6 +326,9 @@ fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_ctx(ctx))
         .then(|ctx: Ctx| async move {
+            // A fresh look at the file (one `stat`): a deleted database still
+            // answers queries through SQLite's open descriptors.
+            let _ = ctx.db.check_file();
             let probe = ctx
                 .db
                 .call(|conn| {
@@ -351,9 +354,13 @@ fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
                 }
                 Err(e) => {
                     e.log("health check");
+                    let error = match e {
+                        Error::DatabaseMissing => "database file missing",
+                        _ => "database unavailable",
+                    };
                     json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        &json!({"status": "unavailable", "error": "database unavailable"}),
+                        &json!({"status": "unavailable", "error": error}),
                     )
                 }
             }
