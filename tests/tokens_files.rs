@@ -516,10 +516,6 @@ fn delete_database(path: &Path) {
     }
 }
 
-async fn health(app: &TestApp) -> (u16, Value) {
-    http_json(app.http().get(app.http_url("/health"))).await
-}
-
 /// A database file deleted under the running server: the next change over a
 /// WebSocket closes it 1011 with no ack, a PATCH is 500, `/health` is 503
 /// `database file missing`, and handshakes, GETs and SSE streams are refused
@@ -551,6 +547,15 @@ async fn a_deleted_database_file_refuses_writes_and_fails_health() {
     .await;
     assert_eq!(status, 500, "{body}");
     assert_eq!(body["error"]["code"], "INTERNAL");
+    let (status, body) = app
+        .post_message(
+            "pv1",
+            "om",
+            None,
+            &json!({"type": "portal-view-update", "payload": {"c": 1}, "id": 3}),
+        )
+        .await;
+    assert_eq!(status, 500, "{body}");
 
     assert_eq!(
         health(&app).await,
