@@ -224,7 +224,8 @@ impl FileWatch {
         let weak: Weak<FileWatch> = Arc::downgrade(&watch);
         std::thread::Builder::new()
             .name("db-file-watch".into())
-            .stack_size(64 * 1024)
+            // It only stats and, rarely, logs.
+            .stack_size(256 * 1024)
             .spawn(move || loop {
                 std::thread::sleep(FILE_CHECK_EVERY);
                 let Some(watch) = weak.upgrade() else { return };

@@ -326,12 +326,14 @@ fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_ctx(ctx))
         .then(|ctx: Ctx| async move {
-            // A fresh look at the file (one `stat`): a deleted database still
-            // answers queries through SQLite's open descriptors.
-            let _ = ctx.db.check_file();
+            let db = ctx.db.clone();
             let probe = ctx
                 .db
-                .call(|conn| {
+                .call(move |conn| {
+                    // A fresh look at the file (one `stat`): a deleted
+                    // database still answers queries through SQLite's open
+                    // descriptors.
+                    db.check_file()?;
                     conn.query_row("SELECT count(*) FROM portal_views", [], |r| {
                         r.get::<_, i64>(0)
                     })
