@@ -227,7 +227,10 @@ enum ViewCmd {
 
 /// Entry point of the binary.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => return usage_error(&e),
+    };
     init_logging();
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -236,6 +239,23 @@ pub fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// clap's own message and exit code, plus a note where a secret set in the
+/// environment is what conflicts: clap names it as the flag the user did not type.
+fn usage_error(e: &clap::Error) -> ExitCode {
+    let _ = e.print();
+    let from_env = ["PORTAL_JWT_SECRET", "PORTAL_JWT_SECRET_FILE"]
+        .into_iter()
+        .filter(|key| std::env::var_os(key).is_some())
+        .collect::<Vec<_>>();
+    if e.kind() == clap::error::ErrorKind::ArgumentConflict && !from_env.is_empty() {
+        eprintln!(
+            "note: {} in the environment counts as its flag; give the secret one way only",
+            from_env.join(" and ")
+        );
+    }
+    ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
 }
 
 fn init_logging() {
@@ -247,25 +267,33 @@ fn init_logging() {
 
 fn run(cli: Cli) -> Result<(), String> {
     let db_path = |default: &str| cli.db.clone().unwrap_or_else(|| PathBuf::from(default));
-    let configured = configured_secret(&cli)?;
+    // Read only by the commands that sign or check tokens: an admin command
+    // has no use for the secret and must not fail on its file.
+    let configured =
+        || configured_secret(cli.jwt_secret.as_deref(), cli.jwt_secret_file.as_deref());
     let secret = || {
-        configured.clone().ok_or_else(|| {
+        configured()?.ok_or_else(|| {
             "no JWT secret: set --jwt-secret, --jwt-secret-file or PORTAL_JWT_SECRET \
              (or try `portal-sync demo`)"
                 .to_string()
         })
     };
     match cli.command {
-        Command::Serve(args) => serve(
-            config(&args, db_path("portal-sync.db"), secret()?),
-            args.addr,
-            None,
-        ),
+        Command::Serve(args) => {
+            let secret = secret()?;
+            warn_if_short(&secret);
+            serve(
+                config(&args, db_path("portal-sync.db"), secret),
+                args.addr,
+                None,
+            )
+        }
         Command::Demo(args) => {
-            let secret = match configured.clone() {
+            let secret = match configured()? {
                 Some(s) => s,
                 None => random_secret()?,
             };
+            warn_if_short(&secret);
             let path = db_path("portal-sync-demo.db");
             seed_demo(&path).map_err(|e| e.to_string())?;
             let cfg = config(&args, path, secret);
@@ -354,17 +382,48 @@ fn run(cli: Cli) -> Result<(), String> {
     }
 }
 
-/// The secret from `--jwt-secret-file` or `--jwt-secret` (an empty one is none).
-fn configured_secret(cli: &Cli) -> Result<Option<String>, String> {
-    let secret = match &cli.jwt_secret_file {
-        Some(path) => {
-            let text = std::fs::read_to_string(path)
-                .map_err(|e| format!("cannot read the JWT secret file {}: {e}", path.display()))?;
-            Some(text.trim().to_string())
-        }
-        None => cli.jwt_secret.clone(),
+/// The secret from `--jwt-secret-file` or `--jwt-secret` (clap refuses both).
+/// An empty `--jwt-secret` is none (so `PORTAL_JWT_SECRET=` unsets it); a file
+/// that cannot be read, is not text or holds only whitespace is an error that
+/// names it, since whoever pointed at the file meant to use it.
+fn configured_secret(flag: Option<&str>, file: Option<&Path>) -> Result<Option<String>, String> {
+    let Some(path) = file else {
+        return Ok(flag.filter(|s| !s.is_empty()).map(str::to_string));
     };
-    Ok(secret.filter(|s| !s.is_empty()))
+    let shown = path.display();
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("the JWT secret file {shown} does not exist"),
+        _ => format!("cannot read the JWT secret file {shown}: {e}"),
+    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("the JWT secret file {shown} is not UTF-8 text"))?;
+    // `echo secret > file` leaves a newline that is not part of the secret.
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("the JWT secret file {shown} is empty"));
+    }
+    Ok(Some(secret.to_string()))
+}
+
+/// RFC 7518 §3.2: an HS256 key should be at least as long as the hash (32
+/// bytes). SPEC §2 accepts a shorter one, with a warning at start; the
+/// warning names the length, never the secret.
+fn short_secret_warning(secret: &str) -> Option<String> {
+    (secret.len() < 32).then(|| {
+        format!(
+            "the JWT secret is only {} bytes long: use at least 32 random bytes \
+             (a short HS256 secret can be guessed offline from any token it signed)",
+            secret.len()
+        )
+    })
+}
+
+/// `serve` and `demo` warn; `token` does not (its secret is the server's,
+/// which warns at its own start, and scripts read its output).
+fn warn_if_short(secret: &str) {
+    if let Some(warning) = short_secret_warning(secret) {
+        log::warn!("{warning}");
+    }
 }
 
 fn config(args: &ServeArgs, db_path: PathBuf, secret: String) -> Config {
@@ -595,6 +654,49 @@ mod tests {
         assert_eq!(parse_duration("2d"), Ok(Duration::from_secs(172_800)));
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn secret_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing");
+        let err = configured_secret(None, Some(&missing)).expect_err("missing file");
+        assert!(
+            err.contains("does not exist") && err.contains("missing"),
+            "{err}"
+        );
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n\t\n").expect("write");
+        let err = configured_secret(None, Some(&empty)).expect_err("empty file");
+        assert!(err.ends_with("is empty"), "{err}");
+        let binary = dir.path().join("binary");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00]).expect("write");
+        let err = configured_secret(None, Some(&binary)).expect_err("not text");
+        assert!(err.contains("not UTF-8"), "{err}");
+        let err = configured_secret(None, Some(dir.path())).expect_err("a directory");
+        assert!(err.starts_with("cannot read the JWT secret file"), "{err}");
+        let good = dir.path().join("good");
+        std::fs::write(&good, "s3cret\n").expect("write");
+        assert_eq!(
+            configured_secret(None, Some(&good)),
+            Ok(Some("s3cret".into()))
+        );
+        assert_eq!(configured_secret(Some(""), None), Ok(None));
+        assert_eq!(configured_secret(Some("x"), None), Ok(Some("x".into())));
+    }
+
+    #[test]
+    fn short_secrets_are_warned_about_without_showing_them() {
+        let short = "change-me";
+        let warning = short_secret_warning(short).expect("9 bytes is short");
+        assert!(!warning.contains(short), "{warning}");
+        assert!(warning.contains("9 bytes"), "{warning}");
+        assert!(short_secret_warning(&"k".repeat(31)).is_some());
+        assert!(short_secret_warning(&"k".repeat(32)).is_none());
+        // The demo's own secret needs no warning.
+        let demo = random_secret().expect("random");
+        assert!(demo.len() >= 32, "{}", demo.len());
+        assert!(short_secret_warning(&demo).is_none());
     }
 
     #[test]

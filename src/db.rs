@@ -3,10 +3,15 @@
 //!
 //! Everything here is blocking; async callers go through [`Db::call`], which runs
 //! the work on tokio's blocking pool with a pooled connection.
+//!
+//! It also owns the database *file*: created private (0600), and watched so
+//! that a file deleted or replaced under the running server stops it from
+//! acknowledging writes into a file nobody will read again.
 
 use std::collections::HashMap;
-use std::path::Path;
-use std::sync::{mpsc, Arc, Mutex};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc, Mutex, Weak};
 use std::time::Duration;
 
 use r2d2::Pool;
@@ -52,12 +57,22 @@ pub struct Db {
     /// a parked thread per call (a futex wake, a context switch each way), which
     /// was most of a handshake's cost (see BENCHMARKS.md).
     tasks: mpsc::Sender<Task>,
+    /// The file as opened; `None` for an in-memory or URI database.
+    file: Option<Arc<FileWatch>>,
 }
 
 impl Db {
     /// Opens (creating if needed) the database file, switches it to WAL and
     /// applies the schema. Another process may have the file open too.
+    ///
+    /// A new file is created 0600 before SQLite sees it: states and member
+    /// lists are nobody else's business, and SQLite gives the `-wal` and
+    /// `-shm` files the database file's mode. An existing file keeps its mode.
     pub fn open(path: &Path, synchronous: Synchronous) -> Result<Db, Error> {
+        let on_disk = is_file_path(path);
+        if on_disk {
+            create_private(path)?;
+        }
         let sync = match synchronous {
             Synchronous::Full => "FULL",
             Synchronous::Normal => "NORMAL",
@@ -88,7 +103,37 @@ impl Db {
                 .spawn(move || storage_thread(&queue, &pool))
                 .map_err(|e| Error::Internal(format!("starting a storage thread: {e}")))?;
         }
-        Ok(Db { pool, tasks })
+        let file = if on_disk {
+            FileWatch::start(path)?
+        } else {
+            None
+        };
+        Ok(Db { pool, tasks, file })
+    }
+
+    /// Whether the database file is still the one opened: one `stat`. When it
+    /// is gone or another file, every storage call is refused until it is back
+    /// (it can only come back by being renamed back: an unlinked file cannot);
+    /// a background thread also looks every [`FILE_CHECK_EVERY`].
+    pub fn check_file(&self) -> Result<(), Error> {
+        self.file.as_ref().map_or(Ok(()), |file| file.check())
+    }
+
+    /// For the writer, before and after a batch's commit: `Some` (every op
+    /// refused) when the file is gone, so that nothing is written into it or
+    /// acknowledged, and each job fails the usual way (1011, 500) without
+    /// logging the cause again.
+    pub fn refuse_batch(&self, ops: usize) -> Option<Vec<Result<Stored, Error>>> {
+        self.check_file().err()?;
+        Some((0..ops).map(|_| Err(Error::DatabaseMissing)).collect())
+    }
+
+    /// What the last look found, without a `stat`.
+    fn refuse_if_missing(&self) -> Result<(), Error> {
+        match &self.file {
+            Some(file) if file.missing.load(Ordering::Acquire) => Err(Error::DatabaseMissing),
+            _ => Ok(()),
+        }
     }
 
     /// Runs blocking storage work off the async threads, on a storage thread.
@@ -97,6 +142,7 @@ impl Db {
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
     {
+        self.refuse_if_missing()?;
         let (tx, rx) = oneshot::channel();
         let task: Task = Box::new(move |pool| {
             let result = pool
@@ -122,6 +168,127 @@ impl Db {
     /// A pooled connection for synchronous callers (the CLI, tests).
     pub fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, Error> {
         Ok(self.pool.get()?)
+    }
+}
+
+/// How often a background thread looks at the database file (besides the
+/// look before and after every write batch): /health turns 503 within this.
+pub const FILE_CHECK_EVERY: Duration = Duration::from_millis(500);
+
+/// A path SQLite will open as a file of that name: not `:memory:`, not the
+/// empty path (a private temp database), not a `file:` URI.
+fn is_file_path(path: &Path) -> bool {
+    let text = path.to_string_lossy();
+    !(text.is_empty() || text == ":memory:" || text.starts_with("file:"))
+}
+
+/// Creates the file 0600 unless it exists, so that SQLite never creates it
+/// with the process's umask (0644 for most).
+fn create_private(path: &Path) -> Result<(), Error> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(Error::Storage(format!(
+            "cannot create the database file {}: {e}",
+            path.display()
+        ))),
+    }
+}
+
+/// The database file's identity at open (device, inode), and whether the path
+/// still names it. SQLite keeps writing through its open descriptors into a
+/// file that was unlinked, and happily acknowledges it; after a restart that
+/// data is gone. So the path is looked at, and a change is a storage failure.
+struct FileWatch {
+    path: PathBuf,
+    identity: (u64, u64),
+    missing: AtomicBool,
+}
+
+impl FileWatch {
+    /// Records the identity and starts the background look, which ends once
+    /// every [`Db`] handle (and so this watch) is gone.
+    fn start(path: &Path) -> Result<Option<Arc<FileWatch>>, Error> {
+        let Some(identity) = identity(path)? else {
+            return Ok(None);
+        };
+        let watch = Arc::new(FileWatch {
+            path: path.to_path_buf(),
+            identity,
+            missing: AtomicBool::new(false),
+        });
+        let weak: Weak<FileWatch> = Arc::downgrade(&watch);
+        std::thread::Builder::new()
+            .name("db-file-watch".into())
+            // It only stats and, rarely, logs.
+            .stack_size(256 * 1024)
+            .spawn(move || loop {
+                std::thread::sleep(FILE_CHECK_EVERY);
+                let Some(watch) = weak.upgrade() else { return };
+                let _ = watch.check();
+            })
+            .map_err(|e| Error::Internal(format!("starting the database file watch: {e}")))?;
+        Ok(Some(watch))
+    }
+
+    /// Logs each change of state once, not per refused request.
+    fn check(&self) -> Result<(), Error> {
+        let now_missing = match identity(&self.path) {
+            Ok(found) => found != Some(self.identity),
+            Err(Error::DatabaseMissing) => true,
+            // A `stat` that fails otherwise (a directory's permissions, say)
+            // says nothing about the file; SQLite's own errors will.
+            Err(_) => self.missing.load(Ordering::Acquire),
+        };
+        let was_missing = self.missing.swap(now_missing, Ordering::AcqRel);
+        if now_missing && !was_missing {
+            log::error!(
+                "the database file {} was deleted or replaced while the server runs: \
+                 every change is refused and /health answers 503; restart the server \
+                 (with the file restored) to serve again",
+                self.path.display()
+            );
+        } else if was_missing && !now_missing {
+            log::warn!(
+                "the database file {} is back: serving again",
+                self.path.display()
+            );
+        }
+        if now_missing {
+            Err(Error::DatabaseMissing)
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// (device, inode) of the file at `path`; `DatabaseMissing` when nothing is
+/// there; `None` where the platform has no such identity.
+fn identity(path: &Path) -> Result<Option<(u64, u64)>, Error> {
+    match std::fs::metadata(path) {
+        #[cfg(unix)]
+        Ok(meta) => {
+            use std::os::unix::fs::MetadataExt;
+            Ok(Some((meta.dev(), meta.ino())))
+        }
+        #[cfg(not(unix))]
+        Ok(_) => Ok(None),
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            Err(Error::DatabaseMissing)
+        }
+        Err(e) => Err(Error::Storage(format!(
+            "cannot stat the database file {}: {e}",
+            path.display()
+        ))),
     }
 }
 
@@ -801,6 +968,32 @@ mod tests {
         let stored = view(&c, "pv").expect("read").expect("row");
         assert_eq!(stored.version, 2);
         assert_eq!(stored.state.get(), "{}");
+    }
+
+    /// The file renamed away is missing (and storage calls are refused); a
+    /// new file at the path is not the one opened; the original renamed back
+    /// is found again. A write batch is refused while it is away.
+    #[tokio::test]
+    async fn a_moved_or_replaced_file_is_noticed_and_its_return_too() {
+        let (dir, db) = fixture();
+        let path = dir.path().join("t.db");
+        let away = dir.path().join("away.db");
+        assert!(db.check_file().is_ok());
+        std::fs::rename(&path, &away).expect("move away");
+        assert!(matches!(db.check_file(), Err(Error::DatabaseMissing)));
+        let refused = db.refuse_batch(2).expect("refused while away");
+        assert_eq!(refused.len(), 2);
+        assert!(matches!(refused[0], Err(Error::DatabaseMissing)));
+        assert!(matches!(
+            db.call(|_| Ok(())).await,
+            Err(Error::DatabaseMissing)
+        ));
+        std::fs::write(&path, "").expect("another file");
+        assert!(matches!(db.check_file(), Err(Error::DatabaseMissing)));
+        std::fs::rename(&away, &path).expect("move back");
+        assert!(db.check_file().is_ok());
+        assert!(db.refuse_batch(1).is_none());
+        assert!(db.call(|_| Ok(())).await.is_ok());
     }
 
     /// Writers that share nothing but the file (separate pools, as separate

@@ -43,6 +43,10 @@ pub enum Error {
     /// SQLite or pool failure; the string is for the log only.
     Storage(String),
     Internal(String),
+    /// The database file was deleted or replaced under the running server
+    /// (`db::Db::check_file`): a storage failure, logged once where it is
+    /// noticed rather than once per refused request.
+    DatabaseMissing,
 }
 
 impl Error {
@@ -64,6 +68,7 @@ impl Error {
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
             Error::Storage(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Error::DatabaseMissing => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
 
@@ -72,6 +77,7 @@ impl Error {
     pub fn close_code(&self) -> u16 {
         match self {
             Error::Storage(_) | Error::Internal(_) => 1011,
+            Error::DatabaseMissing => 1011,
             Error::ShuttingDown => 1001,
             _ => 1008,
         }
@@ -98,6 +104,7 @@ impl Error {
             Error::ForbiddenOrigin => "FORBIDDEN_ORIGIN",
             Error::ShuttingDown => "SHUTTING_DOWN",
             Error::Storage(_) | Error::Internal(_) => "INTERNAL",
+            Error::DatabaseMissing => "INTERNAL",
         }
     }
 
@@ -126,6 +133,7 @@ impl Error {
                 "Content-Type must be application/json or application/merge-patch+json".into()
             }
             Error::Storage(_) | Error::Internal(_) => "internal error".into(),
+            Error::DatabaseMissing => "internal error".into(),
         }
     }
 
@@ -145,6 +153,7 @@ impl fmt::Display for Error {
         match self {
             Error::Storage(cause) => write!(f, "storage: {cause}"),
             Error::Internal(cause) => write!(f, "internal: {cause}"),
+            Error::DatabaseMissing => f.write_str("storage: the database file is missing"),
             other => f.write_str(&other.client_message()),
         }
     }

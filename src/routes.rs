@@ -326,9 +326,14 @@ fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_ctx(ctx))
         .then(|ctx: Ctx| async move {
+            let db = ctx.db.clone();
             let probe = ctx
                 .db
-                .call(|conn| {
+                .call(move |conn| {
+                    // A fresh look at the file (one `stat`): a deleted
+                    // database still answers queries through SQLite's open
+                    // descriptors.
+                    db.check_file()?;
                     conn.query_row("SELECT count(*) FROM portal_views", [], |r| {
                         r.get::<_, i64>(0)
                     })
@@ -351,9 +356,13 @@ fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
                 }
                 Err(e) => {
                     e.log("health check");
+                    let error = match e {
+                        Error::DatabaseMissing => "database file missing",
+                        _ => "database unavailable",
+                    };
                     json_response(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        &json!({"status": "unavailable", "error": "database unavailable"}),
+                        &json!({"status": "unavailable", "error": error}),
                     )
                 }
             }

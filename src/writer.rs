@@ -446,11 +446,15 @@ impl Fanout {
 /// Commits one batch. A panic fails the batch (its jobs get errors) instead
 /// of ending the writer, and with it every later write.
 fn commit(db: &Db, ops: &[StoreOp]) -> Result<Vec<Result<Stored, Error>>, Error> {
+    if let Some(refused) = db.refuse_batch(ops.len()) {
+        return Ok(refused); // the database file is gone: write nothing (db::FileWatch)
+    }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut conn = db.conn()?;
         db::apply_batch(&mut conn, ops)
     }))
     .unwrap_or_else(|_| Err(Error::Internal("the batch commit panicked".into())))
+    .map(|stored| db.refuse_batch(stored.len()).unwrap_or(stored)) // nor ack if it went meanwhile
 }
 
 /// A job whose change has moved into the batch: what is left to broadcast and

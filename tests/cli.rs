@@ -2,94 +2,21 @@
 //! administration commands, run as a child process against temp databases.
 
 mod common;
+use common::binary::*;
 use common::*;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use portal_sync::auth::{now_secs, Tokens};
 use portal_sync::db::{self, Db, Synchronous};
 use serde_json::{json, Value};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, ChildStdout};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
-
-/// How long a short command (admin, token, a refused serve) may take.
-const RUN_WAIT: Duration = Duration::from_secs(30);
-/// SPEC §3.4 gives 10 s to shut down; this leaves room for a loaded machine.
-const EXIT_WAIT: Duration = Duration::from_secs(15);
-
-/// The binary with a clean environment: no `PORTAL_*` or `RUST_LOG` from the
-/// caller, run in `dir` so default database files land there, killed if the
-/// test drops it.
-fn portal_sync(dir: &Path) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_portal-sync"));
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("PORTAL_") {
-            cmd.env_remove(&key);
-        }
-    }
-    cmd.env_remove("RUST_LOG")
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .kill_on_drop(true);
-    cmd
-}
-
-struct Output {
-    code: Option<i32>,
-    stdout: String,
-    stderr: String,
-}
-
-impl Output {
-    fn assert_ok(&self) -> &Self {
-        assert_eq!(self.code, Some(0), "exit code; stderr: {}", self.stderr);
-        self
-    }
-
-    /// Non-zero exit with a message on stderr containing `needle` (if given).
-    fn assert_failed(&self, needle: Option<&str>) -> &Self {
-        assert!(
-            matches!(self.code, Some(c) if c != 0),
-            "expected a non-zero exit, got {:?}; stdout: {}",
-            self.code,
-            self.stdout
-        );
-        assert!(!self.stderr.trim().is_empty(), "a message on stderr");
-        if let Some(needle) = needle {
-            assert!(
-                self.stderr.contains(needle),
-                "stderr should mention {needle:?}: {}",
-                self.stderr
-            );
-        }
-        self
-    }
-}
-
-/// Runs the binary to completion (bounded by RUN_WAIT).
-async fn run(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Output {
-    let mut cmd = portal_sync(dir);
-    cmd.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let child = cmd.spawn().expect("spawn portal-sync");
-    let out = tokio::time::timeout(RUN_WAIT, child.wait_with_output())
-        .await
-        .unwrap_or_else(|_| panic!("portal-sync {args:?} did not finish in time"))
-        .expect("wait");
-    Output {
-        code: out.status.code(),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
-}
 
 /// Runs an admin command against `db_path` with `--db`.
 async fn admin(dir: &Path, db_path: &Path, args: &[&str]) -> Output {
@@ -106,63 +33,6 @@ fn open_db(path: &Path) -> Db {
 fn count(db: &Db, sql: &str) -> i64 {
     let c = db.conn().expect("conn");
     c.query_row(sql, [], |r| r.get(0)).expect("count")
-}
-
-/// Sends SIGTERM to `child` with the `kill` utility.
-fn sigterm(child: &Child) {
-    let pid = child.id().expect("child still running");
-    let status = std::process::Command::new("kill")
-        .arg("-TERM")
-        .arg(pid.to_string())
-        .status()
-        .expect("run kill");
-    assert!(status.success(), "kill -TERM {pid}");
-}
-
-/// Waits (bounded) for the child to exit; returns its exit code.
-async fn exit_code(child: &mut Child) -> Option<i32> {
-    tokio::time::timeout(EXIT_WAIT, child.wait())
-        .await
-        .expect("the server exits within 15 s of SIGTERM")
-        .expect("wait")
-        .code()
-}
-
-/// Collects a child's stderr in the background so the pipe never fills.
-fn collect(
-    mut stream: impl AsyncReadExt + Unpin + Send + 'static,
-) -> (Arc<Mutex<String>>, JoinHandle<()>) {
-    let text = Arc::new(Mutex::new(String::new()));
-    let sink = text.clone();
-    let task = tokio::spawn(async move {
-        let mut buf = [0u8; 8192];
-        loop {
-            match stream.read(&mut buf).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => sink
-                    .lock()
-                    .expect("lock")
-                    .push_str(&String::from_utf8_lossy(&buf[..n])),
-            }
-        }
-    });
-    (text, task)
-}
-
-/// Waits until the collected text contains `needle`; returns the whole text.
-async fn wait_for_text(text: &Arc<Mutex<String>>, needle: &str) -> String {
-    let deadline = tokio::time::Instant::now() + RUN_WAIT;
-    loop {
-        let now = text.lock().expect("lock").clone();
-        if now.contains(needle) {
-            return now;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "no {needle:?} in time; got: {now}"
-        );
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
 }
 
 /// A running `portal-sync demo` and what its banner said.
@@ -286,17 +156,6 @@ async fn finish_close(client: &mut Client) {
         while let Some(Ok(_)) = client.ws.next().await {}
     })
     .await;
-}
-
-async fn http_json(request: reqwest::RequestBuilder) -> (u16, Value) {
-    tokio::time::timeout(WAIT, async move {
-        let response = request.send().await.expect("request");
-        let status = response.status().as_u16();
-        let body = response.json::<Value>().await.unwrap_or(Value::Null);
-        (status, body)
-    })
-    .await
-    .expect("answer in time")
 }
 
 // ---------------------------------------------------------------------------

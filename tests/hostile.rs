@@ -2193,6 +2193,119 @@ fn cases(app: &TestApp) -> Vec<Case> {
                     .collect(),
             ),
         ),
+        // Round 2 (tokens)
+        hs(
+            "handshake: nbf a minute ahead → 1008 invalid token",
+            ws_target(
+                "pv1",
+                &app.token_with(
+                    SECRET,
+                    json!({"sub": "owner", "exp": exp, "nbf": now_secs() + 60}),
+                ),
+            ),
+            close(1008, "invalid token"),
+        ),
+        hs(
+            "handshake: nbf a minute ago → connected",
+            ws_target(
+                "pv1",
+                &app.token_with(
+                    SECRET,
+                    json!({"sub": "owner", "exp": exp, "nbf": now_secs() - 60}),
+                ),
+            ),
+            Expect::Connected {
+                user: "owner",
+                role: "controller",
+            },
+        ),
+        hs(
+            "handshake: nbf \"0\" (a string) → 1008 invalid token",
+            ws_target(
+                "pv1",
+                &app.token_with(SECRET, json!({"sub": "owner", "exp": exp, "nbf": "0"})),
+            ),
+            close(1008, "invalid token"),
+        ),
+        hs(
+            "handshake: nbf null → 1008 invalid token",
+            ws_target(
+                "pv1",
+                &app.token_with(SECRET, json!({"sub": "owner", "exp": exp, "nbf": null})),
+            ),
+            close(1008, "invalid token"),
+        ),
+        hs(
+            "handshake: an expired token with a future nbf → 1008 invalid token (invalid first)",
+            ws_target(
+                "pv1",
+                &app.token_with(
+                    SECRET,
+                    json!({"sub": "owner", "exp": now_secs() - 60, "nbf": now_secs() + 60}),
+                ),
+            ),
+            close(1008, "invalid token"),
+        ),
+        hs(
+            "handshake: crit [] in the header, correctly signed → 1008 invalid token",
+            ws_target("pv1", &{
+                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+                header.crit = Some(Vec::new());
+                jsonwebtoken::encode(
+                    &header,
+                    &json!({"sub": "owner", "exp": exp}),
+                    &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+                )
+                .expect("sign")
+            }),
+            close(1008, "invalid token"),
+        ),
+        hs(
+            "handshake: crit null in the header, correctly signed → 1008 invalid token",
+            ws_target("pv1", &{
+                let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+                header.extras.insert("crit", Value::Null);
+                jsonwebtoken::encode(
+                    &header,
+                    &json!({"sub": "owner", "exp": exp}),
+                    &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+                )
+                .expect("sign")
+            }),
+            close(1008, "invalid token"),
+        ),
+        raw(
+            "rest: GET with a future nbf → 401 INVALID_TOKEN",
+            http(
+                "GET",
+                "/api/portal-views/pv1",
+                &[bearer(&app.token_with(
+                    SECRET,
+                    json!({"sub": "owner", "exp": exp, "nbf": now_secs() + 60}),
+                ))],
+                b"",
+            ),
+            status(401, Some("INVALID_TOKEN")),
+        ),
+        raw(
+            "sse: crit [\"exp\"] in the header → 401 INVALID_TOKEN",
+            http(
+                "GET",
+                &format!("/sse/portal-view/pv1?token={}", {
+                    let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256);
+                    header.crit = Some(vec!["exp".into()]);
+                    jsonwebtoken::encode(
+                        &header,
+                        &json!({"sub": "owner", "exp": exp}),
+                        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+                    )
+                    .expect("sign")
+                }),
+                &[],
+                b"",
+            ),
+            status(401, Some("INVALID_TOKEN")),
+        ),
     ]
 }
 
