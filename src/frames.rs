@@ -107,9 +107,8 @@ impl<S> Frames<S> {
         while read < buf.len() {
             let n = match self.step {
                 Step::Body { left } => {
-                    let n = usize::try_from(left).map_or(buf.len() - read, |left| {
-                        left.min(buf.len() - read)
-                    });
+                    let n = usize::try_from(left)
+                        .map_or(buf.len() - read, |left| left.min(buf.len() - read));
                     self.step = Step::Body {
                         left: left - n as u64,
                     };
@@ -191,8 +190,9 @@ impl<S> Frames<S> {
                 if self.frames_in_message > MAX_FRAMES_PER_MESSAGE {
                     self.violate(1009, "message too big");
                 } else if self.charge(now) == Verdict::Exceeded {
-                    // A refused continuation frame still goes through: its
-                    // message is charged (and refused) as a whole when it ends.
+                    // A refused continuation frame still goes through (a
+                    // message cannot lose a piece); the whole message is
+                    // charged again, and answered, when it ends.
                     self.violate(1008, "rate limit exceeded");
                 } else if fin {
                     self.frames_in_message = 0;

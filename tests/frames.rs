@@ -134,7 +134,10 @@ impl Reader {
                 if let Err(e) = self.fill(4).await {
                     return Event::End(e);
                 }
-                (usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])), 4)
+                (
+                    usize::from(u16::from_be_bytes([self.buf[2], self.buf[3]])),
+                    4,
+                )
             }
             127 => {
                 if let Err(e) = self.fill(10).await {
@@ -207,7 +210,10 @@ impl Reader {
             }
         })
         .await;
-        assert!(ended.is_ok(), "the server kept the connection past {limit:?}");
+        assert!(
+            ended.is_ok(),
+            "the server kept the connection past {limit:?}"
+        );
     }
 }
 
@@ -268,11 +274,7 @@ impl Flood {
             let (stop, sent, running) = (stop.clone(), sent.clone(), running.clone());
             async move {
                 let started = Instant::now();
-                let mut failed = writer
-                    .write_all(&first)
-                    .await
-                    .err()
-                    .map(|e| e.to_string());
+                let mut failed = writer.write_all(&first).await.err().map(|e| e.to_string());
                 while failed.is_none()
                     && !stop.load(Ordering::Relaxed)
                     && sent.load(Ordering::Relaxed) < max_frames
@@ -354,7 +356,10 @@ async fn flood_is_closed(
         sent > trips,
         "the client sent only {sent} frames, not past the {trips} that trip the close"
     );
-    assert!(running, "the client was still sending when it read the close");
+    assert!(
+        running,
+        "the client was still sending when it read the close"
+    );
     let (mut writer, failed) = flood.stop().await;
     assert_eq!(
         failed, None,
@@ -569,11 +574,48 @@ async fn a_ping_frame_over_the_rate_gets_no_pong() {
     // tungstenite may answer only the latest of pings it read together, so
     // not every allowed ping need have its own pong; the last one does.
     assert!(
-        pongs.iter().all(|p| ["p1", "p2", "p3"].contains(&p.as_str())),
+        pongs
+            .iter()
+            .all(|p| ["p1", "p2", "p3"].contains(&p.as_str())),
         "only pings within the rate are answered: {pongs:?}"
     );
     assert_eq!(pongs.last().map(String::as_str), Some("p3"), "{pongs:?}");
     assert_eq!(texts.len(), 1, "{texts:?}");
     assert_eq!(texts[0]["code"], "RATE_LIMITED", "{texts:?}");
     assert_eq!(texts[0]["id"], "after", "{texts:?}");
+}
+
+/// Item 6 for the violations tungstenite finds itself: a text frame that is
+/// not UTF-8, then more messages, gets its 1007.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_utf8_from_a_client_still_sending_gets_1007() {
+    let app = spawn_app().await;
+    flood_is_closed(
+        &app,
+        "v1",
+        (
+            frame(0x81, b"{\"type\":\"\xff\"}"),
+            text(r#"{"type":"ping"}"#),
+        ),
+        TEXT_FLOOD_FRAMES,
+        0,
+        (1007, "invalid utf-8"),
+    )
+    .await;
+}
+
+/// The same for a protocol error (a continuation with nothing to continue):
+/// 1002 `protocol error`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn protocol_error_from_a_client_still_sending_gets_1002() {
+    let app = spawn_app().await;
+    flood_is_closed(
+        &app,
+        "v1",
+        (cont_fin(r#"{"type":"ping"}"#), text(r#"{"type":"ping"}"#)),
+        TEXT_FLOOD_FRAMES,
+        0,
+        (1002, "protocol error"),
+    )
+    .await;
 }
