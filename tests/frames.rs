@@ -255,8 +255,10 @@ async fn open(app: &TestApp, view: &str, user: &str) -> (Reader, OwnedWriteHalf)
 // ---------------------------------------------------------------------------
 // Floods
 
-/// A task writing `first`, then `frame` over and over, until told to stop,
-/// a write fails, `max_frames` are out, or [`FLOOD_TIME`] passes.
+/// A task writing `first` with a batch of `frame`s behind it (so the server
+/// always has more coming when `first` trips its close), then batches of
+/// `frame`, until told to stop, a write fails, `max_frames` are out, or
+/// [`FLOOD_TIME`] passes.
 struct Flood {
     stop: Arc<AtomicBool>,
     sent: Arc<AtomicU64>,
@@ -274,17 +276,21 @@ impl Flood {
             let (stop, sent, running) = (stop.clone(), sent.clone(), running.clone());
             async move {
                 let started = Instant::now();
-                let mut failed = writer.write_all(&first).await.err().map(|e| e.to_string());
+                let mut next = [first, batch.clone()].concat();
+                let mut failed = None;
                 while failed.is_none()
                     && !stop.load(Ordering::Relaxed)
                     && sent.load(Ordering::Relaxed) < max_frames
                     && started.elapsed() < FLOOD_TIME
                 {
-                    match writer.write_all(&batch).await {
+                    match writer.write_all(&next).await {
                         Ok(()) => {
                             sent.fetch_add(BATCH as u64, Ordering::Relaxed);
                         }
                         Err(e) => failed = Some(format!("{e} ({:?})", e.kind())),
+                    }
+                    if next.len() != batch.len() {
+                        next = batch.clone();
                     }
                 }
                 running.store(false, Ordering::Relaxed);
@@ -307,13 +313,15 @@ impl Flood {
         self.running.load(Ordering::Relaxed)
     }
 
-    /// Stops the flood; returns the write half and the write error, if any.
-    async fn stop(self) -> (OwnedWriteHalf, Option<String>) {
+    /// Stops the flood; returns the write half, the frames sent (besides
+    /// the first) and the write error, if any.
+    async fn stop(self) -> (OwnedWriteHalf, u64, Option<String>) {
         self.stop.store(true, Ordering::Relaxed);
-        tokio::time::timeout(WAIT, self.task)
+        let (writer, failed) = tokio::time::timeout(WAIT, self.task)
             .await
             .expect("the flood stops")
-            .expect("flood task")
+            .expect("flood task");
+        (writer, self.sent.load(Ordering::Relaxed), failed)
     }
 }
 
@@ -344,7 +352,6 @@ async fn flood_is_closed(
         )
     };
     let (got_code, got_reason) = reader.close(&context).await;
-    let sent = flood.sent();
     let running = flood.running();
     eprintln!("closed {got_code} {got_reason:?}; {}", context());
     assert_eq!(
@@ -353,17 +360,17 @@ async fn flood_is_closed(
         "close code and reason"
     );
     assert!(
-        sent > trips,
-        "the client sent only {sent} frames, not past the {trips} that trip the close"
-    );
-    assert!(
         running,
         "the client was still sending when it read the close"
     );
-    let (mut writer, failed) = flood.stop().await;
+    let (mut writer, sent, failed) = flood.stop().await;
     assert_eq!(
         failed, None,
         "the server did not reset the connection under the flood"
+    );
+    assert!(
+        sent > trips,
+        "the client sent only {sent} frames, not past the {trips} that trip the close"
     );
     // Answer the close (the server stops discarding at once) and see the end.
     let _ = writer.write_all(&close_frame(code)).await;
