@@ -15,6 +15,7 @@ pub mod config;
 pub mod context;
 pub mod db;
 pub mod error;
+pub mod frames;
 pub mod hub;
 pub mod merge;
 pub mod metrics;

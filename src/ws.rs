@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_tungstenite::tungstenite::error::{CapacityError, Error as WsError};
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -30,12 +30,18 @@ use warp::Filter;
 
 use crate::context::Ctx;
 use crate::error::Error;
+use crate::frames::Frames;
 use crate::hub::Outgoing;
 use crate::routes::{error_response, with_ctx, with_origin_check};
 use crate::session::{self, Incoming, Link, Params};
 
 /// How long a close handshake may take before the TCP connection is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// What the peer may still send after our close frame before we stop reading
+/// (and drop the connection, unread bytes or not): more than a client's socket
+/// buffers hold when it learns of the close, little CPU to read and discard.
+const CLOSE_LINGER_BYTES: usize = 16 << 20;
 
 /// hyper's upgrade future for this request, if it asked for one. `OnUpgrade` is
 /// not `Clone`, which warp's extension filters need, hence the shared slot.
@@ -160,7 +166,7 @@ fn upgrade(ctx: Ctx, headers: &HeaderMap, slot: Option<UpgradeSlot>, target: Tar
             }
         };
         let ws = WebSocketStream::from_raw_socket(
-            TokioIo::new(upgraded),
+            Frames::new(TokioIo::new(upgraded)),
             WsRole::Server,
             Some(ctx.ws_config),
         )
@@ -203,14 +209,15 @@ where
     };
     match opened {
         Ok(session) => {
+            link.0.get_mut().attach(session.rate.clone());
             session.run(ctx, link, ctx.config.ping_interval).await;
         }
         Err(e) => link.close(e.close_code(), &e.client_message()).await,
     }
 }
 
-/// A session's WebSocket.
-struct WsLink<S>(WebSocketStream<S>);
+/// A session's WebSocket, over the frame checks of `frames.rs`.
+struct WsLink<S>(WebSocketStream<Frames<S>>);
 
 impl<S> Link for WsLink<S>
 where
@@ -233,8 +240,11 @@ where
             .map_err(|_| ())
     }
 
-    /// Sends a close frame and waits (briefly) for the peer's, so the closing
-    /// handshake really reaches the wire.
+    /// Sends a close frame, ends our half of the TCP connection, then reads
+    /// and discards what the peer still sends until its close frame, its end
+    /// of the connection, [`CLOSE_LINGER_BYTES`] or [`CLOSE_LINGER`]. Dropping
+    /// the socket with the peer's bytes unread would send a reset, and the
+    /// peer would lose our close frame (seeing 1006 instead of our code).
     async fn close(&mut self, code: u16, reason: &str) {
         let frame = CloseFrame {
             code: CloseCode::from(code),
@@ -243,7 +253,9 @@ where
         let ws = &mut self.0;
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
             if ws.close(Some(frame)).await.is_ok() {
-                while let Some(Ok(_)) = ws.next().await {}
+                let frames = ws.get_mut();
+                let _ = frames.shutdown().await;
+                frames.drain(CLOSE_LINGER_BYTES).await;
             }
         })
         .await;
@@ -263,6 +275,11 @@ where
                 log::debug!("WebSocket protocol error: {e}");
                 Incoming::Violation(1002, "protocol error")
             }
+            // `Frames` fails the read once a frame breaks its limits.
+            Some(Err(WsError::Io(_))) => match self.0.get_ref().violation() {
+                Some((code, reason)) => Incoming::Violation(code, reason),
+                None => Incoming::Gone,
+            },
             Some(Err(_)) => Incoming::Gone,
         }
     }

@@ -2306,6 +2306,38 @@ fn cases(app: &TestApp) -> Vec<Case> {
             ),
             status(401, Some("INVALID_TOKEN")),
         ),
+        // Round 2 (frames)
+        ws(
+            "ws: a message of 1025 frames (a text frame, then 1024 empty continuations) → 1009",
+            "v1",
+            "pv1",
+            {
+                // 1023 continuations are charged (200 allowed, 823 refused:
+                // under 10 × burst), so the frame limit is what closes.
+                let mut frames = vec![text_start(r#"{"type":"ping""#)];
+                frames.extend((0..1024).map(|_| cont("")));
+                frames
+            },
+            close(1009, "message too big"),
+        ),
+        ws(
+            "ws: 3000 unsolicited pong frames (past burst 200 + 10 × 200 refusals) → 1008",
+            "v1",
+            "pv1",
+            (0..3000).map(|_| frame(0x8a, b"")).collect(),
+            close(1008, "rate limit exceeded"),
+        ),
+        ws(
+            "ws: 250 pongs, then a pong with a 126-byte payload (over the rate or not) → 1002",
+            "v1",
+            "pv1",
+            {
+                let mut frames: Vec<Vec<u8>> = (0..250).map(|_| frame(0x8a, b"")).collect();
+                frames.push(frame(0x8a, &[b'p'; 126]));
+                frames
+            },
+            close(1002, "protocol error"),
+        ),
     ]
 }
 
