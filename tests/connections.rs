@@ -190,6 +190,39 @@ async fn assert_health(addr: SocketAddr, when: &str) -> Duration {
     }
 }
 
+/// One response head and its `Content-Length` body: the status and the body.
+async fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&buf[..end]).to_lowercase();
+                let length: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0);
+                if buf.len() >= end + 4 + length {
+                    let status = head
+                        .split_whitespace()
+                        .nth(1)
+                        .and_then(|s| s.parse().ok())
+                        .expect("status");
+                    let body = String::from_utf8_lossy(&buf[end + 4..end + 4 + length]);
+                    return (status, body.to_string());
+                }
+            }
+            let n = stream.read(&mut chunk).await.expect("read");
+            assert!(n > 0, "the connection ended before a whole response");
+            buf.extend_from_slice(&chunk[..n]);
+        }
+    };
+    tokio::time::timeout(WAIT, read)
+        .await
+        .expect("a response in time")
+}
+
 /// A counter's value in Prometheus text, `None` when it is not there.
 fn metric(text: &str, name: &str) -> Option<f64> {
     text.lines()
@@ -221,9 +254,9 @@ async fn closed_by_server(stream: &mut TcpStream, wait: Duration) -> bool {
 /// silent TCP connections, more than the server has descriptors. The default
 /// pending bound (half the limit) drops the oldest silent socket for each new
 /// one past it, so the server never runs out: `/health` answers on a fresh
-/// connection within a few seconds all along, the log has no `accept failed`
-/// flood, the process lives, the oldest silent sockets are the ones dropped
-/// (the newest still open) and the drops are counted.
+/// connection within a few seconds all along, the log has not one `accept
+/// failed` line, the process lives, the oldest silent sockets are the ones
+/// dropped (the newest still open) and the drops are counted.
 ///
 /// On the base commit the server holds every silent socket until hyper's
 /// 10 s header timeout, runs out of descriptors after ~240, logs `accept
@@ -274,9 +307,10 @@ async fn a_crowd_of_silent_sockets_under_a_low_fd_limit_does_not_starve_health()
         "the drops are counted: portal_pending_dropped_total {dropped}"
     );
 
+    // The bound keeps the server from running out at all.
     let logs = server.logs();
     let failures = logs.matches("accept failed").count();
-    assert!(failures <= 2, "{failures} `accept failed` lines:\n{logs}");
+    assert_eq!(failures, 0, "`accept failed` lines:\n{logs}");
     assert!(
         logs.contains("open-file limit 256"),
         "the limit is logged: {logs}"
@@ -358,19 +392,7 @@ async fn idle_keep_alive_connections_count_as_waiting_and_sessions_do_not() {
         .write_all(b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n")
         .await
         .expect("write");
-    let mut answer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    while !String::from_utf8_lossy(&answer).contains("\"status\":\"ok\"") {
-        let n = tokio::time::timeout(WAIT, keep_alive.read(&mut chunk))
-            .await
-            .expect("answer in time")
-            .expect("read");
-        assert!(
-            n > 0,
-            "the keep-alive connection stays open after its answer"
-        );
-        answer.extend_from_slice(&chunk[..n]);
-    }
+    assert_eq!(read_response(&mut keep_alive).await.0, 200);
     let mut sse = app.sse("pv1", "v1").await;
     let mut ws = app.connect("pv1", "v2").await;
 
@@ -378,8 +400,9 @@ async fn idle_keep_alive_connections_count_as_waiting_and_sessions_do_not() {
     for _ in 0..4 {
         crowd.push(TcpStream::connect(app.addr).await.expect("connect"));
     }
+    // Dropped at once, not by hyper's header timeout 10 s after its answer.
     assert!(
-        closed_by_server(&mut keep_alive, WAIT).await,
+        closed_by_server(&mut keep_alive, Duration::from_secs(5)).await,
         "the idle keep-alive connection, the oldest waiting, was dropped"
     );
     for (i, stream) in crowd.iter_mut().enumerate() {
@@ -749,19 +772,17 @@ async fn two_host_headers_are_a_400_before_any_route() {
     for request in requests {
         let mut stream = TcpStream::connect(app.addr).await.expect("connect");
         stream.write_all(request.as_bytes()).await.expect("write");
-        let mut answer = Vec::new();
-        tokio::time::timeout(WAIT, stream.read_to_end(&mut answer))
-            .await
-            .expect("answered and closed in time")
-            .expect("read");
-        let answer = String::from_utf8_lossy(&answer).to_string();
-        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
-        let body: Value = serde_json::from_str(answer.split_once("\r\n\r\n").expect("body").1)
-            .expect("JSON body");
+        let (status, body) = read_response(&mut stream).await;
+        assert_eq!(status, 400, "{body}");
+        let body: Value = serde_json::from_str(&body).expect("JSON body");
         assert_eq!(body["error"]["code"], "BAD_REQUEST", "{body}");
         assert_eq!(
             body["error"]["message"], "more than one Host header",
             "{body}"
+        );
+        assert!(
+            closed_by_server(&mut stream, WAIT).await,
+            "the connection is closed after the 400"
         );
     }
     wait_connections(&app, 0).await;
