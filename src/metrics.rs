@@ -41,6 +41,12 @@ pub struct Metrics {
     /// Open SSE streams (SPEC §7), also counted in `portal_connections`.
     pub sse_streams: IntGauge,
     pub http_requests: HistogramVec,
+    /// Connections dropped while waiting for a request head, to keep
+    /// `--max-pending-conns` (the oldest goes first).
+    pub pending_dropped: IntCounter,
+    /// HTTP connections dropped because a response's writes stalled for
+    /// `--http-write-timeout` (the peer does not read).
+    pub http_write_timeouts: IntCounter,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -154,6 +160,14 @@ impl Metrics {
                 HistogramOpts::new("portal_http_request_seconds", "HTTP requests by status")
                     .buckets(latency),
                 &["status"]
+            )),
+            pending_dropped: reg!(IntCounter::new(
+                "portal_pending_dropped_total",
+                "Connections dropped before a complete request head because --max-pending-conns were waiting (oldest first)"
+            )),
+            http_write_timeouts: reg!(IntCounter::new(
+                "portal_http_write_timeouts_total",
+                "HTTP connections dropped because a response made no progress for --http-write-timeout"
             )),
             registry,
         }

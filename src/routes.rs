@@ -8,6 +8,7 @@ use futures::{Stream, StreamExt};
 use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{json, Value};
+use warp::filters::path::FullPath;
 use warp::filters::BoxedFilter;
 use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
@@ -50,6 +51,10 @@ pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .unify()
         .recover(recover)
         .unify();
+    let cors = !ctx.config.allowed_origins.is_empty();
+    let inner = warp::path::full()
+        .and(inner)
+        .map(move |path: FullPath, response| with_allow(path.as_str(), cors, response));
     warp::header::headers_cloned()
         .and(with_ctx(ctx))
         .and(inner)
@@ -74,6 +79,74 @@ pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
         }))
         .map(Reply::into_response)
         .boxed()
+}
+
+/// The methods of every route above, for the `Allow` header of a 405 (RFC
+/// 9110 §15.5.6): path segments (`*` one of any, `**` the rest), the methods,
+/// and whether CORS preflights (`OPTIONS`, [`preflight`]) are answered there.
+/// A route added to [`routes`] needs its line here.
+const ROUTE_METHODS: &[(&[&str], &str, bool)] = &[
+    (&["health"], "GET", false),
+    (&["metrics"], "GET", false),
+    (&["api", "portal-views", "*"], "GET, PATCH", true),
+    (&["api", "portal-views", "*", "messages"], "POST", true),
+    (
+        &["api", "libraries", "*", "members", "*"],
+        "PUT, DELETE",
+        true,
+    ),
+    (&["ws", "portal-view", "*"], "GET", false),
+    (&["socket.io", "**"], "GET", false),
+    (&["sse", "portal-view", "*"], "GET", true),
+    (&[], "GET, HEAD", false),
+    (&["presenter"], "GET, HEAD", false),
+    (&["viewer"], "GET, HEAD", false),
+    (&["assets", "*"], "GET, HEAD", false),
+];
+
+/// The `Allow` value for `path` (as warp splits it: one trailing `/` is
+/// ignored), `OPTIONS` included where preflights are answered (`cors`: an
+/// allow-list is configured).
+fn allowed_methods(path: &str, cors: bool) -> Option<String> {
+    let path = path.strip_prefix('/').unwrap_or(path);
+    let path = path.strip_suffix('/').unwrap_or(path);
+    let segments: Vec<&str> = if path.is_empty() {
+        Vec::new()
+    } else {
+        path.split('/').collect()
+    };
+    let matches = |pattern: &[&str]| {
+        let rest = pattern.last() == Some(&"**");
+        let fixed = if rest {
+            &pattern[..pattern.len() - 1]
+        } else {
+            pattern
+        };
+        (segments.len() == fixed.len() || rest && segments.len() >= fixed.len())
+            && fixed
+                .iter()
+                .zip(&segments)
+                .all(|(p, s)| *p == *s || *p == "*" && !s.is_empty())
+    };
+    let (_, methods, preflight) = ROUTE_METHODS.iter().find(|(p, _, _)| matches(p))?;
+    Some(if cors && *preflight {
+        format!("{methods}, OPTIONS")
+    } else {
+        (*methods).to_string()
+    })
+}
+
+/// Every 405 names the methods its route does answer.
+fn with_allow(path: &str, cors: bool, mut response: Response) -> Response {
+    if response.status() == StatusCode::METHOD_NOT_ALLOWED {
+        match allowed_methods(path, cors).map(|m| HeaderValue::from_str(&m)) {
+            Some(Ok(allow)) => {
+                response.headers_mut().insert(header::ALLOW, allow);
+            }
+            _ => log::warn!("a 405 for {path:?}, which no route's methods name"),
+        }
+    }
+    response
 }
 
 /// Refuses (403) a browser page whose origin is neither ours nor on
@@ -637,5 +710,33 @@ mod tests {
         assert_eq!(parse_if_match("*"), None);
         assert_eq!(parse_if_match("W/\"12\""), Some(vec![]));
         assert_eq!(parse_if_match("garbage"), Some(vec![]));
+    }
+
+    #[test]
+    fn allow_names_the_methods_of_the_route() {
+        let allow = |path| allowed_methods(path, false);
+        assert_eq!(allow("/health").as_deref(), Some("GET"));
+        assert_eq!(allow("/health/").as_deref(), Some("GET"));
+        assert_eq!(
+            allow("/api/portal-views/pv1").as_deref(),
+            Some("GET, PATCH")
+        );
+        assert_eq!(
+            allowed_methods("/api/portal-views/pv1", true).as_deref(),
+            Some("GET, PATCH, OPTIONS")
+        );
+        assert_eq!(
+            allow("/api/portal-views/pv1/messages").as_deref(),
+            Some("POST")
+        );
+        assert_eq!(
+            allow("/api/libraries/lib1/members/u1").as_deref(),
+            Some("PUT, DELETE")
+        );
+        assert_eq!(allow("/socket.io/").as_deref(), Some("GET"));
+        assert_eq!(allow("/socket.io/x/y").as_deref(), Some("GET"));
+        assert_eq!(allow("/").as_deref(), Some("GET, HEAD"));
+        assert_eq!(allow("/api/portal-views/").as_deref(), None);
+        assert_eq!(allow("/nothing").as_deref(), None);
     }
 }

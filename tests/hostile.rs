@@ -2338,6 +2338,61 @@ fn cases(app: &TestApp) -> Vec<Case> {
             },
             close(1002, "protocol error"),
         ),
+        // Round 2 (connections: duplicate Host, Allow on 405)
+        raw(
+            "http: two Host headers → 400",
+            http("GET", "/health", &[("Host", "evil.example".into())], b""),
+            status(400, Some("BAD_REQUEST")),
+        ),
+        Case::new(
+            "http: a valid upgrade with a second host header → 400, no 101",
+            Input::Handshake {
+                target: ws_target("pv1", &owner),
+                headers: vec![("host".into(), "evil.example".into())],
+            },
+            status(400, Some("BAD_REQUEST")),
+        ),
+        raw(
+            "rest: PUT /health → 405 Allow: GET",
+            http("PUT", "/health", &[], b""),
+            Expect::Http {
+                status: 405,
+                code: Some("METHOD_NOT_ALLOWED"),
+                header: Some(("allow", "GET")),
+            },
+        ),
+        raw(
+            "rest: DELETE /api/portal-views/pv1 → 405 Allow: GET, PATCH",
+            http("DELETE", "/api/portal-views/pv1", &owner_auth(), b""),
+            Expect::Http {
+                status: 405,
+                code: Some("METHOD_NOT_ALLOWED"),
+                header: Some(("allow", "GET, PATCH")),
+            },
+        ),
+        raw(
+            "rest: POST /api/libraries/lib1/members/v1 → 405 Allow: PUT, DELETE",
+            http(
+                "POST",
+                "/api/libraries/lib1/members/v1",
+                &[bearer(&owner), json_type()],
+                br#"{"role":"EDITOR"}"#,
+            ),
+            Expect::Http {
+                status: 405,
+                code: Some("METHOD_NOT_ALLOWED"),
+                header: Some(("allow", "PUT, DELETE")),
+            },
+        ),
+        raw(
+            "rest: GET /api/portal-views/pv1/messages → 405 Allow: POST",
+            http("GET", "/api/portal-views/pv1/messages", &owner_auth(), b""),
+            Expect::Http {
+                status: 405,
+                code: Some("METHOD_NOT_ALLOWED"),
+                header: Some(("allow", "POST")),
+            },
+        ),
     ]
 }
 
