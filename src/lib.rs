@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod model;
 pub mod origin;
 pub mod protocol;
+pub mod rest_rate;
 pub mod revocation;
 pub mod routes;
 pub mod server;
