@@ -35,6 +35,8 @@ pub struct Shared {
     pub revocation_nudge: Nudge,
     /// The SSE streams of this node, for SPEC §7's POST route.
     pub streams: crate::sse::Streams,
+    /// Per-user rate buckets of REST messages (PATCH, stream-less POSTs).
+    pub user_rates: crate::rest_rate::UserRates,
     /// Owned here rather than left to warp: warp's default 128 KiB read buffer
     /// per socket is most of a connection's memory (see STACK.md).
     pub ws_config: WebSocketConfig,
@@ -83,7 +85,13 @@ impl Ctx {
             )?),
             None => None,
         };
-        let writer = Writer::spawn(db.clone(), hub.clone(), metrics.clone(), cluster.clone())?;
+        let writer = Writer::spawn(
+            db.clone(),
+            hub.clone(),
+            metrics.clone(),
+            cluster.clone(),
+            config.max_state_bytes,
+        )?;
         let revocation_nudge = Nudge::default();
         let stop = shutdown.clone();
         tokio::spawn(until_shutdown(
@@ -105,6 +113,7 @@ impl Ctx {
             flush_presence(hub.clone(), metrics.clone(), config.presence_batch),
         ));
         let tokens = Tokens::new(config.jwt_secret.as_bytes(), config.jwt_leeway);
+        let user_rates = crate::rest_rate::UserRates::new(config.rate_per_sec, config.rate_burst);
         let max = config.max_message_bytes;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)
@@ -120,6 +129,7 @@ impl Ctx {
             metrics,
             revocation_nudge,
             streams: Default::default(),
+            user_rates,
             ws_config,
             shutdown,
             sessions: AtomicUsize::new(0),

@@ -23,7 +23,7 @@ use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::merge::Change;
+use crate::merge::{json_len, Change};
 use crate::model::{is_valid_id, Role};
 
 pub const SCHEMA: &str = include_str!("../schema.sql");
@@ -163,6 +163,12 @@ impl Db {
     pub async fn access_of(&self, user_id: &str, view_id: &str) -> Result<Access, Error> {
         let (user, view) = (user_id.to_string(), view_id.to_string());
         self.call(move |conn| access(conn, &user, &view)).await
+    }
+
+    /// [`grant`] on a storage thread: the same checks, without the state.
+    pub async fn grant_of(&self, user_id: &str, view_id: &str) -> Result<Grant, Error> {
+        let (user, view) = (user_id.to_string(), view_id.to_string());
+        self.call(move |conn| grant(conn, &user, &view)).await
     }
 
     /// A pooled connection for synchronous callers (the CLI, tests).
@@ -327,6 +333,16 @@ pub struct Access {
     pub view: ViewRow,
 }
 
+/// [`Access`] without the view's state, for routes that do not send it (a
+/// PATCH, a POST): reading a state of hundreds of kilobytes for every request
+/// on its view, refused ones included, was most of their cost.
+#[derive(Debug, Clone)]
+pub struct Grant {
+    pub role: Role,
+    pub library_id: String,
+    pub version: i64,
+}
+
 pub fn user_exists(conn: &Connection, user_id: &str) -> Result<bool, Error> {
     if !is_valid_id(user_id) {
         return Ok(false);
@@ -378,6 +394,118 @@ pub fn access(conn: &Connection, user_id: &str, view_id: &str) -> Result<Access,
         role,
         view: ViewRow::from_columns(view_id, (library_id, name, state, version, updated_at))?,
     })
+}
+
+/// [`access`] without reading the `state` column: same checks, same order.
+pub fn grant(conn: &Connection, user_id: &str, view_id: &str) -> Result<Grant, Error> {
+    if !user_exists(conn, user_id)? {
+        return Err(Error::UnknownUser);
+    }
+    if !is_valid_id(view_id) {
+        return Err(Error::ViewNotFound);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT v.library_id, v.version, l.owner_id, m.role
+           FROM portal_views v
+           LEFT JOIN libraries l ON l.id = v.library_id
+           LEFT JOIN library_members m ON m.library_id = v.library_id AND m.user_id = ?1
+          WHERE v.id = ?2",
+    )?;
+    let row = stmt
+        .query_row(params![user_id, view_id], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, i64>(1)?,
+                r.get::<_, Option<String>>(2)?,
+                r.get::<_, Option<String>>(3)?,
+            ))
+        })
+        .optional()?;
+    let Some((library_id, version, owner_id, member_role)) = row else {
+        return Err(Error::ViewNotFound);
+    };
+    let role = Role::resolve(
+        user_id,
+        owner_id.as_deref().unwrap_or_default(),
+        member_role.as_deref(),
+    )
+    .ok_or(Error::AccessDenied)?;
+    Ok(Grant {
+        role,
+        library_id,
+        version,
+    })
+}
+
+/// Who asked for an op, which must still hold when it is applied (SPEC §4:
+/// access and the token are checked again then). Checked inside the write
+/// transaction, so no membership change can slip between check and write,
+/// and every route that writes gets the check without having to remember it.
+#[derive(Debug, Clone)]
+pub struct Requester {
+    pub user_id: Arc<str>,
+    /// Seconds since the epoch from which the token (its `exp` plus
+    /// `--jwt-leeway`) is expired.
+    pub expires_at: u64,
+    pub needs: Needs,
+}
+
+/// The role an op's requester must still have in the view's library.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needs {
+    /// A state change: the library's owner, or an OWNER or EDITOR member.
+    Controller,
+    /// Any role at all (reading the state, as the server's own sync-response does).
+    Member,
+}
+
+/// What one batch learnt of a user in a library: whether the user exists,
+/// and their role there.
+#[derive(Clone, Copy)]
+enum Standing {
+    NoSuchUser,
+    Role(Option<Role>),
+}
+
+/// The user's standing in a library, read inside the caller's transaction.
+fn standing_in(conn: &Connection, user_id: &str, library_id: &str) -> Result<Standing, Error> {
+    if !user_exists(conn, user_id)? {
+        return Ok(Standing::NoSuchUser);
+    }
+    let mut stmt = conn.prepare_cached(
+        "SELECT l.owner_id, m.role
+           FROM libraries l
+           LEFT JOIN library_members m ON m.library_id = l.id AND m.user_id = ?1
+          WHERE l.id = ?2",
+    )?;
+    let row = stmt
+        .query_row(params![user_id, library_id], |r| {
+            Ok((r.get::<_, String>(0)?, r.get::<_, Option<String>>(1)?))
+        })
+        .optional()?;
+    Ok(Standing::Role(row.and_then(|(owner_id, member_role)| {
+        Role::resolve(user_id, &owner_id, member_role.as_deref())
+    })))
+}
+
+impl Requester {
+    /// The refusal, if the requester may no longer do this: a token expired
+    /// (401), a user deleted (401, as for a token of an unknown user), no role
+    /// left (403 `ACCESS_DENIED`), or a controller downgraded to viewer (403
+    /// `FORBIDDEN`, as a viewer's PATCH is on arrival).
+    fn refusal(&self, now: u64, standing: Standing) -> Option<Error> {
+        if self.expires_at <= now {
+            return Some(Error::TokenExpired);
+        }
+        match (standing, self.needs) {
+            (Standing::NoSuchUser, _) => Some(Error::UnknownUser),
+            (Standing::Role(None), _) => Some(Error::AccessDenied),
+            (Standing::Role(Some(Role::Viewer)), Needs::Controller) => Some(Error::Forbidden(
+                "only controllers may change a portal view",
+            )),
+            (Standing::Role(Some(_)), _) => None,
+        }
+    }
 }
 
 /// Validates stored state text: another tool may have written anything.
@@ -445,6 +573,9 @@ pub struct StoreOp {
     /// `portal_view_events` in the same transaction, so that another node can
     /// fill a gap in what Redis delivered (see `cluster`).
     pub event: Option<EventTemplate>,
+    /// Who must still be allowed to do this when it is applied; `None` for
+    /// the server's own work.
+    pub requester: Option<Requester>,
 }
 
 /// What a change's broadcast is made of; rendered once its version is known.
@@ -527,9 +658,11 @@ pub struct Stored {
 }
 
 struct Loaded {
-    library_id: String,
+    library_id: Arc<str>,
     name: String,
     state: Map<String, Value>,
+    /// The state's serialized length, counted when the batch first changes it.
+    len: Option<usize>,
     version: i64,
     updated_at: Option<String>,
     dirty: bool,
@@ -544,15 +677,24 @@ enum LoadFailure {
 /// read and parsed once, every change bumps its version by exactly one, and each
 /// changed view is written once at the end. Returns one result per op; the outer
 /// error means nothing was committed.
+///
+/// Each op is checked in order: the view exists, its requester may still do
+/// it (token, user, role: one lookup per user and library per batch), its
+/// `If-Match`, and that the state it leaves is at most `max_state_bytes`
+/// serialized. A refused op changes nothing and leaves the rest of the batch
+/// alone.
 pub fn apply_batch(
     conn: &mut Connection,
     ops: &[StoreOp],
+    max_state_bytes: usize,
 ) -> Result<Vec<Result<Stored, Error>>, Error> {
     let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
     let now: String = tx.query_row("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')", [], |r| {
         r.get(0)
     })?;
+    let now_secs = crate::auth::now_secs();
     let mut views: HashMap<&str, Result<Loaded, LoadFailure>> = HashMap::new();
+    let mut standings: HashMap<(&str, Arc<str>), Standing> = HashMap::new();
     let mut results = Vec::with_capacity(ops.len());
     for op in ops {
         if !views.contains_key(op.view_id.as_str()) {
@@ -573,6 +715,21 @@ pub fn apply_batch(
                 continue;
             }
         };
+        if let Some(requester) = &op.requester {
+            let key = (&*requester.user_id, entry.library_id.clone());
+            let standing = match standings.get(&key) {
+                Some(standing) => *standing,
+                None => {
+                    let found = standing_in(&tx, &requester.user_id, &entry.library_id)?;
+                    standings.insert(key, found);
+                    found
+                }
+            };
+            if let Some(refusal) = requester.refusal(now_secs, standing) {
+                results.push(Err(refusal));
+                continue;
+            }
+        }
         if let Some(versions) = &op.if_match {
             if !versions.contains(&entry.version) {
                 results.push(Err(Error::PreconditionFailed {
@@ -583,7 +740,17 @@ pub fn apply_batch(
         }
         let mut event = None;
         if let Some(change) = &op.change {
+            let len = *entry.len.get_or_insert_with(|| json_len(&entry.state));
+            let len_after = change.len_after(&entry.state, len);
+            if len_after > max_state_bytes {
+                results.push(Err(Error::StateTooLarge {
+                    len: len_after,
+                    max: max_state_bytes,
+                }));
+                continue;
+            }
             change.apply(&mut entry.state);
+            entry.len = Some(len_after);
             entry.version += 1;
             entry.updated_at = Some(now.clone());
             entry.dirty = true;
@@ -638,9 +805,10 @@ fn load(conn: &Connection, view_id: &str) -> Result<Result<Loaded, LoadFailure>,
         return Ok(Err(LoadFailure::Corrupt));
     };
     Ok(Ok(Loaded {
-        library_id,
+        library_id: library_id.into(),
         name,
         state,
+        len: None,
         version,
         updated_at,
         dirty: false,
@@ -652,7 +820,7 @@ fn row_of(view_id: &str, entry: &Loaded) -> Result<ViewRow, Error> {
         .map_err(|e| Error::Internal(format!("serializing state: {e}")))?;
     Ok(ViewRow {
         id: view_id.to_string(),
-        library_id: entry.library_id.clone(),
+        library_id: entry.library_id.to_string(),
         name: entry.name.clone(),
         state,
         version: entry.version,
@@ -932,6 +1100,7 @@ mod tests {
                 if_match: None,
                 want_row: false,
                 event: None,
+                requester: None,
             },
             StoreOp {
                 view_id: "nope".into(),
@@ -939,6 +1108,7 @@ mod tests {
                 if_match: None,
                 want_row: false,
                 event: None,
+                requester: None,
             },
             StoreOp {
                 view_id: "pv".into(),
@@ -946,6 +1116,7 @@ mod tests {
                 if_match: Some(vec![0]),
                 want_row: false,
                 event: None,
+                requester: None,
             },
             StoreOp {
                 view_id: "pv".into(),
@@ -953,9 +1124,10 @@ mod tests {
                 if_match: Some(vec![1]),
                 want_row: true,
                 event: None,
+                requester: None,
             },
         ];
-        let results = apply_batch(&mut c, &ops).expect("commit");
+        let results = apply_batch(&mut c, &ops, usize::MAX).expect("commit");
         assert_eq!(results[0].as_ref().expect("ok").version, 1);
         assert!(matches!(results[1], Err(Error::ViewNotFound)));
         assert!(matches!(
@@ -996,6 +1168,179 @@ mod tests {
         assert!(db.call(|_| Ok(())).await.is_ok());
     }
 
+    fn merge_op(view: &str, patch: Value, requester: Option<Requester>) -> StoreOp {
+        let Value::Object(patch) = patch else {
+            panic!("not an object: {patch}")
+        };
+        StoreOp {
+            view_id: view.into(),
+            change: Some(Change::Merge(patch)),
+            if_match: None,
+            want_row: false,
+            event: None,
+            requester,
+        }
+    }
+
+    fn by(user: &str, expires_at: u64, needs: Needs) -> Option<Requester> {
+        Some(Requester {
+            user_id: user.into(),
+            expires_at,
+            needs,
+        })
+    }
+
+    /// SPEC §4: access and the token hold when the change is applied, read
+    /// inside the write transaction; a refused op changes nothing.
+    #[test]
+    fn requesters_are_checked_when_applied() {
+        let (_dir, db) = fixture();
+        let mut c = db.conn().expect("conn");
+        add_user(&c, "e", "e@x", "E").expect("user");
+        set_member(&c, "lib", "e", "EDITOR").expect("member");
+        let later = crate::auth::now_secs() + 3600;
+        let results = apply_batch(
+            &mut c,
+            &[
+                merge_op("pv", json!({"a": 1}), by("e", later, Needs::Controller)),
+                merge_op("pv", json!({"o": 1}), by("o", later, Needs::Controller)),
+                merge_op("pv", json!({"v": 1}), by("v", later, Needs::Controller)),
+                merge_op("pv", json!({"n": 1}), by("n", later, Needs::Controller)),
+                merge_op("pv", json!({"z": 1}), by("zz", later, Needs::Controller)),
+                merge_op("pv", json!({"x": 1}), by("e", 1, Needs::Controller)),
+                merge_op("pv", json!({"b": 2}), by("e", later, Needs::Controller)),
+            ],
+            usize::MAX,
+        )
+        .expect("commit");
+        let outcome: Vec<String> = results
+            .iter()
+            .map(|r| match r {
+                Ok(stored) => stored.version.to_string(),
+                Err(e) => e.code().to_string(),
+            })
+            .collect();
+        assert_eq!(
+            outcome,
+            [
+                "1",
+                "2",
+                "FORBIDDEN",
+                "ACCESS_DENIED",
+                "UNKNOWN_USER",
+                "TOKEN_EXPIRED",
+                "3"
+            ]
+        );
+        set_member(&c, "lib", "e", "VIEWER").expect("downgrade");
+        let results = apply_batch(
+            &mut c,
+            &[
+                merge_op("pv", json!({"c": 3}), by("e", later, Needs::Controller)),
+                StoreOp {
+                    view_id: "pv".into(),
+                    change: None,
+                    if_match: None,
+                    want_row: true,
+                    event: None,
+                    requester: by("e", later, Needs::Member),
+                },
+            ],
+            usize::MAX,
+        )
+        .expect("commit");
+        assert!(matches!(results[0], Err(Error::Forbidden(_))));
+        assert_eq!(results[1].as_ref().expect("a member may read").version, 3);
+        remove_member(&c, "lib", "e").expect("remove");
+        let results = apply_batch(
+            &mut c,
+            &[merge_op(
+                "pv",
+                json!({"d": 4}),
+                by("e", later, Needs::Member),
+            )],
+            usize::MAX,
+        )
+        .expect("commit");
+        assert!(matches!(results[0], Err(Error::AccessDenied)));
+        let stored = view(&c, "pv").expect("read").expect("row");
+        assert_eq!(stored.version, 3);
+        assert_eq!(stored.state.get(), r#"{"a":1,"b":2,"o":1}"#);
+    }
+
+    /// SPEC §5: a change that would make the stored state longer than the
+    /// cap is refused and changes nothing; the rest of the batch goes on.
+    #[test]
+    fn the_state_cap_refuses_only_the_change_past_it() {
+        let (_dir, db) = fixture();
+        let mut c = db.conn().expect("conn");
+        let replace = |v: Value| StoreOp {
+            change: match v {
+                Value::Object(m) => Some(Change::Replace(m)),
+                _ => None,
+            },
+            ..merge_op("pv", json!({}), None)
+        };
+        let item = |id: &str, v: Value| StoreOp {
+            change: match v {
+                Value::Object(patch) => Some(Change::Item {
+                    item_id: id.into(),
+                    patch,
+                }),
+                _ => None,
+            },
+            ..merge_op("pv", json!({}), None)
+        };
+        // {"a":"xxxxxxxxxxxx"} is 20 bytes: exactly the cap.
+        let results = apply_batch(
+            &mut c,
+            &[
+                merge_op("pv", json!({"a": "x".repeat(12)}), None),
+                merge_op("pv", json!({"b": 1}), None),
+                replace(json!({"r": "y".repeat(14)})),
+                item("1", json!({})),
+                merge_op("pv", json!({"a": "x".repeat(11)}), None),
+                merge_op("pv", json!({}), None),
+                replace(json!({"r": "y".repeat(12)})),
+            ],
+            20,
+        )
+        .expect("commit");
+        let outcome: Vec<String> = results
+            .iter()
+            .map(|r| match r {
+                Ok(stored) => stored.version.to_string(),
+                Err(e) => e.code().to_string(),
+            })
+            .collect();
+        assert_eq!(
+            outcome,
+            [
+                "1",
+                "STATE_TOO_LARGE",
+                "STATE_TOO_LARGE",
+                "STATE_TOO_LARGE",
+                "2",
+                "3",
+                "4"
+            ]
+        );
+        let stored = view(&c, "pv").expect("read").expect("row");
+        assert_eq!(stored.version, 4);
+        assert_eq!(
+            stored.state.get(),
+            format!(r#"{{"r":"{}"}}"#, "y".repeat(12))
+        );
+        assert_eq!(stored.state.get().len(), 20);
+        match &results[1] {
+            Err(e) => assert_eq!(
+                e.client_message(),
+                "state too large: the change would make the state 26 bytes, over the limit of 20"
+            ),
+            Ok(_) => panic!("refused"),
+        }
+    }
+
     /// Writers that share nothing but the file (separate pools, as separate
     /// processes would) still produce gapless versions.
     #[test]
@@ -1019,8 +1364,10 @@ mod tests {
                                 if_match: None,
                                 want_row: false,
                                 event: None,
+                                requester: None,
                             };
-                            let mut results = apply_batch(&mut c, &[op]).expect("commit");
+                            let mut results =
+                                apply_batch(&mut c, &[op], usize::MAX).expect("commit");
                             results.remove(0).expect("applied").version
                         })
                         .collect::<Vec<i64>>()

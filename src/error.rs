@@ -27,6 +27,13 @@ pub enum Error {
         current: i64,
     },
     PayloadTooLarge,
+    /// A change that would make a view's serialized state `len` bytes, over
+    /// `--max-state-bytes` (SPEC §5). REST shows it as 413 `STATE_TOO_LARGE`;
+    /// a client message gets it as `BAD_REQUEST` ([`Error::as_message_refusal`]).
+    StateTooLarge {
+        len: usize,
+        max: usize,
+    },
     UnsupportedMediaType,
     NotFound(&'static str),
     Conflict(&'static str),
@@ -63,7 +70,7 @@ impl Error {
             Error::TooManyConnections | Error::RateLimited => StatusCode::TOO_MANY_REQUESTS,
             Error::UnknownType | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
             Error::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-            Error::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::PayloadTooLarge | Error::StateTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Error::Conflict(_) => StatusCode::CONFLICT,
             Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
@@ -96,6 +103,7 @@ impl Error {
             Error::BadRequest(_) => "BAD_REQUEST",
             Error::PreconditionFailed { .. } => "PRECONDITION_FAILED",
             Error::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
+            Error::StateTooLarge { .. } => "STATE_TOO_LARGE",
             Error::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
             Error::Conflict(_) => "CONFLICT",
             Error::TooManyConnections => "TOO_MANY_CONNECTIONS",
@@ -129,11 +137,24 @@ impl Error {
                 format!("version mismatch: the current version is {current}")
             }
             Error::PayloadTooLarge => "body larger than the maximum message size".into(),
+            Error::StateTooLarge { len, max } => format!(
+                "state too large: the change would make the state {len} bytes, over the limit of {max}"
+            ),
             Error::UnsupportedMediaType => {
                 "Content-Type must be application/json or application/merge-patch+json".into()
             }
             Error::Storage(_) | Error::Internal(_) => "internal error".into(),
             Error::DatabaseMissing => "internal error".into(),
+        }
+    }
+
+    /// A refusal at apply time that a client message is answered with, the
+    /// socket kept open (SPEC §3.1: `state too large` is a `BAD_REQUEST`);
+    /// `None` for a failure that ends the sender's connection.
+    pub fn as_message_refusal(&self) -> Option<Error> {
+        match self {
+            Error::StateTooLarge { .. } => Some(Error::BadRequest(self.client_message())),
+            _ => None,
         }
     }
 

@@ -24,6 +24,7 @@ pub mod model;
 pub mod origin;
 pub mod pending;
 pub mod protocol;
+pub mod rest_rate;
 pub mod revocation;
 pub mod routes;
 pub mod server;

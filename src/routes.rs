@@ -2,6 +2,7 @@
 //! of every rejection to the JSON error body.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 
 use bytes::{Buf, BytesMut};
 use futures::{Stream, StreamExt};
@@ -14,11 +15,13 @@ use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
+use crate::auth::Verified;
 use crate::context::Ctx;
-use crate::db::{self, MemberChange, ViewRow};
+use crate::db::{self, MemberChange, Needs, Requester, ViewRow};
 use crate::error::Error;
 use crate::merge::Change;
 use crate::model::{Presence, Role};
+use crate::session::Verdict;
 use crate::{origin, ws};
 
 /// Every route the server answers, with logging and JSON errors.
@@ -381,16 +384,29 @@ pub fn with_ctx(ctx: Ctx) -> impl Filter<Extract = (Ctx,), Error = Infallible> +
 /// The user of `Authorization: Bearer <JWT>`. Whether that user exists is
 /// checked with the rest of the access lookup.
 pub(crate) fn with_token(ctx: Ctx) -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+    with_verified(ctx).map(|verified: Verified| verified.user_id)
+}
+
+/// The checked token of `Authorization: Bearer <JWT>`, for routes whose
+/// change must still find it valid when it is applied.
+pub(crate) fn with_verified(
+    ctx: Ctx,
+) -> impl Filter<Extract = (Verified,), Error = Rejection> + Clone {
     warp::header::headers_cloned().and(with_ctx(ctx)).and_then(
         |headers: HeaderMap, ctx: Ctx| async move {
             let value = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
             let token = crate::auth::bearer(value).ok_or(Error::InvalidToken)?;
-            let verified = ctx.tokens.verify(token).map_err(warp::reject::custom)?;
-            Ok::<_, Rejection>(verified.user_id)
+            ctx.tokens.verify(token).map_err(warp::reject::custom)
         },
     )
+}
+
+/// When a request's token expires (its `exp` plus `--jwt-leeway`, seconds
+/// since the epoch): the writer refuses its change from then on (SPEC §4).
+pub(crate) fn token_expires(ctx: &Ctx, verified: &Verified) -> u64 {
+    verified.exp.saturating_add(ctx.config.jwt_leeway)
 }
 
 /// GET /health
@@ -464,13 +480,13 @@ fn patch_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "portal-views" / String)
         .and(warp::patch())
         .and(with_origin_check(ctx.clone()))
-        .and(with_token(ctx.clone()))
+        .and(with_verified(ctx.clone()))
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and(with_ctx(ctx))
         .then(
-            |view_id: String, user_id: String, headers: HeaderMap, body, ctx: Ctx| async move {
-                match patch(&ctx, view_id, user_id, &headers, body).await {
+            |view_id: String, verified: Verified, headers: HeaderMap, body, ctx: Ctx| async move {
+                match patch(&ctx, view_id, verified, &headers, body).await {
                     Ok(view) => view_response(&ctx, &view),
                     Err(e) => error_response(&e),
                 }
@@ -479,12 +495,14 @@ fn patch_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
-/// Checks in order: who (401/404/403), then the body (415/413/400), then the
-/// precondition (412) inside the write transaction.
+/// Checks in order: the token (401), the user's rate (429), who (404/403),
+/// then the body (415/413/400); then, inside the write transaction, the token
+/// and access again (401/403), the precondition (412) and the state's size
+/// (413).
 async fn patch<S, B>(
     ctx: &Ctx,
     view_id: String,
-    user_id: String,
+    verified: Verified,
     headers: &HeaderMap,
     body: S,
 ) -> Result<ViewRow, Error>
@@ -492,8 +510,14 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    let access = ctx.db.access_of(&user_id, &view_id).await?;
-    if access.role != Role::Controller {
+    let user_id: Arc<str> = verified.user_id.as_str().into();
+    // Before any lookup or body: a flood costs a map lookup per request.
+    if ctx.user_rates.check(&user_id, tokio::time::Instant::now()) != Verdict::Allowed {
+        return Err(Error::RateLimited);
+    }
+    // Not the state: a PATCH does not send it, and it may be large.
+    let grant = ctx.db.grant_of(&user_id, &view_id).await?;
+    if grant.role != Role::Controller {
         return Err(Error::Forbidden(
             "only controllers may change a portal view",
         ));
@@ -507,8 +531,13 @@ where
         .get(header::IF_MATCH)
         .map(|v| parse_if_match(v.to_str().unwrap_or("")))
         .unwrap_or(None);
+    let requester = Requester {
+        user_id,
+        expires_at: token_expires(ctx, &verified),
+        needs: Needs::Controller,
+    };
     ctx.writer
-        .change_and_wait(&view_id, change, payload, &user_id, if_match)
+        .change_and_wait(&view_id, change, payload, requester, if_match)
         .await
 }
 

@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use warp::http::{header, HeaderMap};
 
 use crate::context::Ctx;
-use crate::db::{self, Access};
+use crate::db::{self, Access, Needs, Requester};
 use crate::error::Error;
 use crate::hub::{CloseRequest, Joiner, Outbox, Outgoing, SyncAsked};
 use crate::model::Role;
@@ -106,6 +106,8 @@ struct Admitted {
     user_id: String,
     access: Access,
     expires: Option<tokio::time::Instant>,
+    /// The same expiry in seconds since the epoch, for the writer's check.
+    token_expires: u64,
     revocations: u64,
 }
 
@@ -133,10 +135,12 @@ async fn admit(ctx: &Ctx, params: &Params) -> Result<Admitted, Error> {
     let verified = ctx.tokens.verify(token)?;
     let revocations = ctx.hub.revocations();
     let access = ctx.db.access_of(&verified.user_id, &params.view_id).await?;
+    let token_expires = verified.exp.saturating_add(ctx.config.jwt_leeway);
     Ok(Admitted {
         user_id: verified.user_id,
         access,
-        expires: expiry_instant(verified.exp + ctx.config.jwt_leeway),
+        expires: expiry_instant(token_expires),
+        token_expires,
         revocations,
     })
 }
@@ -173,6 +177,10 @@ pub(crate) struct Sender {
     /// The sending connection (hub key, connection id), which its broadcasts
     /// skip; `None` for a POST that names no stream of its own.
     pub connection: Option<(u64, Arc<str>)>,
+    /// When the token that authorised the message expires (its `exp` plus
+    /// `--jwt-leeway`, seconds since the epoch): its change is refused from
+    /// then on, however long it waited for the writer.
+    pub token_expires: u64,
 }
 
 pub(crate) struct Session {
@@ -202,6 +210,7 @@ impl Session {
             user_id,
             access: Access { role, mut view },
             expires,
+            token_expires,
             revocations,
         } = admitted;
         let user_id: Arc<str> = user_id.into();
@@ -258,6 +267,7 @@ impl Session {
                 view_id,
                 role,
                 connection: Some((joined.key, connection_id)),
+                token_expires,
             },
             _membership: membership,
             outbox,
@@ -491,6 +501,13 @@ pub(crate) async fn handle(
                 author: Author {
                     user_id: sender.user_id.clone(),
                     via: Via::Message(sender.connection.clone()),
+                },
+                // Whatever the role was when the message arrived, it must
+                // still hold when the change is applied (SPEC §4).
+                requester: Requester {
+                    user_id: sender.user_id.clone(),
+                    expires_at: sender.token_expires,
+                    needs: Needs::Controller,
                 },
                 if_match: None,
                 reply: Reply::Message { to: reply, id },

@@ -22,12 +22,13 @@ use warp::reply::Response;
 use warp::sse::Event;
 use warp::{Filter, Reply};
 
-use crate::config::Config;
+use crate::auth::Verified;
 use crate::context::Ctx;
 use crate::error::Error;
 use crate::hub::{CloseRequest, Outbox, Outgoing};
 use crate::routes::{
-    check_content_type, error_response, read_limited, with_ctx, with_origin_check, with_token,
+    check_content_type, error_response, read_limited, token_expires, with_ctx, with_origin_check,
+    with_verified,
 };
 use crate::server::ConnectionAbort;
 use crate::session::{self, lock, Ended, Flow, Incoming, Link, Params, RateLimit, Sender, Session};
@@ -41,23 +42,18 @@ const KEEPALIVE_MAX: Duration = Duration::from_secs(15);
 const CHANNEL: usize = 64;
 /// How long the last `closed` event may wait to be taken by hyper.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
-/// Rate buckets of stream-less POSTs kept before idle ones are forgotten.
-const POST_BUCKETS: usize = 4096;
 /// The header that names a POST's own SSE stream.
 const CONNECTION_ID: &str = "x-connection-id";
 
 /// This node's open SSE streams by connection id, so that a POST's
-/// `X-Connection-Id` can name its sender; and the rate buckets of POSTs that
-/// name none.
+/// `X-Connection-Id` can name its sender. (A POST that names none counts
+/// against its user's REST bucket, `rest_rate`.)
 ///
 /// `std::sync::Mutex`: each critical section is one map operation and nothing
 /// is awaited while a lock is held (see `hub.rs`).
 #[derive(Default)]
 pub struct Streams {
     by_id: Mutex<HashMap<Arc<str>, StreamEntry>>,
-    /// Per user: a POST without a stream has no connection to count against,
-    /// so its user is the unit (SPEC §5's rate is per connection).
-    posts: Mutex<HashMap<Arc<str>, RateLimit>>,
 }
 
 /// What a POST needs of the stream it names.
@@ -101,23 +97,6 @@ impl Streams {
         let entry = streams.get(connection_id)?;
         (&*entry.sender.user_id == user_id && &*entry.sender.view_id == view_id)
             .then(|| entry.clone())
-    }
-
-    /// Counts a stream-less POST against its user's bucket.
-    fn post_verdict(
-        &self,
-        user_id: &Arc<str>,
-        config: &Config,
-        now: tokio::time::Instant,
-    ) -> session::Verdict {
-        let mut posts = lock(&self.posts);
-        if posts.len() >= POST_BUCKETS && !posts.contains_key(user_id) {
-            posts.retain(|_, bucket| !bucket.is_idle(now));
-        }
-        posts
-            .entry(user_id.clone())
-            .or_insert_with(|| RateLimit::new(config.rate_per_sec, config.rate_burst))
-            .check(now)
     }
 }
 
@@ -308,13 +287,13 @@ pub fn post_message(ctx: Ctx) -> BoxedFilter<(Response,)> {
     warp::path!("api" / "portal-views" / String / "messages")
         .and(warp::post())
         .and(with_origin_check(ctx.clone()))
-        .and(with_token(ctx.clone()))
+        .and(with_verified(ctx.clone()))
         .and(warp::header::headers_cloned())
         .and(warp::body::stream())
         .and(with_ctx(ctx))
         .then(
-            |view_id: String, user_id: String, headers: HeaderMap, body, ctx: Ctx| async move {
-                match post(&ctx, view_id, user_id, &headers, body).await {
+            |view_id: String, verified: Verified, headers: HeaderMap, body, ctx: Ctx| async move {
+                match post(&ctx, view_id, verified, &headers, body).await {
                     Ok(answer) => answer_response(answer),
                     Err(e) => error_response(&e),
                 }
@@ -325,11 +304,12 @@ pub fn post_message(ctx: Ctx) -> BoxedFilter<(Response,)> {
 
 /// Checks in the order of PATCH: who (401/404/403), then the stream it
 /// names (400), then the body (415/413/400); then the message itself, exactly
-/// as a WebSocket's text frame.
+/// as a WebSocket's text frame (its rate, which needs the body to echo the
+/// `id`, comes first there). A change is checked again when it is applied.
 async fn post<S, B>(
     ctx: &Ctx,
     view_id: String,
-    user_id: String,
+    verified: Verified,
     headers: &HeaderMap,
     body: S,
 ) -> Result<Answer, Error>
@@ -337,14 +317,17 @@ where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
-    let access = ctx.db.access_of(&user_id, &view_id).await?;
+    let user_id = verified.user_id.as_str();
+    // Not the state: a POST's answer never carries it (the server's own
+    // sync-response reads it in the writer).
+    let grant = ctx.db.grant_of(user_id, &view_id).await?;
     let stream = match headers.get(CONNECTION_ID) {
         None => None,
         Some(value) => {
             let found = value
                 .to_str()
                 .ok()
-                .and_then(|id| ctx.streams.find(id, &user_id, &view_id));
+                .and_then(|id| ctx.streams.find(id, user_id, &view_id));
             Some(found.ok_or_else(|| {
                 Error::BadRequest(
                     "X-Connection-Id does not name an open SSE stream of yours on this view".into(),
@@ -357,25 +340,23 @@ where
     let text = std::str::from_utf8(&body)
         .map_err(|_| Error::BadRequest("the body is not valid UTF-8".into()))?;
     let now = tokio::time::Instant::now();
-    let user_id: Arc<str> = user_id.into();
     let (verdict, connection, outbox) = match stream {
         Some(stream) => (
             lock(&stream.rate).check(now),
             stream.sender.connection,
             Some(stream.outbox),
         ),
-        None => (
-            ctx.streams.post_verdict(&user_id, &ctx.config, now),
-            None,
-            None,
-        ),
+        // The user's REST bucket, shared with PATCH.
+        None => (ctx.user_rates.check(user_id, now), None, None),
     };
-    // The role is read afresh: a stream's may be a revocation behind.
+    // The role is read afresh: a stream's may be a revocation behind. The
+    // token is this request's, whatever the stream's was.
     let sender = Sender {
-        user_id,
+        user_id: user_id.into(),
         view_id: view_id.into(),
-        role: access.role,
+        role: grant.role,
         connection,
+        token_expires: token_expires(ctx, &verified),
     };
     let (tx, rx) = oneshot::channel();
     let reply = ReplyTo::Post {

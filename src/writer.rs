@@ -16,7 +16,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::cluster::Cluster;
-use crate::db::{self, Db, EventTemplate, StoreOp, Stored, ViewRow};
+use crate::db::{self, Db, EventTemplate, Requester, StoreOp, Stored, ViewRow};
 use crate::error::Error;
 use crate::hub::{Broadcast, CloseRequest, Hub, Outbox};
 use crate::merge::Change;
@@ -187,6 +187,8 @@ pub enum Job {
         /// Forwarded verbatim as the broadcast's `payload`.
         payload: Box<RawValue>,
         author: Author,
+        /// Checked again when the change is applied (SPEC §4).
+        requester: Requester,
         if_match: Option<Vec<i64>>,
         reply: Reply,
     },
@@ -225,11 +227,15 @@ impl Writer {
     /// fan-out (28 ms at 5,000 viewers) before its own began. A socket's
     /// readiness is picked up by a worker's I/O driver and runs next, as the
     /// `limit` peer's inbound frames do.
+    ///
+    /// `max_state_bytes` is SPEC §5's `--max-state-bytes`, enforced on every
+    /// change as it is applied.
     pub fn spawn(
         db: Db,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         cluster: Option<Arc<Cluster>>,
+        max_state_bytes: usize,
     ) -> Result<Writer, Error> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (committed, batches) = mpsc::channel(COMMITTED);
@@ -239,7 +245,7 @@ impl Writer {
         tokio::spawn(deliver(hub, metrics.clone(), cluster, batches, bell));
         std::thread::Builder::new()
             .name("writer".into())
-            .spawn(move || run(db, metrics, node, rx, committed, ringer))
+            .spawn(move || run(db, metrics, node, max_state_bytes, rx, committed, ringer))
             .map_err(|e| Error::Internal(format!("starting the writer: {e}")))?;
         Ok(Writer { tx })
     }
@@ -259,13 +265,14 @@ impl Writer {
         }
     }
 
-    /// A REST change: waits for the commit and returns the stored view.
+    /// A REST change by `requester`: waits for the commit and returns the
+    /// stored view.
     pub async fn change_and_wait(
         &self,
         view_id: &str,
         change: Change,
         payload: Box<RawValue>,
-        user_id: &str,
+        requester: Requester,
         if_match: Option<Vec<i64>>,
     ) -> Result<ViewRow, Error> {
         let (tx, rx) = oneshot::channel();
@@ -274,9 +281,10 @@ impl Writer {
             change,
             payload,
             author: Author {
-                user_id: user_id.into(),
+                user_id: requester.user_id.clone(),
                 via: Via::Rest,
             },
+            requester,
             if_match,
             reply: Reply::Rest(tx),
         })
@@ -301,6 +309,7 @@ fn run(
     db: Db,
     metrics: Arc<Metrics>,
     node: Option<Arc<str>>,
+    max_state_bytes: usize,
     mut rx: mpsc::Receiver<Job>,
     committed: mpsc::Sender<Committed>,
     ringer: std::os::unix::net::UnixStream,
@@ -315,7 +324,7 @@ fn run(
         } else {
             metrics.sqlite_batch_size.observe(ops.len() as f64);
             let timer = metrics.sqlite_write_seconds.start_timer();
-            let results = commit(&db, &ops);
+            let results = commit(&db, &ops, max_state_bytes);
             timer.observe_duration();
             results
         };
@@ -421,7 +430,15 @@ struct Fanout {
     /// Per view, in order of first appearance: its broadcasts in version order.
     views: Vec<(Arc<str>, Vec<Broadcast>)>,
     /// Replies to the batch's messages, sent after its broadcasts.
-    acks: Vec<(ReplyTo, Option<Message>)>,
+    acks: Vec<(ReplyTo, Due)>,
+}
+
+/// What a client message is answered once its batch has committed.
+enum Due {
+    /// The `ack`, or nothing for a change without an `id`.
+    Reply(Option<Message>),
+    /// A refusal that keeps the connection open (`state too large`).
+    Refuse(Error, Option<Box<RawValue>>),
 }
 
 impl Fanout {
@@ -437,21 +454,28 @@ impl Fanout {
             let delivered = hub.broadcast_many(&view_id, &frames);
             metrics.deliveries.inc_by(delivered as u64);
         }
-        for (to, msg) in self.acks.drain(..) {
-            to.reply(msg);
+        for (to, due) in self.acks.drain(..) {
+            match due {
+                Due::Reply(msg) => to.reply(msg),
+                Due::Refuse(error, id) => to.refuse(error, id),
+            }
         }
     }
 }
 
 /// Commits one batch. A panic fails the batch (its jobs get errors) instead
 /// of ending the writer, and with it every later write.
-fn commit(db: &Db, ops: &[StoreOp]) -> Result<Vec<Result<Stored, Error>>, Error> {
+fn commit(
+    db: &Db,
+    ops: &[StoreOp],
+    max_state_bytes: usize,
+) -> Result<Vec<Result<Stored, Error>>, Error> {
     if let Some(refused) = db.refuse_batch(ops.len()) {
         return Ok(refused); // the database file is gone: write nothing (db::FileWatch)
     }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         let mut conn = db.conn()?;
-        db::apply_batch(&mut conn, ops)
+        db::apply_batch(&mut conn, ops, max_state_bytes)
     }))
     .unwrap_or_else(|_| Err(Error::Internal("the batch commit panicked".into())))
     .map(|stored| db.refuse_batch(stored.len()).unwrap_or(stored)) // nor ack if it went meanwhile
@@ -478,6 +502,7 @@ fn split(job: Job, node: Option<&Arc<str>>) -> (Option<StoreOp>, Pending) {
             change,
             payload,
             author,
+            requester,
             if_match,
             reply,
         } => {
@@ -494,6 +519,7 @@ fn split(job: Job, node: Option<&Arc<str>>) -> (Option<StoreOp>, Pending) {
                 if_match,
                 want_row: matches!(reply, Reply::Rest(_)),
                 event,
+                requester: Some(requester),
             };
             (
                 Some(op),
@@ -513,6 +539,7 @@ fn split(job: Job, node: Option<&Arc<str>>) -> (Option<StoreOp>, Pending) {
                 if_match: None,
                 want_row: true,
                 event: None,
+                requester: None,
             }),
             Pending::Snapshot(snapshot),
         ),
@@ -599,13 +626,18 @@ fn finish(
                 Reply::Message { to, id } => match result {
                     Ok(stored) => {
                         let ack = id.map(|id| protocol::ack(&id, stored.version));
-                        fanout.acks.push((to, ack));
+                        fanout.acks.push((to, Due::Reply(ack)));
                     }
-                    Err(e) => {
-                        // Acks held back for this connection go before its close.
-                        fanout.flush(hub, metrics);
-                        to.fail(e);
-                    }
+                    Err(e) => match e.as_message_refusal() {
+                        // In order with the batch's other replies; the
+                        // connection stays open.
+                        Some(refusal) => fanout.acks.push((to, Due::Refuse(refusal, id))),
+                        None => {
+                            // Acks held back for this connection go before its close.
+                            fanout.flush(hub, metrics);
+                            to.fail(e);
+                        }
+                    },
                 },
             }
         }
@@ -628,10 +660,14 @@ fn finish(
 /// A write that failed after the message was accepted. Nothing was
 /// acknowledged; the client's picture of the state can no longer be trusted, so
 /// it is closed with the code SPEC's close table gives for the cause (and
-/// resynchronises from `connected` when it reconnects).
+/// resynchronises from `connected` when it reconnects). A sender whose token
+/// or access no longer held when its change was applied is closed as SPEC
+/// §3.4 closes it when that happens to an open connection.
 fn close_after_failure(outbox: &Outbox, e: &Error) {
     let reason = match e {
         Error::ViewNotFound => "portal view not found",
+        Error::TokenExpired => "token expired",
+        Error::UnknownUser | Error::AccessDenied | Error::Forbidden(_) => "access revoked",
         _ => "internal error",
     };
     outbox.close(CloseRequest {

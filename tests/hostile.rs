@@ -2393,6 +2393,57 @@ fn cases(app: &TestApp) -> Vec<Case> {
                 header: Some(("allow", "POST")),
             },
         ),
+        ),
+        // Round 2 (write: the state cap, SPEC §5 --max-state-bytes, default
+        // 512 KiB). pv2 is written by these cases only, in this order, and is
+        // left empty again.
+        ws(
+            "ws: nine 60 KB item-updates on one view → 8 acked, the 9th BAD_REQUEST (state too large), id echoed",
+            "owner",
+            "pv2",
+            (0..9)
+                .map(|i| {
+                    text(format!(
+                        r#"{{"type":"item-update","payload":{{"itemId":"big{i}","t":"{}"}},"id":"big{i}"}}"#,
+                        "x".repeat(60_000)
+                    ))
+                })
+                .collect(),
+            replies(
+                (0..8)
+                    .map(|i| ack(&format!("big{i}"), i + 1))
+                    .chain([error("BAD_REQUEST", Some(json!("big8")))])
+                    .collect(),
+            ),
+        )
+        .after(|app| assert_eq!(app.stored("pv2").version, 8, "the 9th changed nothing")),
+        raw(
+            "rest: PATCH adding 60 KB to a view near the cap → 413 STATE_TOO_LARGE",
+            patch(app, "pv2", format!(r#"{{"more":"{}"}}"#, "x".repeat(60_000))),
+            status(413, Some("STATE_TOO_LARGE")),
+        )
+        .after(|app| assert_eq!(app.stored("pv2").version, 8, "nothing stored")),
+        raw(
+            "sse: stream-less POST of a 60 KB item-update on a view near the cap → 400",
+            post_message(
+                app,
+                "pv2",
+                &[],
+                format!(
+                    r#"{{"type":"item-update","payload":{{"itemId":"more","t":"{}"}}}}"#,
+                    "x".repeat(60_000)
+                )
+                .as_bytes(),
+            ),
+            status(400, None),
+        )
+        .after(|app| assert_eq!(app.stored("pv2").version, 8, "nothing stored")),
+        raw(
+            "rest: PATCH shrinking a view near the cap → 200",
+            patch(app, "pv2", r#"{"items":null}"#),
+            status(200, None),
+        )
+        .after(|app| assert_stored(app, "pv2", json!({}), 9)),
     ]
 }
 
