@@ -2393,7 +2393,6 @@ fn cases(app: &TestApp) -> Vec<Case> {
                 header: Some(("allow", "POST")),
             },
         ),
-        ),
         // Round 2 (write: the state cap, SPEC §5 --max-state-bytes, default
         // 512 KiB). pv2 is written by these cases only, in this order, and is
         // left empty again.
