@@ -1168,6 +1168,17 @@ mod tests {
         assert!(db.call(|_| Ok(())).await.is_ok());
     }
 
+    /// Each op's result as its new version or its error code.
+    fn outcomes(results: &[Result<Stored, Error>]) -> Vec<String> {
+        results
+            .iter()
+            .map(|r| match r {
+                Ok(stored) => stored.version.to_string(),
+                Err(e) => e.code().to_string(),
+            })
+            .collect()
+    }
+
     fn merge_op(view: &str, patch: Value, requester: Option<Requester>) -> StoreOp {
         let Value::Object(patch) = patch else {
             panic!("not an object: {patch}")
@@ -1213,13 +1224,7 @@ mod tests {
             usize::MAX,
         )
         .expect("commit");
-        let outcome: Vec<String> = results
-            .iter()
-            .map(|r| match r {
-                Ok(stored) => stored.version.to_string(),
-                Err(e) => e.code().to_string(),
-            })
-            .collect();
+        let outcome = outcomes(&results);
         assert_eq!(
             outcome,
             [
@@ -1306,13 +1311,7 @@ mod tests {
             20,
         )
         .expect("commit");
-        let outcome: Vec<String> = results
-            .iter()
-            .map(|r| match r {
-                Ok(stored) => stored.version.to_string(),
-                Err(e) => e.code().to_string(),
-            })
-            .collect();
+        let outcome = outcomes(&results);
         assert_eq!(
             outcome,
             [

@@ -328,24 +328,18 @@ async fn serve_takes_its_configuration_from_the_environment() {
     token.assert_ok();
     let token = token.stdout.trim().to_string();
 
-    let mut cmd = portal_sync(dir.path());
-    cmd.arg("serve")
-        .env("PORTAL_DB", db)
-        .env("PORTAL_ADDR", "127.0.0.1:0")
-        .env("PORTAL_JWT_SECRET", secret)
-        .env("PORTAL_MAX_MESSAGE_BYTES", "200")
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn serve");
-    let (stderr, stderr_task) = collect(child.stderr.take().expect("stderr"));
-    let logs = wait_for_text(&stderr, "listening on http://").await;
-    let start = logs.find("listening on http://").expect("found") + "listening on ".len();
-    let base: String = logs[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || ":/.".contains(*c))
-        .collect();
-    assert!(base.starts_with("http://127.0.0.1:"), "{base}");
+    let served = start_serve(
+        dir.path(),
+        &["serve"],
+        &[
+            ("PORTAL_DB", db),
+            ("PORTAL_ADDR", "127.0.0.1:0"),
+            ("PORTAL_JWT_SECRET", secret),
+            ("PORTAL_MAX_MESSAGE_BYTES", "200"),
+        ],
+    )
+    .await;
+    let base = served.base.clone();
 
     let http = reqwest::Client::new();
     let (status, body) = http_json(http.get(format!("{base}/health"))).await;
@@ -375,10 +369,8 @@ async fn serve_takes_its_configuration_from_the_environment() {
     assert_eq!(body["version"], 1);
     drop(http);
 
-    sigterm(&child);
-    assert_eq!(exit_code(&mut child).await, Some(0), "exit 0 after SIGTERM");
-    let _ = tokio::time::timeout(RUN_WAIT, stderr_task).await;
-    let logs = stderr.lock().expect("lock").clone();
+    let (code, logs) = served.stop().await;
+    assert_eq!(code, Some(0), "exit 0 after SIGTERM");
     assert!(!logs.contains(&token), "the token is not logged");
     let stored = db::view(&open_db(&db_path).conn().expect("conn"), "pv")
         .expect("read")

@@ -11,14 +11,12 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use portal_sync::db;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio::process::{Child, Command};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::Message;
 
 /// How long a `/health` may take to answer while the server is under a crowd
 /// of silent sockets (generous for a loaded 2-core machine; without the
@@ -600,7 +598,7 @@ async fn websocket_and_sse_readers_that_pause_are_not_cut_by_the_http_write_time
     let (mut ws, _) = tokio_tungstenite::client_async(request, stream)
         .await
         .expect("WebSocket handshake");
-    let connected = recv_ws(&mut ws).await;
+    let connected = recv_json(&mut ws).await;
     assert_eq!(connected["type"], "connected", "{connected}");
 
     let mut sse = TcpStream::connect(app.addr).await.expect("connect");
@@ -628,7 +626,7 @@ async fn websocket_and_sse_readers_that_pause_are_not_cut_by_the_http_write_time
 
     let reading = Instant::now();
     for version in 1..=updates as i64 {
-        let update = recv_ws(&mut ws).await;
+        let update = recv_json(&mut ws).await;
         assert_eq!(update["type"], "portal-view-update", "WebSocket");
         assert_eq!(update["version"], version, "WebSocket");
         let update = events.next(&mut sse).await;
@@ -641,25 +639,6 @@ async fn websocket_and_sse_readers_that_pause_are_not_cut_by_the_http_write_time
         metrics_value(&app, "portal_http_write_timeouts_total").await,
         Some(0.0)
     );
-}
-
-/// The next text message of a raw WebSocket, as JSON.
-async fn recv_ws<S>(ws: &mut tokio_tungstenite::WebSocketStream<S>) -> Value
-where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    loop {
-        let frame = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("a message in time")
-            .expect("socket open")
-            .expect("frame");
-        match frame {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).expect("JSON"),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("expected a text message, got {other:?}"),
-        }
-    }
 }
 
 /// An SSE stream read from a raw HTTP/1.0 response: the head, then events.

@@ -10,6 +10,7 @@
 //! is lost (the peer sees 1006).
 
 mod common;
+use common::frames::*;
 use common::*;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -29,56 +30,6 @@ const BATCH: usize = 64;
 
 // ---------------------------------------------------------------------------
 // Client frames (masked, RFC 6455 §5.2)
-
-const MASK: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-
-fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len();
-    let mut out = vec![first];
-    match len {
-        0..=125 => out.push(0x80 | len as u8),
-        126..=0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&MASK);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    out
-}
-
-fn text(s: &str) -> Vec<u8> {
-    frame(0x81, s.as_bytes())
-}
-
-/// The first frame of a fragmented text message.
-fn text_start(s: &str) -> Vec<u8> {
-    frame(0x01, s.as_bytes())
-}
-
-fn cont(s: &str) -> Vec<u8> {
-    frame(0x00, s.as_bytes())
-}
-
-fn cont_fin(s: &str) -> Vec<u8> {
-    frame(0x80, s.as_bytes())
-}
-
-fn ping(payload: &[u8]) -> Vec<u8> {
-    frame(0x89, payload)
-}
-
-fn pong(payload: &[u8]) -> Vec<u8> {
-    frame(0x8a, payload)
-}
-
-fn close_frame(code: u16) -> Vec<u8> {
-    frame(0x88, &code.to_be_bytes())
-}
 
 /// One text message in `n` frames: `head`, `n - 2` empty continuations, `tail`.
 fn fragmented(head: &str, n: usize, tail: &str) -> Vec<u8> {
@@ -373,7 +324,7 @@ async fn flood_is_closed(
         "the client sent only {sent} frames, not past the {trips} that trip the close"
     );
     // Answer the close (the server stops discarding at once) and see the end.
-    let _ = writer.write_all(&close_frame(code)).await;
+    let _ = writer.write_all(&close_frame(code, b"")).await;
     reader.end().await;
     drop(writer);
     // Nothing keeps burning: the socket is gone and a new client is served.
@@ -413,7 +364,7 @@ async fn ping_frame_flood_is_closed_1008_and_the_client_reads_the_close() {
     flood_is_closed(
         &app,
         "v1",
-        (Vec::new(), ping(b"p")),
+        (Vec::new(), ping_frame(b"p")),
         PING_FLOOD_FRAMES,
         SMALL_RATE_TRIPS,
         (1008, "rate limit exceeded"),
@@ -429,7 +380,7 @@ async fn pong_frame_flood_is_closed_1008_and_the_client_reads_the_close() {
     flood_is_closed(
         &app,
         "v1",
-        (Vec::new(), pong(b"")),
+        (Vec::new(), pong_frame(b"")),
         PING_FLOOD_FRAMES,
         SMALL_RATE_TRIPS,
         (1008, "rate limit exceeded"),
@@ -541,7 +492,7 @@ async fn a_message_of_1024_frames_is_accepted_and_1025_frames_close_1009() {
     let (code, reason) = reader.close(&|| "after a 1025-frame message".into()).await;
     assert_eq!((code, reason.as_str()), (1009, "message too big"));
     assert_eq!(app.stored("pv1").version, 1, "nothing of it was applied");
-    let _ = writer.write_all(&close_frame(1009)).await;
+    let _ = writer.write_all(&close_frame(1009, b"")).await;
     reader.end().await;
 }
 
@@ -557,11 +508,11 @@ async fn a_ping_frame_over_the_rate_gets_no_pong() {
     let (mut reader, mut writer) = open(&app, "pv1", "v1").await;
     let mut bytes = Vec::new();
     for payload in [b"p1", b"p2", b"p3", b"p4", b"p5"] {
-        bytes.extend(ping(payload));
+        bytes.extend(ping_frame(payload));
     }
     // The bucket is empty now: this message is refused with an answer.
     bytes.extend(text(r#"{"type":"ping","id":"after"}"#));
-    bytes.extend(close_frame(1000));
+    bytes.extend(close_frame(1000, b""));
     writer.write_all(&bytes).await.expect("write");
     let mut pongs = Vec::new();
     let mut texts = Vec::new();

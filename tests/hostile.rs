@@ -15,6 +15,7 @@
 //! with the rest so the suite stays short.
 
 mod common;
+use common::frames::*;
 use common::*;
 
 use std::net::SocketAddr;
@@ -204,70 +205,6 @@ fn ack(id: &str, version: i64) -> Reply {
 
 // ---------------------------------------------------------------------------
 // Building bytes: client frames, HTTP requests, tokens
-
-const MASK: [u8; 4] = [0x5a, 0x13, 0xc7, 0x2e];
-
-/// A masked client frame: `first` is the FIN/RSV/opcode byte.
-fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut out = header(first, payload.len() as u64);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ MASK[i % 4]));
-    out
-}
-
-/// The header of a masked client frame announcing `len` payload bytes.
-fn header(first: u8, len: u64) -> Vec<u8> {
-    let mut out = vec![first];
-    match len {
-        0..=125 => out.push(0x80 | len as u8),
-        126..=0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&len.to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&MASK);
-    out
-}
-
-/// A frame without the mask a client must set (RFC 6455 §5.1).
-fn unmasked(first: u8, payload: &[u8]) -> Vec<u8> {
-    assert!(payload.len() <= 125);
-    let mut out = vec![first, payload.len() as u8];
-    out.extend_from_slice(payload);
-    out
-}
-
-/// A whole text message in one frame.
-fn text(s: impl AsRef<[u8]>) -> Vec<u8> {
-    frame(0x81, s.as_ref())
-}
-
-/// First fragment of a text message, a middle fragment, the last fragment.
-fn text_start(s: impl AsRef<[u8]>) -> Vec<u8> {
-    frame(0x01, s.as_ref())
-}
-
-fn cont(s: impl AsRef<[u8]>) -> Vec<u8> {
-    frame(0x00, s.as_ref())
-}
-
-fn cont_fin(s: impl AsRef<[u8]>) -> Vec<u8> {
-    frame(0x80, s.as_ref())
-}
-
-fn ping_frame(payload: &[u8]) -> Vec<u8> {
-    frame(0x89, payload)
-}
-
-/// A close frame with `code` and `reason` bytes (which need not be UTF-8).
-fn close_frame(code: u16, reason: &[u8]) -> Vec<u8> {
-    let mut payload = code.to_be_bytes().to_vec();
-    payload.extend_from_slice(reason);
-    frame(0x88, &payload)
-}
 
 fn nested_arrays(depth: usize) -> String {
     format!("{}{}", "[".repeat(depth), "]".repeat(depth))

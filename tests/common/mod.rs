@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod binary;
+pub mod frames;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -263,18 +264,7 @@ impl Client {
 
     /// The next JSON message; panics on close, timeout or a non-text frame.
     pub async fn recv(&mut self) -> Value {
-        loop {
-            let frame = tokio::time::timeout(WAIT, self.ws.next())
-                .await
-                .expect("a message in time")
-                .expect("socket open")
-                .expect("frame");
-            match frame {
-                Message::Text(text) => return serde_json::from_str(text.as_str()).expect("JSON"),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => panic!("expected a text message, got {other:?}"),
-            }
-        }
+        recv_json(&mut self.ws).await
     }
 
     /// Skips messages until one of type `ty` arrives.
@@ -334,6 +324,26 @@ impl Client {
 }
 
 /// The close code type, for tests that build frames.
+/// The next text message of any WebSocket, as JSON (pings and pongs skipped);
+/// panics on close, timeout or a non-text frame.
+pub async fn recv_json<S>(ws: &mut WebSocketStream<S>) -> Value
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    loop {
+        let frame = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .expect("a message in time")
+            .expect("socket open")
+            .expect("frame");
+        match frame {
+            Message::Text(text) => return serde_json::from_str(text.as_str()).expect("JSON"),
+            Message::Ping(_) | Message::Pong(_) => continue,
+            other => panic!("expected a text message, got {other:?}"),
+        }
+    }
+}
+
 pub fn close_code(code: u16) -> CloseCode {
     CloseCode::from(code)
 }
