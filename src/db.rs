@@ -355,12 +355,7 @@ pub fn user_exists(conn: &Connection, user_id: &str) -> Result<bool, Error> {
 /// found, access denied. Reads the current rows, so access changes made by other
 /// tools are seen at the next handshake.
 pub fn access(conn: &Connection, user_id: &str, view_id: &str) -> Result<Access, Error> {
-    if !user_exists(conn, user_id)? {
-        return Err(Error::UnknownUser);
-    }
-    if !is_valid_id(view_id) {
-        return Err(Error::ViewNotFound);
-    }
+    known_user_and_view_id(conn, user_id, view_id)?;
     let mut stmt = conn.prepare_cached(
         "SELECT v.library_id, v.name, v.state, v.version, v.updated_at, l.owner_id, m.role
            FROM portal_views v
@@ -384,26 +379,37 @@ pub fn access(conn: &Connection, user_id: &str, view_id: &str) -> Result<Access,
     let Some((library_id, name, state, version, updated_at, owner_id, member_role)) = row else {
         return Err(Error::ViewNotFound);
     };
-    let role = Role::resolve(
-        user_id,
-        owner_id.as_deref().unwrap_or_default(),
-        member_role.as_deref(),
-    )
-    .ok_or(Error::AccessDenied)?;
+    let role = role_of(user_id, owner_id.as_deref(), member_role.as_deref())?;
     Ok(Access {
         role,
         view: ViewRow::from_columns(view_id, (library_id, name, state, version, updated_at))?,
     })
 }
 
-/// [`access`] without reading the `state` column: same checks, same order.
-pub fn grant(conn: &Connection, user_id: &str, view_id: &str) -> Result<Grant, Error> {
+/// The first two checks of SPEC §3 that need storage: the user exists, and the
+/// view id could name a view.
+fn known_user_and_view_id(conn: &Connection, user_id: &str, view_id: &str) -> Result<(), Error> {
     if !user_exists(conn, user_id)? {
         return Err(Error::UnknownUser);
     }
     if !is_valid_id(view_id) {
         return Err(Error::ViewNotFound);
     }
+    Ok(())
+}
+
+/// The user's role from the view's library row and their member row.
+fn role_of(
+    user_id: &str,
+    owner_id: Option<&str>,
+    member_role: Option<&str>,
+) -> Result<Role, Error> {
+    Role::resolve(user_id, owner_id.unwrap_or_default(), member_role).ok_or(Error::AccessDenied)
+}
+
+/// [`access`] without reading the `state` column: same checks, same order.
+pub fn grant(conn: &Connection, user_id: &str, view_id: &str) -> Result<Grant, Error> {
+    known_user_and_view_id(conn, user_id, view_id)?;
     let mut stmt = conn.prepare_cached(
         "SELECT v.library_id, v.version, l.owner_id, m.role
            FROM portal_views v
@@ -424,12 +430,7 @@ pub fn grant(conn: &Connection, user_id: &str, view_id: &str) -> Result<Grant, E
     let Some((library_id, version, owner_id, member_role)) = row else {
         return Err(Error::ViewNotFound);
     };
-    let role = Role::resolve(
-        user_id,
-        owner_id.as_deref().unwrap_or_default(),
-        member_role.as_deref(),
-    )
-    .ok_or(Error::AccessDenied)?;
+    let role = role_of(user_id, owner_id.as_deref(), member_role.as_deref())?;
     Ok(Grant {
         role,
         library_id,
