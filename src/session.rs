@@ -92,8 +92,8 @@ pub(crate) enum Incoming {
 
 /// How a session ended, for the metrics.
 pub(crate) enum Ended {
-    /// We sent this close code.
-    Closed(u16),
+    /// We close with this code and reason.
+    Closed(CloseRequest),
     /// The peer closed, or the transport failed under it.
     Peer,
     /// We dropped the connection: a dead peer, or one too slow for even a
@@ -291,21 +291,36 @@ impl Session {
 
     /// Serves the session over `link` until it ends, with a heartbeat every
     /// `heartbeat`.
-    pub(crate) async fn run<L: Link>(self, ctx: &Ctx, link: &mut L, heartbeat: Duration) -> Ended {
+    pub(crate) async fn run<L: Link>(
+        mut self,
+        ctx: &Ctx,
+        link: &mut L,
+        heartbeat: Duration,
+    ) -> Ended {
         let role = self.sender.role;
         ctx.metrics.opened(role);
         let ended = self.serve(ctx, link, heartbeat).await;
         ctx.metrics.closed(role);
-        let label = match ended {
-            Ended::Closed(code) => code.to_string(),
+        let label = match &ended {
+            Ended::Closed(request) => request.code.to_string(),
             Ended::Peer => "peer".into(),
             Ended::Dropped => "dropped".into(),
         };
         ctx.metrics.closes.with_label_values(&[&label]).inc();
+        // The session, and with it its place in the hub (presence, the
+        // connection limits), ends here, after the metrics and before the
+        // close handshake, which may linger up to 2 s for a peer that does not
+        // answer (ws.rs).
+        drop(self);
+        match &ended {
+            Ended::Closed(CloseRequest { code, reason }) => link.close(*code, reason).await,
+            Ended::Peer => link.finish().await,
+            Ended::Dropped => {}
+        }
         ended
     }
 
-    async fn serve<L: Link>(mut self, ctx: &Ctx, link: &mut L, heartbeat: Duration) -> Ended {
+    async fn serve<L: Link>(&mut self, ctx: &Ctx, link: &mut L, heartbeat: Duration) -> Ended {
         let mut reading = true;
         let mut liveness = Liveness::new(heartbeat, ctx.config.ping_timeout, L::ANSWERS_HEARTBEATS);
         let expiry = tokio::time::sleep_until(
@@ -339,9 +354,8 @@ impl Session {
                         self.take(ctx);
                         return Ended::Dropped;
                     }
-                    if let Some(CloseRequest { code, reason }) = batch.close {
-                        link.close(code, reason).await;
-                        return Ended::Closed(code);
+                    if let Some(request) = batch.close {
+                        return Ended::Closed(request);
                     }
                 }
                 _ = &mut expiry, if reading && self.expires.is_some() => {
@@ -372,10 +386,7 @@ impl Session {
                         }
                         Incoming::Alive => Flow::Continue,
                         Incoming::Violation(code, reason) => Flow::Close(code, reason),
-                        Incoming::Gone => {
-                            link.finish().await;
-                            return Ended::Peer;
-                        }
+                        Incoming::Gone => return Ended::Peer,
                     };
                     if let Flow::Close(code, reason) = flow {
                         // Replies already queued go first (SPEC §5: "replies

@@ -577,3 +577,39 @@ async fn protocol_error_from_a_client_still_sending_gets_1002() {
     )
     .await;
 }
+
+/// A session the server closes leaves the room (presence, the connection
+/// limits) as its close frame goes out, not when the close linger ends: a
+/// viewer closed 1003 that never answers the close is `left` for the
+/// controller while the server still holds, and reads, its socket.
+#[tokio::test]
+async fn a_closed_session_leaves_presence_before_its_close_linger_ends() {
+    let app = spawn_app().await;
+    let mut controller = app.connect("pv1", "owner").await;
+    let (mut reader, mut writer) = open(&app, "pv1", "v1").await;
+    let joined = controller.recv_type("presence").await;
+    assert_eq!(
+        joined["joined"],
+        json!([{"userId": "v1", "role": "viewer"}])
+    );
+    writer
+        .write_all(&frame(0x82, b"binary"))
+        .await
+        .expect("write");
+    let (code, reason) = reader.close(&|| "a binary frame".into()).await;
+    assert_eq!((code, reason.as_str()), (1003, "unsupported data"));
+    // We neither answer the close nor end the connection: the server lingers.
+    let left = controller.recv_type("presence").await;
+    assert_eq!(left["left"], json!([{"userId": "v1", "role": "viewer"}]));
+    assert_eq!(left["presence"]["connections"], 1, "{left}");
+    // The linger is still on: the server still takes what we send. (Once it
+    // has closed, the first write draws a reset and the next one fails.)
+    for _ in 0..3 {
+        writer
+            .write_all(&ping_frame(b""))
+            .await
+            .expect("the server still reads during its close linger");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reader.end().await;
+}
