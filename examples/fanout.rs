@@ -10,8 +10,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
-use portal_sync::auth::Tokens;
-use portal_sync::db::{self, Db, Synchronous};
+use portal_sync::protocol::auth::Tokens;
+use portal_sync::store::sqlite::{self as db, Db, Synchronous};
 use portal_sync::Config;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -83,10 +83,10 @@ async fn run(
         // The controller sends faster than SPEC's default per-connection rate.
         config.rate_per_sec = 100_000.0;
         config.rate_burst = 100_000;
-        let listener = portal_sync::server::bind("127.0.0.1:0".parse()?)?;
+        let listener = portal_sync::http::server::bind("127.0.0.1:0".parse()?)?;
         addrs.push(listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(portal_sync::server::run(listener, config, async move {
+        tokio::spawn(portal_sync::http::server::run(listener, config, async move {
             let _ = stopped.await;
         }));
         stops.push(stop);

@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
-use portal_sync::auth::Tokens;
-use portal_sync::db::{self, Db};
+use portal_sync::protocol::auth::Tokens;
+use portal_sync::store::sqlite::{self as db, Db};
 use portal_sync::Config;
 use serde_json::{json, Map, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -72,10 +72,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         println!("view big: {len} bytes stored, cap {cap}");
     }
     drop(db);
-    let listener = portal_sync::server::bind("127.0.0.1:0".parse()?)?;
+    let listener = portal_sync::http::server::bind("127.0.0.1:0".parse()?)?;
     let addr = listener.local_addr()?;
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = portal_sync::server::run(listener, config, async move {
+    let server = portal_sync::http::server::run(listener, config, async move {
         let _ = stopped.await;
     });
     let server = tokio::spawn(server);

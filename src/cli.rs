@@ -9,10 +9,10 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
-use crate::auth::Tokens;
+use crate::protocol::auth::Tokens;
 use crate::config::Config;
-use crate::db::{self, Db, Synchronous};
-use crate::error::Error;
+use crate::store::sqlite::{self as db, Db, Synchronous};
+use crate::domain::error::Error;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -487,13 +487,13 @@ fn serve(
         .map_err(|e| format!("starting the runtime: {e}"))?;
     runtime.block_on(async move {
         let listener =
-            crate::server::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            crate::http::server::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         let local = listener.local_addr().unwrap_or(addr);
         let shutdown = shutdown_signal()?;
         if let Some(banner) = banner {
             banner(&config, local);
         }
-        crate::server::run(listener, config, shutdown)
+        crate::http::server::run(listener, config, shutdown)
             .await
             .map_err(|e| e.to_string())
     })
@@ -601,7 +601,7 @@ fn print_demo(config: &Config, addr: SocketAddr) {
             ("Presenter page:", "presenter"),
             ("Viewer page:   ", "viewer"),
         ] {
-            let url = crate::web::page_url(&format!("http://{host}"), page, &token, DEMO_VIEW);
+            let url = crate::http::web::page_url(&format!("http://{host}"), page, &token, DEMO_VIEW);
             println!("  {label} {url}");
         }
         println!("  WebSocket URL (wscat, or `new WebSocket(url)` in a browser console):");

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::db::Synchronous;
+use crate::store::sqlite::Synchronous;
 
 #[derive(Debug, Clone)]
 pub struct Config {

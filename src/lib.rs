@@ -8,33 +8,14 @@
 //! The binary (`src/main.rs`) is a thin caller of [`cli::main`]; tests and examples
 //! use the library the same way: bind a listener, call [`server::run`].
 
-pub mod auth;
+pub mod broker;
 pub mod cli;
-pub mod cluster;
 pub mod config;
-pub mod context;
-pub mod db;
-pub mod error;
-pub mod fdlimit;
-pub mod frames;
-pub mod hub;
-pub mod merge;
-pub mod metrics;
-pub mod model;
-pub mod origin;
-pub mod pending;
+pub mod core;
+pub mod domain;
+pub mod http;
 pub mod protocol;
-pub mod rest_rate;
-pub mod revocation;
-pub mod routes;
-pub mod server;
-pub mod session;
-pub mod sse;
-pub mod sync_requests;
-pub mod web;
-pub mod write_timeout;
-pub mod writer;
-pub mod ws;
+pub mod store;
 
 pub use config::Config;
-pub use error::Error;
+pub use domain::error::Error;

@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
-use portal_sync::auth::{now_secs, Tokens};
-use portal_sync::db::{self, Db, Synchronous};
+use portal_sync::protocol::auth::{now_secs, Tokens};
+use portal_sync::store::sqlite::{self as db, Db, Synchronous};
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout};

@@ -12,8 +12,8 @@
 //! Cases per property: `PROPTEST_CASES` (default [`DEFAULT_CASES`], which keeps
 //! this file at a few seconds in a debug build on a busy 2-core machine).
 
-use portal_sync::merge::{merge_patch, Change};
-use portal_sync::model::{is_valid_id, Role};
+use portal_sync::domain::merge::{merge_patch, Change};
+use portal_sync::domain::model::{is_valid_id, Role};
 use portal_sync::protocol::{self, Command, Inbound, Refusal};
 use proptest::prelude::*;
 use proptest::test_runner::Config as ProptestConfig;

@@ -8,8 +8,8 @@ use common::*;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use portal_sync::auth::now_secs;
-use portal_sync::db;
+use portal_sync::protocol::auth::now_secs;
+use portal_sync::store::sqlite as db;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
-use portal_sync::auth::now_secs;
-use portal_sync::db;
+use portal_sync::protocol::auth::now_secs;
+use portal_sync::store::sqlite as db;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

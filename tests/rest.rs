@@ -6,7 +6,7 @@ use common::*;
 
 use std::time::Duration;
 
-use portal_sync::auth::now_secs;
+use portal_sync::protocol::auth::now_secs;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{RequestBuilder, StatusCode};
 use serde_json::{json, Value};
@@ -1143,9 +1143,9 @@ async fn access_changes_by_other_tools_are_seen_by_rest() {
     let app = spawn_app().await;
     {
         let c = app.db.conn().expect("conn");
-        portal_sync::db::set_member(&c, "lib1", "outsider", "EDITOR").expect("set");
-        portal_sync::db::set_member(&c, "lib1", "ed", "VIEWER").expect("set");
-        portal_sync::db::remove_member(&c, "lib1", "v2").expect("remove");
+        portal_sync::store::sqlite::set_member(&c, "lib1", "outsider", "EDITOR").expect("set");
+        portal_sync::store::sqlite::set_member(&c, "lib1", "ed", "VIEWER").expect("set");
+        portal_sync::store::sqlite::remove_member(&c, "lib1", "v2").expect("remove");
     }
     let answer = call(patch(&app, "pv1", "outsider", r#"{"by":"outsider"}"#)).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
@@ -1172,7 +1172,7 @@ async fn library_owner_is_controller_even_as_viewer_member() {
     let app = spawn_app().await;
     {
         let c = app.db.conn().expect("conn");
-        portal_sync::db::set_member(&c, "lib1", "owner", "VIEWER").expect("set");
+        portal_sync::store::sqlite::set_member(&c, "lib1", "owner", "VIEWER").expect("set");
     }
     let answer = call(patch(&app, "pv1", "owner", r#"{"a":1}"#)).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);

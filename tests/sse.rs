@@ -7,7 +7,7 @@ use common::*;
 
 use std::time::{Duration, Instant};
 
-use portal_sync::auth::now_secs;
+use portal_sync::protocol::auth::now_secs;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 

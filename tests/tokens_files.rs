@@ -10,8 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use portal_sync::auth::{now_secs, Tokens};
-use portal_sync::db::{self, Db, Synchronous};
+use portal_sync::protocol::auth::{now_secs, Tokens};
+use portal_sync::store::sqlite::{self as db, Db, Synchronous};
 use serde_json::{json, Value};
 
 /// A token for `sub` signed with the test secret, with `header` and the

@@ -11,7 +11,7 @@ use reqwest::header;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-const CSP: &str = portal_sync::web::CONTENT_SECURITY_POLICY;
+const CSP: &str = portal_sync::http::web::CONTENT_SECURITY_POLICY;
 
 struct Fetched {
     status: u16,

@@ -13,8 +13,8 @@ use common::*;
 
 use std::time::{Duration, Instant};
 
-use portal_sync::auth::now_secs;
-use portal_sync::db;
+use portal_sync::protocol::auth::now_secs;
+use portal_sync::store::sqlite as db;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;

@@ -14,8 +14,8 @@ use std::sync::Once;
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
-use portal_sync::auth::Tokens;
-use portal_sync::db::{self, Db, Synchronous, ViewRow};
+use portal_sync::protocol::auth::Tokens;
+use portal_sync::store::sqlite::{self as db, Db, Synchronous, ViewRow};
 use portal_sync::{Config, Error};
 use serde_json::{json, Map, Value};
 use tokio::net::TcpStream;
@@ -129,10 +129,10 @@ pub async fn spawn_peer(first: &TestApp, config: Config) -> TestApp {
 impl TestApp {
     async fn start(&mut self) {
         let listener =
-            portal_sync::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
+            portal_sync::http::server::bind("127.0.0.1:0".parse().expect("addr")).expect("bind");
         self.addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = oneshot::channel::<()>();
-        let server = portal_sync::server::run(listener, self.config.clone(), async move {
+        let server = portal_sync::http::server::run(listener, self.config.clone(), async move {
             let _ = stopped.await;
         });
         self.handle = Some(tokio::spawn(server));

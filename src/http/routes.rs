@@ -15,14 +15,15 @@ use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::auth::Verified;
-use crate::context::Ctx;
-use crate::db::{self, MemberChange, Needs, Requester, ViewRow};
-use crate::error::Error;
-use crate::merge::Change;
-use crate::model::{Presence, Role};
-use crate::session::Verdict;
-use crate::{origin, ws};
+use crate::protocol::auth::Verified;
+use crate::core::context::Ctx;
+use crate::store::sqlite::{self as db, MemberChange, Needs, Requester, ViewRow};
+use crate::domain::error::Error;
+use crate::domain::merge::Change;
+use crate::domain::model::{Presence, Role};
+use crate::core::session::Verdict;
+use crate::http::origin;
+use crate::http::ws;
 
 /// Every route the server answers, with logging and JSON errors.
 pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
@@ -43,14 +44,14 @@ pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .or(delete_member(ctx.clone()))
         .unify()
         // SPEC §7's fallback for networks that break WebSockets (sse.rs).
-        .or(crate::sse::stream(ctx.clone()))
+        .or(crate::http::sse::stream(ctx.clone()))
         .unify()
-        .or(crate::sse::post_message(ctx.clone()))
+        .or(crate::http::sse::post_message(ctx.clone()))
         .unify()
         .or(preflight(ctx.clone()))
         .unify()
         // The browser pages and their assets (web.rs).
-        .or(crate::web::routes())
+        .or(crate::http::web::routes())
         .unify()
         .recover(recover)
         .unify();
@@ -397,7 +398,7 @@ pub(crate) fn with_verified(
             let value = headers
                 .get(header::AUTHORIZATION)
                 .and_then(|v| v.to_str().ok());
-            let token = crate::auth::bearer(value).ok_or(Error::InvalidToken)?;
+            let token = crate::protocol::auth::bearer(value).ok_or(Error::InvalidToken)?;
             ctx.tokens.verify(token).map_err(warp::reject::custom)
         },
     )

@@ -10,8 +10,8 @@ use warp::http::{header, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
 
-use crate::error::Error;
-use crate::routes::error_response;
+use crate::domain::error::Error;
+use crate::http::routes::error_response;
 
 /// One embedded file.
 pub struct Asset {
@@ -33,8 +33,8 @@ macro_rules! asset {
         Asset {
             name: $name,
             content_type: $content_type,
-            body: include_bytes!(concat!("../web/", $name)),
-            hash: fnv1a(include_bytes!(concat!("../web/", $name))),
+            body: include_bytes!(concat!("../../web/", $name)),
+            hash: fnv1a(include_bytes!(concat!("../../web/", $name))),
         }
     };
 }

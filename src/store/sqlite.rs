@@ -22,11 +22,11 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio::sync::oneshot;
 
-use crate::error::Error;
-use crate::merge::{json_len, Change};
-use crate::model::{is_valid_id, Role};
+use crate::domain::error::Error;
+use crate::domain::merge::{json_len, Change};
+use crate::domain::model::{is_valid_id, Role};
 
-pub const SCHEMA: &str = include_str!("../schema.sql");
+pub const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// `PRAGMA synchronous` for the WAL: what an ack promises (see README "Durability").
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -584,7 +584,7 @@ pub struct StoreOp {
 pub struct EventTemplate {
     pub message_type: &'static str,
     pub payload: Box<serde_json::value::RawValue>,
-    pub author: crate::writer::Author,
+    pub author: crate::core::writer::Author,
     /// The node that committed it, so the sender's own socket is skipped.
     pub node: std::sync::Arc<str>,
 }
@@ -693,7 +693,7 @@ pub fn apply_batch(
     let now: String = tx.query_row("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')", [], |r| {
         r.get(0)
     })?;
-    let now_secs = crate::auth::now_secs();
+    let now_secs = crate::protocol::auth::now_secs();
     let mut views: HashMap<&str, Result<Loaded, LoadFailure>> = HashMap::new();
     let mut standings: HashMap<(&str, Arc<str>), Standing> = HashMap::new();
     let mut results = Vec::with_capacity(ops.len());
@@ -1210,7 +1210,7 @@ mod tests {
         let mut c = db.conn().expect("conn");
         add_user(&c, "e", "e@x", "E").expect("user");
         set_member(&c, "lib", "e", "EDITOR").expect("member");
-        let later = crate::auth::now_secs() + 3600;
+        let later = crate::protocol::auth::now_secs() + 3600;
         let results = apply_batch(
             &mut c,
             &[

@@ -15,12 +15,12 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cluster::Cluster;
-use crate::db::{self, Db, EventTemplate, Requester, StoreOp, Stored, ViewRow};
-use crate::error::Error;
-use crate::hub::{Broadcast, CloseRequest, Hub, Outbox};
-use crate::merge::Change;
-use crate::metrics::Metrics;
+use crate::broker::redis::Cluster;
+use crate::store::sqlite::{self as db, Db, EventTemplate, Requester, StoreOp, Stored, ViewRow};
+use crate::domain::error::Error;
+use crate::core::hub::{Broadcast, CloseRequest, Hub, Outbox};
+use crate::domain::merge::Change;
+use crate::core::metrics::Metrics;
 use crate::protocol;
 
 /// Most jobs committed in one transaction.

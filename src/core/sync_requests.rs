@@ -19,10 +19,10 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::cluster::Cluster;
-use crate::hub::Hub;
+use crate::broker::redis::Cluster;
+use crate::core::hub::Hub;
 use crate::protocol;
-use crate::writer::{Job, ReplyTo, Snapshot, Writer};
+use crate::core::writer::{Job, ReplyTo, Snapshot, Writer};
 
 /// The two durations of SPEC §3.1's request-sync.
 #[derive(Debug, Clone, Copy)]

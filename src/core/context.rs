@@ -7,16 +7,16 @@ use std::sync::Arc;
 use tokio::sync::{watch, Notify};
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::auth::Tokens;
-use crate::cluster::Cluster;
+use crate::protocol::auth::Tokens;
+use crate::broker::redis::Cluster;
 use crate::config::Config;
-use crate::db::Db;
-use crate::error::Error;
-use crate::hub::{Hub, Limits};
-use crate::metrics::Metrics;
-use crate::revocation::{self, Nudge};
-use crate::sync_requests::{self, SyncTiming};
-use crate::writer::Writer;
+use crate::store::sqlite::Db;
+use crate::domain::error::Error;
+use crate::core::hub::{Hub, Limits};
+use crate::core::metrics::Metrics;
+use crate::core::revocation::{self, Nudge};
+use crate::core::sync_requests::{self, SyncTiming};
+use crate::core::writer::Writer;
 
 /// Cheap to clone: one `Arc`.
 #[derive(Clone)]
@@ -34,9 +34,9 @@ pub struct Shared {
     /// Asks the revocation watcher to look at the membership log now.
     pub revocation_nudge: Nudge,
     /// The SSE streams of this node, for SPEC §7's POST route.
-    pub streams: crate::sse::Streams,
+    pub streams: crate::http::sse::Streams,
     /// Per-user rate buckets of REST messages (PATCH, stream-less POSTs).
-    pub user_rates: crate::rest_rate::UserRates,
+    pub user_rates: crate::core::rest_rate::UserRates,
     /// Owned here rather than left to warp: warp's default 128 KiB read buffer
     /// per socket is most of a connection's memory (see STACK.md).
     pub ws_config: WebSocketConfig,
@@ -113,7 +113,7 @@ impl Ctx {
             flush_presence(hub.clone(), metrics.clone(), config.presence_batch),
         ));
         let tokens = Tokens::new(config.jwt_secret.as_bytes(), config.jwt_leeway);
-        let user_rates = crate::rest_rate::UserRates::new(config.rate_per_sec, config.rate_burst);
+        let user_rates = crate::core::rest_rate::UserRates::new(config.rate_per_sec, config.rate_burst);
         let max = config.max_message_bytes;
         let ws_config = WebSocketConfig::default()
             .read_buffer_size(4096)

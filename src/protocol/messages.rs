@@ -8,9 +8,9 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::error::Error;
-use crate::merge::Change;
-use crate::model::{is_valid_id, Presence, Role};
+use crate::domain::error::Error;
+use crate::domain::merge::Change;
+use crate::domain::model::{is_valid_id, Presence, Role};
 
 /// The client message types of SPEC §3.1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

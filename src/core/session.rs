@@ -13,13 +13,13 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use warp::http::{header, HeaderMap};
 
-use crate::context::Ctx;
-use crate::db::{self, Access, Needs, Requester};
-use crate::error::Error;
-use crate::hub::{CloseRequest, Joiner, Outbox, Outgoing, SyncAsked};
-use crate::model::Role;
+use crate::core::context::Ctx;
+use crate::store::sqlite::{self as db, Access, Needs, Requester};
+use crate::domain::error::Error;
+use crate::core::hub::{CloseRequest, Joiner, Outbox, Outgoing, SyncAsked};
+use crate::domain::model::Role;
 use crate::protocol::{self, Command, Inbound, Refusal};
-use crate::writer::{Author, Job, Reply, ReplyTo, Snapshot, Via};
+use crate::core::writer::{Author, Job, Reply, ReplyTo, Snapshot, Via};
 
 const SHUTTING_DOWN: CloseRequest = CloseRequest {
     code: 1001,
@@ -49,7 +49,7 @@ impl Params {
             .map(|(_, v)| v)
             .or_else(|| {
                 let auth = headers.get(header::AUTHORIZATION)?.to_str().ok();
-                crate::auth::bearer(auth).map(str::to_string)
+                crate::protocol::auth::bearer(auth).map(str::to_string)
             });
         Params { view_id, token }
     }
@@ -400,7 +400,7 @@ impl Session {
     }
 
     /// Takes what is queued, counting what an overflow threw away.
-    fn take(&self, ctx: &Ctx) -> crate::hub::Batch {
+    fn take(&self, ctx: &Ctx) -> crate::core::hub::Batch {
         let batch = self.outbox.take();
         if batch.dropped > 0 {
             ctx.metrics.dropped_frames.inc_by(batch.dropped as u64);

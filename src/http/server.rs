@@ -21,12 +21,13 @@ use warp::http::{header, HeaderValue, StatusCode};
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
-use crate::context::Ctx;
-use crate::error::Error;
-use crate::pending::{self, Pending, Ticket};
-use crate::write_timeout::{Switch, WriteTimeout};
-use crate::ws::{self, PeerAddr, UpgradeSlot};
-use crate::{fdlimit, routes};
+use crate::core::context::Ctx;
+use crate::domain::error::Error;
+use crate::http::pending::{self, Pending, Ticket};
+use crate::http::write_timeout::{Switch, WriteTimeout};
+use crate::http::ws::{self, PeerAddr, UpgradeSlot};
+use crate::http::fdlimit;
+use crate::http::routes;
 
 /// How long hyper waits for a request head, on a new connection and between
 /// keep-alive requests alike (hyper arms it whenever it reads a head).

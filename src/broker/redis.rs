@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::db::{self, Db};
-use crate::error::Error;
-use crate::hub::{CloseRequest, Hub, Summary};
-use crate::metrics::Metrics;
+use crate::store::sqlite::{self as db, Db};
+use crate::domain::error::Error;
+use crate::core::hub::{CloseRequest, Hub, Summary};
+use crate::core::metrics::Metrics;
 
 /// How often every local room is compared with the stored version, so that a
 /// broadcast lost on Redis is delivered from the database within this time.
@@ -113,7 +113,7 @@ impl Cluster {
         let client = redis::Client::open(url)
             .map_err(|e| Error::Internal(format!("invalid --redis-url: {e}")))?;
         let channel = format!("{prefix}:events");
-        let node_id: Arc<str> = crate::session::new_connection_id().into();
+        let node_id: Arc<str> = crate::core::session::new_connection_id().into();
         let (events, events_rx) = mpsc::unbounded_channel();
         let (publish, publish_rx) = mpsc::unbounded_channel();
         let reload = Arc::new(AtomicBool::new(true));

@@ -9,7 +9,7 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::model::Role;
+use crate::domain::model::Role;
 
 pub struct Metrics {
     registry: Registry,

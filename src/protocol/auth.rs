@@ -7,7 +7,7 @@ use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Heade
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
-use crate::error::Error;
+use crate::domain::error::Error;
 
 /// Signs and checks tokens with the server's secret.
 pub struct Tokens {

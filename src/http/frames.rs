@@ -16,7 +16,7 @@ use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 
-use crate::session::{lock, RateLimit, Verdict};
+use crate::core::session::{lock, RateLimit, Verdict};
 
 /// SPEC §3.1: a message may have at most this many frames (more: 1009).
 pub const MAX_FRAMES_PER_MESSAGE: u32 = 1024;

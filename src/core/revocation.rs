@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::db::{self, Db};
-use crate::hub::Hub;
-use crate::metrics::Metrics;
+use crate::store::sqlite::{self as db, Db};
+use crate::core::hub::Hub;
+use crate::core::metrics::Metrics;
 
 /// Wakes the watcher at once (after a REST change) instead of at its next poll.
 #[derive(Clone, Default)]

@@ -22,17 +22,17 @@ use warp::reply::Response;
 use warp::sse::Event;
 use warp::{Filter, Reply};
 
-use crate::auth::Verified;
-use crate::context::Ctx;
-use crate::error::Error;
-use crate::hub::{CloseRequest, Outbox, Outgoing};
-use crate::routes::{
+use crate::protocol::auth::Verified;
+use crate::core::context::Ctx;
+use crate::domain::error::Error;
+use crate::core::hub::{CloseRequest, Outbox, Outgoing};
+use crate::http::routes::{
     check_content_type, error_response, read_limited, token_expires, with_ctx, with_origin_check,
     with_verified,
 };
-use crate::server::ConnectionAbort;
-use crate::session::{self, lock, Ended, Flow, Incoming, Link, Params, RateLimit, Sender, Session};
-use crate::writer::{Answer, ReplyTo};
+use crate::http::server::ConnectionAbort;
+use crate::core::session::{self, lock, Ended, Flow, Incoming, Link, Params, RateLimit, Sender, Session};
+use crate::core::writer::{Answer, ReplyTo};
 
 /// SPEC §7: a comment at least this often, whatever `--ping-interval` says.
 const KEEPALIVE_MAX: Duration = Duration::from_secs(15);

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use crate::session::{lock, RateLimit, Verdict};
+use crate::core::session::{lock, RateLimit, Verdict};
 
 /// Buckets kept before idle ones are forgotten.
 const BUCKETS: usize = 4096;

@@ -1,0 +1,3 @@
+//! How a committed change reaches the other nodes' connections.
+
+pub mod redis;

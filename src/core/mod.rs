@@ -1,0 +1,11 @@
+//! The live server, whatever the transport and the engines: rooms and
+//! outboxes, the write path and its ordering, sessions, rates, revocation.
+
+pub mod context;
+pub mod hub;
+pub mod metrics;
+pub mod rest_rate;
+pub mod revocation;
+pub mod session;
+pub mod sync_requests;
+pub mod writer;

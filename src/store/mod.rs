@@ -1,0 +1,3 @@
+//! Storage (SPEC §1): the seam every engine sits behind.
+
+pub mod sqlite;
