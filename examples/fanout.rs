@@ -86,9 +86,13 @@ async fn run(
         let listener = portal_sync::http::server::bind("127.0.0.1:0".parse()?)?;
         addrs.push(listener.local_addr()?);
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        tokio::spawn(portal_sync::http::server::run(listener, config, async move {
-            let _ = stopped.await;
-        }));
+        tokio::spawn(portal_sync::http::server::run(
+            listener,
+            config,
+            async move {
+                let _ = stopped.await;
+            },
+        ));
         stops.push(stop);
     }
     tokio::time::sleep(Duration::from_millis(500)).await;

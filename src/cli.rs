@@ -9,10 +9,13 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use serde_json::{json, Map, Value};
 
-use crate::protocol::auth::Tokens;
 use crate::config::Config;
-use crate::store::sqlite::{self as db, Db, Synchronous};
+use crate::config::Synchronous;
+use crate::domain::access::LibraryRole;
 use crate::domain::error::Error;
+use crate::engines;
+use crate::protocol::auth::Tokens;
+use crate::store::Store;
 
 #[derive(Parser, Debug)]
 #[command(
@@ -185,7 +188,7 @@ enum MemberCmd {
         library: String,
         #[arg(long)]
         user: String,
-        #[arg(long, value_parser = ["OWNER", "EDITOR", "VIEWER"])]
+        #[arg(long, value_parser = LibraryRole::NAMES)]
         role: String,
     },
     /// Remove a member
@@ -306,77 +309,103 @@ fn run(cli: Cli) -> Result<(), String> {
             println!("{token}");
             Ok(())
         }
-        Command::User(cmd) => admin(&db_path("portal-sync.db"), |c| match cmd {
-            UserCmd::Add { id, email, name } => {
-                db::add_user(c, &id, &email, &name)?;
-                println!("added user {id}");
-                Ok(())
-            }
-            UserCmd::List => table(c, "SELECT id, email, name FROM users ORDER BY id", None),
-        }),
-        Command::Library(cmd) => admin(&db_path("portal-sync.db"), |c| match cmd {
-            LibraryCmd::Add { id, name, owner } => {
-                db::add_library(c, &id, &name, &owner)?;
-                println!("added library {id} owned by {owner}");
-                Ok(())
-            }
-            LibraryCmd::List => table(
-                c,
-                "SELECT id, name, owner_id FROM libraries ORDER BY id",
-                None,
-            ),
-        }),
-        Command::Member(cmd) => admin(&db_path("portal-sync.db"), |c| match cmd {
-            MemberCmd::Set {
-                library,
-                user,
-                role,
-            } => {
-                match db::set_member(c, &library, &user, &role)? {
-                    Some(old) if old == role => println!("{user} already is {role} in {library}"),
-                    Some(old) => println!("{user}: {old} -> {role} in {library}"),
-                    None => println!("added {user} to {library} as {role}"),
-                }
-                Ok(())
-            }
-            MemberCmd::Remove { library, user } => {
-                if db::remove_member(c, &library, &user)? {
-                    println!("removed {user} from {library}");
+        Command::User(cmd) => admin(&db_path("portal-sync.db"), |s| {
+            let c = s.admin();
+            match cmd {
+                UserCmd::Add { id, email, name } => {
+                    c.add_user(&id, &email, &name)?;
+                    println!("added user {id}");
                     Ok(())
-                } else {
-                    Err(Error::BadRequest(format!(
-                        "{user} is not a member of {library}"
-                    )))
+                }
+                UserCmd::List => {
+                    for u in c.users()? {
+                        row(&[&u.id, &u.email, &u.name]);
+                    }
+                    Ok(())
                 }
             }
-            MemberCmd::List { library } => table(
-                c,
-                "SELECT user_id, role FROM library_members WHERE library_id = ?1 ORDER BY user_id",
-                Some(&library),
-            ),
         }),
-        Command::View(cmd) => admin(&db_path("portal-sync.db"), |c| match cmd {
-            ViewCmd::Add {
-                id,
-                library,
-                name,
-                state,
-            } => {
-                db::add_view(c, &id, &library, &name, &state)?;
-                println!("added portal view {id} to {library}");
-                Ok(())
+        Command::Library(cmd) => admin(&db_path("portal-sync.db"), |s| {
+            let c = s.admin();
+            match cmd {
+                LibraryCmd::Add { id, name, owner } => {
+                    c.add_library(&id, &name, &owner)?;
+                    println!("added library {id} owned by {owner}");
+                    Ok(())
+                }
+                LibraryCmd::List => {
+                    for l in c.libraries()? {
+                        row(&[&l.id, &l.name, &l.owner_id]);
+                    }
+                    Ok(())
+                }
             }
-            ViewCmd::List => table(
-                c,
-                "SELECT id, library_id, name, version, updated_at FROM portal_views ORDER BY id",
-                None,
-            ),
-            ViewCmd::Show { id } => {
-                let view = db::view(c, &id)?.ok_or(Error::ViewNotFound)?;
-                let text = serde_json::to_string_pretty(&view)
-                    .map_err(|e| Error::Internal(e.to_string()))?;
-                println!("{text}");
-                Ok(())
+        }),
+        Command::Member(cmd) => admin(&db_path("portal-sync.db"), |s| {
+            let c = s.admin();
+            match cmd {
+                MemberCmd::Set {
+                    library,
+                    user,
+                    role,
+                } => {
+                    let parsed = LibraryRole::parse(&role)
+                        .ok_or_else(|| Error::BadRequest(format!("{role} is not a role")))?;
+                    match c.set_member(&library, &user, parsed)? {
+                        Some(old) if old == role => {
+                            println!("{user} already is {role} in {library}")
+                        }
+                        Some(old) => println!("{user}: {old} -> {role} in {library}"),
+                        None => println!("added {user} to {library} as {role}"),
+                    }
+                    Ok(())
+                }
+                MemberCmd::Remove { library, user } => {
+                    if c.remove_member(&library, &user)? {
+                        println!("removed {user} from {library}");
+                        Ok(())
+                    } else {
+                        Err(Error::BadRequest(format!(
+                            "{user} is not a member of {library}"
+                        )))
+                    }
+                }
+                MemberCmd::List { library } => {
+                    for m in c.members(&library)? {
+                        row(&[&m.user_id, &m.role]);
+                    }
+                    Ok(())
+                }
+            }
+        }),
+        Command::View(cmd) => admin(&db_path("portal-sync.db"), |s| {
+            let c = s.admin();
+            match cmd {
+                ViewCmd::Add {
+                    id,
+                    library,
+                    name,
+                    state,
+                } => {
+                    c.add_view(&id, &library, &name, &state)?;
+                    println!("added portal view {id} to {library}");
+                    Ok(())
+                }
+                ViewCmd::List => {
+                    for v in c.views()? {
+                        let version = v.version.to_string();
+                        let updated = v.updated_at.unwrap_or_default();
+                        row(&[&v.id, &v.library_id, &v.name, &version, &updated]);
+                    }
+                    Ok(())
+                }
+                ViewCmd::Show { id } => {
+                    let view = s.view(&id)?.ok_or(Error::ViewNotFound)?;
+                    let text = serde_json::to_string_pretty(&view)
+                        .map_err(|e| Error::Internal(e.to_string()))?;
+                    println!("{text}");
+                    Ok(())
+                }
             }
         }),
     }
@@ -456,23 +485,18 @@ fn config(args: &ServeArgs, db_path: PathBuf, secret: String) -> Config {
     }
 }
 
-fn admin(
-    path: &Path,
-    f: impl FnOnce(&rusqlite::Connection) -> Result<(), Error>,
-) -> Result<(), String> {
-    let db = Db::open(path, Synchronous::Full).map_err(|e| e.to_string())?;
-    let conn = db.conn().map_err(|e| e.to_string())?;
-    f(&conn).map_err(|e| match e {
+/// Runs an administration command on the store at `path`.
+fn admin(path: &Path, f: impl FnOnce(&dyn Store) -> Result<(), Error>) -> Result<(), String> {
+    let store = engines::open(path, Synchronous::Full).map_err(|e| e.to_string())?;
+    f(&*store).map_err(|e| match e {
         Error::Storage(cause) => cause,
         other => other.client_message(),
     })
 }
 
-fn table(conn: &rusqlite::Connection, sql: &str, arg: Option<&str>) -> Result<(), Error> {
-    for row in db::list(conn, sql, arg)? {
-        println!("{}", row.join("\t"));
-    }
-    Ok(())
+/// One line of a `list` command: tab-separated columns.
+fn row(columns: &[&str]) {
+    println!("{}", columns.join("\t"));
 }
 
 /// Runs the server until SIGINT or SIGTERM.
@@ -541,20 +565,20 @@ const DEMO_USERS: [(&str, &str, &str); 3] = [
 
 /// Creates the demo users, library and view unless the view already exists.
 pub fn seed_demo(path: &Path) -> Result<(), Error> {
-    let db = Db::open(path, Synchronous::Full)?;
-    let conn = db.conn()?;
-    if db::view(&conn, DEMO_VIEW)?.is_some() {
+    let store = engines::open(path, Synchronous::Full)?;
+    if store.view(DEMO_VIEW)?.is_some() {
         return Ok(());
     }
+    let admin = store.admin();
     for (id, name, _) in DEMO_USERS {
-        if !db::user_exists(&conn, id)? {
-            db::add_user(&conn, id, &format!("{id}@example.com"), name)?;
+        if !admin.user_exists(id)? {
+            admin.add_user(id, &format!("{id}@example.com"), name)?;
         }
     }
-    db::add_library(&conn, "demo-library", "Demo library", "alice")?;
-    db::set_member(&conn, "demo-library", "alice", "OWNER")?;
-    db::set_member(&conn, "demo-library", "bob", "EDITOR")?;
-    db::set_member(&conn, "demo-library", "carol", "VIEWER")?;
+    admin.add_library("demo-library", "Demo library", "alice")?;
+    admin.set_member("demo-library", "alice", LibraryRole::Owner)?;
+    admin.set_member("demo-library", "bob", LibraryRole::Editor)?;
+    admin.set_member("demo-library", "carol", LibraryRole::Viewer)?;
     let state = json!({
         "currentItem": "1",
         "visible": true,
@@ -567,13 +591,7 @@ pub fn seed_demo(path: &Path) -> Result<(), Error> {
     let Value::Object(state) = state else {
         return Err(Error::Internal("demo state is an object".into()));
     };
-    db::add_view(
-        &conn,
-        DEMO_VIEW,
-        "demo-library",
-        "Demo presentation",
-        &state,
-    )?;
+    admin.add_view(DEMO_VIEW, "demo-library", "Demo presentation", &state)?;
     Ok(())
 }
 
@@ -601,7 +619,8 @@ fn print_demo(config: &Config, addr: SocketAddr) {
             ("Presenter page:", "presenter"),
             ("Viewer page:   ", "viewer"),
         ] {
-            let url = crate::http::web::page_url(&format!("http://{host}"), page, &token, DEMO_VIEW);
+            let url =
+                crate::http::web::page_url(&format!("http://{host}"), page, &token, DEMO_VIEW);
             println!("  {label} {url}");
         }
         println!("  WebSocket URL (wscat, or `new WebSocket(url)` in a browser console):");

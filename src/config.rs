@@ -4,8 +4,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::store::sqlite::Synchronous;
-
 #[derive(Debug, Clone)]
 pub struct Config {
     pub db_path: PathBuf,
@@ -87,4 +85,14 @@ impl Config {
             max_pending_conns: None,
         }
     }
+}
+
+/// `PRAGMA synchronous` for the WAL: what an ack promises (see README "Durability").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Synchronous {
+    /// fsync the WAL at every commit: an acked update survives power loss.
+    Full,
+    /// fsync only at checkpoints: an acked update survives a process crash
+    /// (kill -9), not a power loss.
+    Normal,
 }

@@ -13,6 +13,7 @@ pub mod cli;
 pub mod config;
 pub mod core;
 pub mod domain;
+pub mod engines;
 pub mod http;
 pub mod protocol;
 pub mod store;

@@ -23,10 +23,10 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, watch};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::store::sqlite::{self as db, Db};
-use crate::domain::error::Error;
 use crate::core::hub::{CloseRequest, Hub, Summary};
 use crate::core::metrics::Metrics;
+use crate::domain::error::Error;
+use crate::store::Storage;
 
 /// How often every local room is compared with the stored version, so that a
 /// broadcast lost on Redis is delivered from the database within this time.
@@ -38,7 +38,7 @@ const PING: Duration = Duration::from_secs(2);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Sent to a room's connections when versions it needs are no longer stored
-/// (more than `db::EVENTS_KEPT` behind, or written by a node without Redis):
+/// (more than `store::EVENTS_KEPT` behind, or written by a node without Redis):
 /// they reconnect and resynchronise from `connected`.
 const RESYNC: CloseRequest = CloseRequest {
     code: 1013,
@@ -104,7 +104,7 @@ impl Cluster {
     pub fn start(
         url: &str,
         prefix: &str,
-        db: Db,
+        db: Storage,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         presence_window: Duration,
@@ -361,7 +361,7 @@ async fn publisher(
 /// Delivers every change to this node's rooms in version order.
 async fn sequencer(
     node_id: Arc<str>,
-    db: Db,
+    db: Storage,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     mut rx: mpsc::UnboundedReceiver<Event>,
@@ -419,7 +419,7 @@ async fn sequencer(
 
 struct Sequencer {
     node_id: Arc<str>,
-    db: Db,
+    db: Storage,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
 }
@@ -459,12 +459,7 @@ impl Sequencer {
     /// Delivers `from..=to` from the stored events. Versions that are not
     /// stored cannot be delivered in order: the room's sockets resynchronise.
     async fn fill(&self, view: &str, from: i64, to: i64) {
-        let id = view.to_string();
-        let rows = match self
-            .db
-            .call(move |conn| db::events_between(conn, &id, from, to))
-            .await
-        {
+        let rows = match self.db.events_between(view, from, to).await {
             Ok(rows) => rows,
             Err(e) => {
                 e.log("reading stored broadcasts");
@@ -490,7 +485,7 @@ impl Sequencer {
             return;
         }
         let ids: Vec<String> = rooms.iter().map(|(v, _)| v.to_string()).collect();
-        let stored = match self.db.call(move |conn| db::versions(conn, &ids)).await {
+        let stored = match self.db.versions(ids).await {
             Ok(stored) => stored,
             Err(e) => {
                 e.log("catching up with stored versions");

@@ -1,30 +1,30 @@
-//! The server's shared context, handed to every route and session.
+//! The live server's shared parts, handed to every session and, through
+//! `http::context::Ctx`, to every route.
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::{watch, Notify};
-use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
-use crate::protocol::auth::Tokens;
 use crate::broker::redis::Cluster;
 use crate::config::Config;
-use crate::store::sqlite::Db;
-use crate::domain::error::Error;
 use crate::core::hub::{Hub, Limits};
 use crate::core::metrics::Metrics;
 use crate::core::revocation::{self, Nudge};
 use crate::core::sync_requests::{self, SyncTiming};
 use crate::core::writer::Writer;
+use crate::domain::error::Error;
+use crate::protocol::auth::Tokens;
+use crate::store::Storage;
 
 /// Cheap to clone: one `Arc`.
 #[derive(Clone)]
-pub struct Ctx(Arc<Shared>);
+pub struct Core(Arc<Shared>);
 
 pub struct Shared {
     pub config: Config,
-    pub db: Db,
+    pub store: Storage,
     pub hub: Arc<Hub>,
     pub writer: Writer,
     /// Set with `--redis-url`: this node is one of several (see `cluster`).
@@ -33,34 +33,29 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Asks the revocation watcher to look at the membership log now.
     pub revocation_nudge: Nudge,
-    /// The SSE streams of this node, for SPEC §7's POST route.
-    pub streams: crate::http::sse::Streams,
-    /// Per-user rate buckets of REST messages (PATCH, stream-less POSTs).
-    pub user_rates: crate::core::rest_rate::UserRates,
-    /// Owned here rather than left to warp: warp's default 128 KiB read buffer
-    /// per socket is most of a connection's memory (see STACK.md).
-    pub ws_config: WebSocketConfig,
     shutdown: watch::Receiver<bool>,
     sessions: AtomicUsize,
     sessions_done: Notify,
 }
 
-impl Deref for Ctx {
+impl Deref for Core {
     type Target = Shared;
     fn deref(&self) -> &Shared {
         &self.0
     }
 }
 
-impl Ctx {
-    /// Opens storage and starts the writer. Must run inside a tokio runtime.
-    pub async fn new(config: Config, shutdown: watch::Receiver<bool>) -> Result<Ctx, Error> {
+impl Core {
+    /// Starts the writer and the background tasks on an opened store. Must
+    /// run inside a tokio runtime.
+    pub fn new(
+        config: Config,
+        db: Storage,
+        shutdown: watch::Receiver<bool>,
+    ) -> Result<Core, Error> {
         if config.jwt_secret.is_empty() {
             return Err(Error::Internal("a JWT secret is required".into()));
         }
-        let path = config.db_path.clone();
-        let sync = config.sqlite_synchronous;
-        let db = tokio::task::spawn_blocking(move || Db::open(&path, sync)).await??;
         let hub = Arc::new(
             Hub::new(Limits {
                 per_user: config.max_conns_per_user,
@@ -113,24 +108,15 @@ impl Ctx {
             flush_presence(hub.clone(), metrics.clone(), config.presence_batch),
         ));
         let tokens = Tokens::new(config.jwt_secret.as_bytes(), config.jwt_leeway);
-        let user_rates = crate::core::rest_rate::UserRates::new(config.rate_per_sec, config.rate_burst);
-        let max = config.max_message_bytes;
-        let ws_config = WebSocketConfig::default()
-            .read_buffer_size(4096)
-            .max_message_size(Some(max))
-            .max_frame_size(Some(max));
-        Ok(Ctx(Arc::new(Shared {
+        Ok(Core(Arc::new(Shared {
             config,
-            db,
+            store: db,
             hub,
             writer,
             cluster,
             tokens,
             metrics,
             revocation_nudge,
-            streams: Default::default(),
-            user_rates,
-            ws_config,
             shutdown,
             sessions: AtomicUsize::new(0),
             sessions_done: Notify::new(),
@@ -190,7 +176,7 @@ async fn flush_presence(hub: Arc<Hub>, metrics: Arc<Metrics>, window: std::time:
     }
 }
 
-pub struct SessionGuard(Ctx);
+pub struct SessionGuard(Core);
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {

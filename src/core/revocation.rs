@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use tokio::sync::Notify;
 
-use crate::store::sqlite::{self as db, Db};
 use crate::core::hub::Hub;
 use crate::core::metrics::Metrics;
+use crate::store::Storage;
 
 /// Wakes the watcher at once (after a REST change) instead of at its next poll.
 #[derive(Clone, Default)]
@@ -24,14 +24,14 @@ impl Nudge {
 /// Runs until the runtime stops. A storage error skips one poll; the log keeps
 /// the changes, so none is missed.
 pub async fn watch(
-    db: Db,
+    db: Storage,
     hub: Arc<Hub>,
     metrics: Arc<Metrics>,
     every: std::time::Duration,
     nudge: Nudge,
 ) {
     let mut seen = loop {
-        match db.call(|conn| db::membership_changes_start(conn)).await {
+        match db.membership_changes_start().await {
             Ok(seq) => break seq,
             Err(e) => {
                 e.log("reading the membership change log");
@@ -45,10 +45,7 @@ pub async fn watch(
             _ = nudge.0.notified() => {}
         }
         let since = seen;
-        let changes = match db
-            .call(move |conn| db::membership_changes_since(conn, since))
-            .await
-        {
+        let changes = match db.membership_changes_since(since).await {
             Ok(changes) => changes,
             Err(e) => {
                 e.log("reading the membership change log");

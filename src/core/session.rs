@@ -13,13 +13,14 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use warp::http::{header, HeaderMap};
 
-use crate::core::context::Ctx;
-use crate::store::sqlite::{self as db, Access, Needs, Requester};
-use crate::domain::error::Error;
+use crate::core::context::Core;
 use crate::core::hub::{CloseRequest, Joiner, Outbox, Outgoing, SyncAsked};
+use crate::core::writer::{Job, Reply, ReplyTo, Snapshot};
+use crate::domain::error::Error;
 use crate::domain::model::Role;
 use crate::protocol::{self, Command, Inbound, Refusal};
-use crate::core::writer::{Author, Job, Reply, ReplyTo, Snapshot, Via};
+use crate::protocol::{Author, Via};
+use crate::store::{Access, Needs, Requester};
 
 const SHUTTING_DOWN: CloseRequest = CloseRequest {
     code: 1001,
@@ -114,7 +115,7 @@ struct Admitted {
 /// SPEC §3's checks, then the join: a session ready to run, or the refusal
 /// (counted in the metrics; the transport shows it as a close code or an
 /// HTTP status).
-pub(crate) async fn open(ctx: &Ctx, params: Params) -> Result<Session, Error> {
+pub(crate) async fn open(ctx: &Core, params: Params) -> Result<Session, Error> {
     let opened = match admit(ctx, &params).await {
         Ok(admitted) => Session::join(ctx, params.view_id, admitted).await,
         Err(e) => Err(e),
@@ -130,11 +131,11 @@ pub(crate) async fn open(ctx: &Ctx, params: Params) -> Result<Session, Error> {
 }
 
 /// SPEC §3's checks in order: token, expiry, user, view, access.
-async fn admit(ctx: &Ctx, params: &Params) -> Result<Admitted, Error> {
+async fn admit(ctx: &Core, params: &Params) -> Result<Admitted, Error> {
     let token = params.token.as_deref().ok_or(Error::InvalidToken)?;
     let verified = ctx.tokens.verify(token)?;
     let revocations = ctx.hub.revocations();
-    let access = ctx.db.access_of(&verified.user_id, &params.view_id).await?;
+    let access = ctx.store.access(&verified.user_id, &params.view_id).await?;
     let token_expires = verified.exp.saturating_add(ctx.config.jwt_leeway);
     Ok(Admitted {
         user_id: verified.user_id,
@@ -157,7 +158,7 @@ fn expiry_instant(secs: u64) -> Option<tokio::time::Instant> {
 
 /// Unsubscribes from the hub however the session ends.
 struct Membership {
-    ctx: Ctx,
+    ctx: Core,
     view_id: Arc<str>,
     key: u64,
 }
@@ -205,7 +206,7 @@ pub(crate) enum Flow {
 impl Session {
     /// Joins the view's room *before* taking the snapshot for `connected`, so
     /// that no broadcast can fall between the two.
-    async fn join(ctx: &Ctx, view_id: String, admitted: Admitted) -> Result<Session, Error> {
+    async fn join(ctx: &Core, view_id: String, admitted: Admitted) -> Result<Session, Error> {
         let Admitted {
             user_id,
             access: Access { role, mut view },
@@ -235,7 +236,7 @@ impl Session {
         if ctx.hub.revocations() != revocations {
             // A membership changed between our access lookup and our join, too
             // early for the revocation to have found this connection: look again.
-            let fresh = ctx.db.access_of(&user_id, &view_id).await?;
+            let fresh = ctx.store.access(&user_id, &view_id).await?;
             if fresh.role != role {
                 return Err(Error::AccessRevoked);
             }
@@ -243,12 +244,7 @@ impl Session {
         } else if joined.last_version > view.version || joined.new_room {
             // A change was broadcast between our read and our join, or may have
             // been before the room existed (reaching no one): re-read.
-            let id = view_id.to_string();
-            view = ctx
-                .db
-                .call(move |conn| db::view(conn, &id))
-                .await?
-                .ok_or(Error::ViewNotFound)?;
+            view = ctx.store.view(&view_id).await?.ok_or(Error::ViewNotFound)?;
         }
         let connection_id: Arc<str> = new_connection_id().into();
         outbox.push_front(protocol::connected(&protocol::Connected {
@@ -293,7 +289,7 @@ impl Session {
     /// `heartbeat`.
     pub(crate) async fn run<L: Link>(
         mut self,
-        ctx: &Ctx,
+        ctx: &Core,
         link: &mut L,
         heartbeat: Duration,
     ) -> Ended {
@@ -320,7 +316,7 @@ impl Session {
         ended
     }
 
-    async fn serve<L: Link>(&mut self, ctx: &Ctx, link: &mut L, heartbeat: Duration) -> Ended {
+    async fn serve<L: Link>(&mut self, ctx: &Core, link: &mut L, heartbeat: Duration) -> Ended {
         let mut reading = true;
         let mut liveness = Liveness::new(heartbeat, ctx.config.ping_timeout, L::ANSWERS_HEARTBEATS);
         let expiry = tokio::time::sleep_until(
@@ -400,7 +396,7 @@ impl Session {
     }
 
     /// Takes what is queued, counting what an overflow threw away.
-    fn take(&self, ctx: &Ctx) -> crate::core::hub::Batch {
+    fn take(&self, ctx: &Core) -> crate::core::hub::Batch {
         let batch = self.outbox.take();
         if batch.dropped > 0 {
             ctx.metrics.dropped_frames.inc_by(batch.dropped as u64);
@@ -451,7 +447,7 @@ pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 /// (the caller owns the bucket) → parse → check against the role → apply.
 /// Replies go to `reply`; a POST is answered exactly once on every path.
 pub(crate) async fn handle(
-    ctx: &Ctx,
+    ctx: &Core,
     sender: &Sender,
     verdict: Verdict,
     text: &str,

@@ -21,8 +21,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::broker::redis::Cluster;
 use crate::core::hub::Hub;
-use crate::protocol;
 use crate::core::writer::{Job, ReplyTo, Snapshot, Writer};
+use crate::protocol;
 
 /// The two durations of SPEC §3.1's request-sync.
 #[derive(Debug, Clone, Copy)]

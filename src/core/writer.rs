@@ -16,12 +16,13 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::broker::redis::Cluster;
-use crate::store::sqlite::{self as db, Db, EventTemplate, Requester, StoreOp, Stored, ViewRow};
-use crate::domain::error::Error;
 use crate::core::hub::{Broadcast, CloseRequest, Hub, Outbox};
-use crate::domain::merge::Change;
 use crate::core::metrics::Metrics;
+use crate::domain::error::Error;
+use crate::domain::merge::Change;
 use crate::protocol;
+use crate::protocol::{Author, Via};
+use crate::store::{EventTemplate, Requester, Storage, StoreOp, Stored, ViewRow};
 
 /// Most jobs committed in one transaction.
 const MAX_BATCH: usize = 512;
@@ -30,55 +31,6 @@ const QUEUE: usize = 8192;
 /// Committed batches waiting to be broadcast; the writer waits when it is full,
 /// so commits never run far ahead of the fan-out.
 const COMMITTED: usize = 4;
-
-/// Who asked for a change, as broadcasts name them in `from`.
-#[derive(Debug, Clone)]
-pub struct Author {
-    pub user_id: Arc<str>,
-    pub via: Via,
-}
-
-/// How a change arrived, which decides the form of its broadcast and whom it skips.
-#[derive(Debug, Clone)]
-pub enum Via {
-    /// `PATCH /api/portal-views/{id}`: tagged `"source":"rest"`, sent to every
-    /// connection of the view, the caller's own included.
-    Rest,
-    /// A client message of SPEC §3.1 from this connection (hub key, connection
-    /// id), which its broadcast skips; `None` for a `POST …/messages` that
-    /// names no SSE stream of its own (SPEC §7).
-    Message(Option<(u64, Arc<str>)>),
-}
-
-impl Author {
-    /// The change's broadcast, exactly as every node renders it.
-    pub fn broadcast(
-        &self,
-        message_type: &'static str,
-        payload: &RawValue,
-        version: i64,
-    ) -> Message {
-        let (message_type, connection_id, source) = match &self.via {
-            Via::Rest => ("portal-view-update", None, Some("rest")),
-            Via::Message(connection) => {
-                (message_type, connection.as_ref().map(|(_, id)| &**id), None)
-            }
-        };
-        let from = protocol::From {
-            user_id: &self.user_id,
-            connection_id,
-        };
-        protocol::change_broadcast(message_type, payload, version, &from, source)
-    }
-
-    /// The hub key of the sending connection, which does not get its own change back.
-    pub fn skips(&self) -> Option<u64> {
-        match &self.via {
-            Via::Message(Some((key, _))) => Some(*key),
-            _ => None,
-        }
-    }
-}
 
 /// Where the answers to one client message go.
 pub enum ReplyTo {
@@ -231,7 +183,7 @@ impl Writer {
     /// `max_state_bytes` is SPEC §5's `--max-state-bytes`, enforced on every
     /// change as it is applied.
     pub fn spawn(
-        db: Db,
+        db: Storage,
         hub: Arc<Hub>,
         metrics: Arc<Metrics>,
         cluster: Option<Arc<Cluster>>,
@@ -306,7 +258,7 @@ struct Committed {
 /// Commits batches until every [`Writer`] handle is gone (or the runtime,
 /// and with it [`deliver`], is).
 fn run(
-    db: Db,
+    db: Storage,
     metrics: Arc<Metrics>,
     node: Option<Arc<str>>,
     max_state_bytes: usize,
@@ -466,19 +418,14 @@ impl Fanout {
 /// Commits one batch. A panic fails the batch (its jobs get errors) instead
 /// of ending the writer, and with it every later write.
 fn commit(
-    db: &Db,
+    db: &Storage,
     ops: &[StoreOp],
     max_state_bytes: usize,
 ) -> Result<Vec<Result<Stored, Error>>, Error> {
-    if let Some(refused) = db.refuse_batch(ops.len()) {
-        return Ok(refused); // the database file is gone: write nothing (db::FileWatch)
-    }
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let mut conn = db.conn()?;
-        db::apply_batch(&mut conn, ops, max_state_bytes)
+        db.blocking().apply_batch(ops, max_state_bytes)
     }))
     .unwrap_or_else(|_| Err(Error::Internal("the batch commit panicked".into())))
-    .map(|stored| db.refuse_batch(stored.len()).unwrap_or(stored)) // nor ack if it went meanwhile
 }
 
 /// A job whose change has moved into the batch: what is left to broadcast and
@@ -507,11 +454,18 @@ fn split(job: Job, node: Option<&Arc<str>>) -> (Option<StoreOp>, Pending) {
             reply,
         } => {
             let message_type = change.message_type();
-            let event = node.map(|node| EventTemplate {
-                message_type,
-                payload: payload.clone(),
-                author: author.clone(),
-                node: node.clone(),
+            let event = node.map(|node| {
+                let (payload, author) = (payload.clone(), author.clone());
+                EventTemplate {
+                    conn: author.skips(),
+                    render: Box::new(move |version| {
+                        let msg = author.broadcast(message_type, &payload, version);
+                        msg.into_text()
+                            .map(|t| t.as_str().to_string())
+                            .unwrap_or_default()
+                    }),
+                    node: node.clone(),
+                }
             });
             let op = StoreOp {
                 view_id: view_id.to_string(),

@@ -184,18 +184,6 @@ impl std::error::Error for Error {}
 
 impl warp::reject::Reject for Error {}
 
-impl From<rusqlite::Error> for Error {
-    fn from(e: rusqlite::Error) -> Self {
-        Error::Storage(e.to_string())
-    }
-}
-
-impl From<r2d2::Error> for Error {
-    fn from(e: r2d2::Error) -> Self {
-        Error::Storage(format!("pool: {e}"))
-    }
-}
-
 impl From<tokio::task::JoinError> for Error {
     fn from(e: tokio::task::JoinError) -> Self {
         Error::Internal(format!("blocking task failed: {e}"))

@@ -2,6 +2,7 @@
 //! kinds and their merge patch, every permission rule, and the one error enum.
 //! It imports nothing from the crate.
 
+pub mod access;
 pub mod error;
 pub mod merge;
 pub mod model;

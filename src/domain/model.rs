@@ -20,19 +20,6 @@ pub enum Role {
 }
 
 impl Role {
-    /// Library owner or an OWNER/EDITOR member controls; a VIEWER member views;
-    /// anyone else has no access (`None`).
-    pub fn resolve(user_id: &str, owner_id: &str, member_role: Option<&str>) -> Option<Role> {
-        if user_id == owner_id {
-            return Some(Role::Controller);
-        }
-        match member_role {
-            Some("OWNER") | Some("EDITOR") => Some(Role::Controller),
-            Some("VIEWER") => Some(Role::Viewer),
-            _ => None,
-        }
-    }
-
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Controller => "controller",
@@ -64,21 +51,5 @@ mod tests {
         assert!(!is_valid_id("a b"));
         assert!(!is_valid_id("x' OR 1=1--"));
         assert!(!is_valid_id("é"));
-    }
-
-    #[test]
-    fn roles() {
-        assert_eq!(Role::resolve("u", "u", None), Some(Role::Controller));
-        assert_eq!(
-            Role::resolve("u", "o", Some("OWNER")),
-            Some(Role::Controller)
-        );
-        assert_eq!(
-            Role::resolve("u", "o", Some("EDITOR")),
-            Some(Role::Controller)
-        );
-        assert_eq!(Role::resolve("u", "o", Some("VIEWER")), Some(Role::Viewer));
-        assert_eq!(Role::resolve("u", "o", None), None);
-        assert_eq!(Role::resolve("u", "o", Some("viewer")), None);
     }
 }

@@ -1,6 +1,7 @@
 //! HTTP: the accept loop, the router and its error mapping, REST, WebSocket,
 //! SSE + POST, the pages.
 
+pub mod context;
 pub mod fdlimit;
 pub mod frames;
 pub mod origin;

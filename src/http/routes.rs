@@ -15,15 +15,16 @@ use warp::http::{header, HeaderMap, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::{Filter, Rejection, Reply};
 
-use crate::protocol::auth::Verified;
-use crate::core::context::Ctx;
-use crate::store::sqlite::{self as db, MemberChange, Needs, Requester, ViewRow};
+use crate::core::session::Verdict;
+use crate::domain::access::{self, LibraryRole};
 use crate::domain::error::Error;
 use crate::domain::merge::Change;
-use crate::domain::model::{Presence, Role};
-use crate::core::session::Verdict;
+use crate::domain::model::Presence;
+use crate::http::context::Ctx;
 use crate::http::origin;
 use crate::http::ws;
+use crate::protocol::auth::Verified;
+use crate::store::{MemberChange, Needs, Requester, ViewRow};
 
 /// Every route the server answers, with logging and JSON errors.
 pub fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
@@ -313,13 +314,14 @@ where
     let probe = MemberChange::Remove;
     member_call(ctx, &caller, &library_id, &user_id, probe, false).await?;
     let body = json_object_body(headers, body, ctx.config.max_message_bytes).await?;
-    let role = match body.get("role").and_then(Value::as_str) {
-        Some(role @ ("OWNER" | "EDITOR" | "VIEWER")) => role.to_string(),
-        _ => {
-            return Err(Error::BadRequest(
-                "role must be \"OWNER\", \"EDITOR\" or \"VIEWER\"".into(),
-            ))
-        }
+    let Some(role) = body
+        .get("role")
+        .and_then(Value::as_str)
+        .and_then(LibraryRole::parse)
+    else {
+        return Err(Error::BadRequest(
+            "role must be \"OWNER\", \"EDITOR\" or \"VIEWER\"".into(),
+        ));
     };
     let change = MemberChange::Set(role);
     let role = member_call(ctx, &caller, &library_id, &user_id, change, true).await?;
@@ -363,14 +365,9 @@ async fn member_call(
     change: MemberChange,
     apply: bool,
 ) -> Result<Option<String>, Error> {
-    let (caller, library, user) = (
-        caller.to_string(),
-        library_id.to_string(),
-        user_id.to_string(),
-    );
     let role = ctx
-        .db
-        .call(move |conn| db::change_member(conn, &caller, &library, &user, &change, apply))
+        .store
+        .change_member(caller, library_id, user_id, change, apply)
         .await?;
     if apply {
         ctx.revocation_nudge.now();
@@ -416,20 +413,7 @@ fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(with_ctx(ctx))
         .then(|ctx: Ctx| async move {
-            let db = ctx.db.clone();
-            let probe = ctx
-                .db
-                .call(move |conn| {
-                    // A fresh look at the file (one `stat`): a deleted
-                    // database still answers queries through SQLite's open
-                    // descriptors.
-                    db.check_file()?;
-                    conn.query_row("SELECT count(*) FROM portal_views", [], |r| {
-                        r.get::<_, i64>(0)
-                    })
-                    .map_err(Error::from)
-                })
-                .await;
+            let probe = ctx.store.ping().await;
             match probe {
                 Ok(_) => {
                     let mut body = json!({"status": "ok", "connections": ctx.hub.connections()});
@@ -468,7 +452,7 @@ fn get_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .and(with_token(ctx.clone()))
         .and(with_ctx(ctx))
         .then(|view_id: String, user_id: String, ctx: Ctx| async move {
-            match ctx.db.access_of(&user_id, &view_id).await {
+            match ctx.store.access(&user_id, &view_id).await {
                 Ok(access) => view_response(&ctx, &access.view),
                 Err(e) => error_response(&e),
             }
@@ -517,12 +501,8 @@ where
         return Err(Error::RateLimited);
     }
     // Not the state: a PATCH does not send it, and it may be large.
-    let grant = ctx.db.grant_of(&user_id, &view_id).await?;
-    if grant.role != Role::Controller {
-        return Err(Error::Forbidden(
-            "only controllers may change a portal view",
-        ));
-    }
+    let grant = ctx.store.grant(&user_id, &view_id).await?;
+    access::may_change_view(grant.role)?;
     let patch = json_object_body(headers, body, ctx.config.max_message_bytes).await?;
     let payload: Box<RawValue> = serde_json::value::to_raw_value(&patch)
         .map_err(|e| Error::Internal(format!("serializing a patch: {e}")))?;

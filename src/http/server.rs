@@ -21,13 +21,13 @@ use warp::http::{header, HeaderValue, StatusCode};
 use tokio::sync::{watch, Notify};
 
 use crate::config::Config;
-use crate::core::context::Ctx;
 use crate::domain::error::Error;
+use crate::http::context::Ctx;
+use crate::http::fdlimit;
 use crate::http::pending::{self, Pending, Ticket};
+use crate::http::routes;
 use crate::http::write_timeout::{Switch, WriteTimeout};
 use crate::http::ws::{self, PeerAddr, UpgradeSlot};
-use crate::http::fdlimit;
-use crate::http::routes;
 
 /// How long hyper waits for a request head, on a new connection and between
 /// keep-alive requests alike (hyper arms it whenever it reads a head).
@@ -62,7 +62,7 @@ pub async fn run(
 ) -> Result<(), Error> {
     let open_files = fdlimit::raise();
     let (stop, stopped) = watch::channel(false);
-    let ctx = Ctx::new(config, stopped).await?;
+    let ctx = Ctx::new(crate::engines::start(config, stopped).await?);
     let service = warp::service(routes::routes(ctx.clone()));
     let bound = ctx
         .config

@@ -22,17 +22,19 @@ use warp::reply::Response;
 use warp::sse::Event;
 use warp::{Filter, Reply};
 
-use crate::protocol::auth::Verified;
-use crate::core::context::Ctx;
-use crate::domain::error::Error;
 use crate::core::hub::{CloseRequest, Outbox, Outgoing};
+use crate::core::session::{
+    self, lock, Ended, Flow, Incoming, Link, Params, RateLimit, Sender, Session,
+};
+use crate::core::writer::{Answer, ReplyTo};
+use crate::domain::error::Error;
+use crate::http::context::Ctx;
 use crate::http::routes::{
     check_content_type, error_response, read_limited, token_expires, with_ctx, with_origin_check,
     with_verified,
 };
 use crate::http::server::ConnectionAbort;
-use crate::core::session::{self, lock, Ended, Flow, Incoming, Link, Params, RateLimit, Sender, Session};
-use crate::core::writer::{Answer, ReplyTo};
+use crate::protocol::auth::Verified;
 
 /// SPEC §7: a comment at least this often, whatever `--ping-interval` says.
 const KEEPALIVE_MAX: Duration = Duration::from_secs(15);
@@ -320,7 +322,7 @@ where
     let user_id = verified.user_id.as_str();
     // Not the state: a POST's answer never carries it (the server's own
     // sync-response reads it in the writer).
-    let grant = ctx.db.grant_of(user_id, &view_id).await?;
+    let grant = ctx.store.grant(user_id, &view_id).await?;
     let stream = match headers.get(CONNECTION_ID) {
         None => None,
         Some(value) => {

@@ -28,12 +28,12 @@ use warp::http::{header, HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
 
-use crate::core::context::Ctx;
-use crate::domain::error::Error;
-use crate::http::frames::Frames;
 use crate::core::hub::Outgoing;
-use crate::http::routes::{error_response, with_ctx, with_origin_check};
 use crate::core::session::{self, Incoming, Link, Params};
+use crate::domain::error::Error;
+use crate::http::context::Ctx;
+use crate::http::frames::Frames;
+use crate::http::routes::{error_response, with_ctx, with_origin_check};
 
 /// How long a close handshake may take before the TCP connection is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);

@@ -8,55 +8,10 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use tokio_tungstenite::tungstenite::Message;
 
+pub use crate::domain::access::Kind;
 use crate::domain::error::Error;
 use crate::domain::merge::Change;
 use crate::domain::model::{is_valid_id, Presence, Role};
-
-/// The client message types of SPEC §3.1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
-    Ping,
-    PortalViewUpdate,
-    ItemUpdate,
-    RequestSync,
-    SyncResponse,
-}
-
-/// SPEC §3.1's permission table, the only place it is written down:
-/// (type, controller may send, viewer may send).
-const PERMISSIONS: [(Kind, &str, bool, bool); 5] = [
-    (Kind::Ping, "ping", true, true),
-    (Kind::PortalViewUpdate, "portal-view-update", true, false),
-    (Kind::ItemUpdate, "item-update", true, false),
-    (Kind::RequestSync, "request-sync", false, true),
-    (Kind::SyncResponse, "sync-response", true, false),
-];
-
-impl Kind {
-    pub fn from_name(name: &str) -> Option<Kind> {
-        PERMISSIONS
-            .iter()
-            .find(|(_, n, _, _)| *n == name)
-            .map(|(k, ..)| *k)
-    }
-
-    pub fn name(self) -> &'static str {
-        PERMISSIONS
-            .iter()
-            .find(|(k, ..)| *k == self)
-            .map_or("", |(_, n, ..)| n)
-    }
-
-    pub fn allowed(self, role: Role) -> bool {
-        PERMISSIONS.iter().any(|&(k, _, controller, viewer)| {
-            k == self
-                && match role {
-                    Role::Controller => controller,
-                    Role::Viewer => viewer,
-                }
-        })
-    }
-}
 
 /// A checked client message, ready to apply.
 #[derive(Debug)]
@@ -134,12 +89,7 @@ pub fn parse(text: &str, role: Role) -> Result<Inbound, Refusal> {
     let Some(kind) = Kind::from_name(&envelope.ty) else {
         return Err(refuse(Error::UnknownType));
     };
-    if !kind.allowed(role) {
-        return Err(refuse(Error::Forbidden(match role {
-            Role::Controller => "controllers may not send this message type",
-            Role::Viewer => "viewers may not send this message type",
-        })));
-    }
+    kind.check(role).map_err(refuse)?;
     let command = command(kind, envelope.payload).map_err(refuse)?;
     Ok(Inbound { id, command })
 }
@@ -467,24 +417,6 @@ mod tests {
             Ok(_) => None,
             Err(Refusal::Unsupported) => Some("1003"),
             Err(Refusal::Reply { error, .. }) => Some(error.code()),
-        }
-    }
-
-    #[test]
-    fn permission_table() {
-        use Role::*;
-        let table = [
-            ("ping", true, true),
-            ("portal-view-update", true, false),
-            ("item-update", true, false),
-            ("request-sync", false, true),
-            ("sync-response", true, false),
-        ];
-        for (name, c, v) in table {
-            let kind = Kind::from_name(name).expect("known");
-            assert_eq!(kind.name(), name);
-            assert_eq!(kind.allowed(Controller), c, "{name} controller");
-            assert_eq!(kind.allowed(Viewer), v, "{name} viewer");
         }
     }
 

@@ -2,6 +2,8 @@
 //! outbound message rendered once (SPEC §3.1).
 
 pub mod auth;
+mod broadcast;
 mod messages;
 
+pub use broadcast::{Author, Via};
 pub use messages::*;

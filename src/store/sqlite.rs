@@ -1,8 +1,6 @@
-//! SQLite storage (SPEC §1): the pool, the schema, the handshake lookup, the
-//! batched state writes, and the administration the CLI offers.
-//!
-//! Everything here is blocking; async callers go through [`Db::call`], which runs
-//! the work on tokio's blocking pool with a pooled connection.
+//! The SQLite engine (SPEC §1): the pool, the schema, the handshake lookup,
+//! the batched state writes, and the administration the CLI offers. The only
+//! file that names `rusqlite`.
 //!
 //! It also owns the database *file*: created private (0600), and watched so
 //! that a file deleted or replaced under the running server stops it from
@@ -11,64 +9,45 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, Mutex, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use r2d2::Pool;
 use r2d2_sqlite::SqliteConnectionManager;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
-use serde::Serialize;
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tokio::sync::oneshot;
 
+pub use crate::config::Synchronous;
+use crate::domain::access::{self, LibraryRole, Standing};
 use crate::domain::error::Error;
-use crate::domain::merge::{json_len, Change};
-use crate::domain::model::{is_valid_id, Role};
+use crate::domain::merge::json_len;
+use crate::domain::model::is_valid_id;
+use crate::store::{
+    Access, Admin, Grant, LibraryRow, MemberChange, MemberRow, MembershipChange, Store, StoreOp,
+    Stored, StoredEvent, UserRow, ViewRow, ViewSummary, EVENTS_KEPT,
+};
 
 pub const SCHEMA: &str = include_str!("../../schema.sql");
 
-/// `PRAGMA synchronous` for the WAL: what an ack promises (see README "Durability").
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Synchronous {
-    /// fsync the WAL at every commit: an acked update survives power loss.
-    Full,
-    /// fsync only at checkpoints: an acked update survives a process crash
-    /// (kill -9), not a power loss.
-    Normal,
-}
-
-/// Pooled connections (the storage threads', plus the CLI's and tests').
+/// Pooled connections (the storage threads', the writer's, the CLI's).
 const POOL_SIZE: u32 = 8;
 
-/// Threads that run [`Db::call`] work. Two, so a handshake lookup never waits
-/// behind the writer's commit (WAL lets them read meanwhile), and no more: the
-/// work is short and the machine this targets has two cores.
-const STORAGE_THREADS: usize = 2;
-
-/// Blocking storage work queued for a storage thread.
-type Task = Box<dyn FnOnce(&Pool<SqliteConnectionManager>) + Send>;
-
-#[derive(Clone)]
-pub struct Db {
+/// The SQLite engine: a pool of connections to one file.
+pub struct SqliteStore {
     pool: Pool<SqliteConnectionManager>,
-    /// Work for the storage threads. A crowd of handshakes queues here and a busy
-    /// thread takes the next task without sleeping; `spawn_blocking` instead woke
-    /// a parked thread per call (a futex wake, a context switch each way), which
-    /// was most of a handshake's cost (see BENCHMARKS.md).
-    tasks: mpsc::Sender<Task>,
     /// The file as opened; `None` for an in-memory or URI database.
     file: Option<Arc<FileWatch>>,
 }
 
-impl Db {
+impl SqliteStore {
     /// Opens (creating if needed) the database file, switches it to WAL and
     /// applies the schema. Another process may have the file open too.
     ///
     /// A new file is created 0600 before SQLite sees it: states and member
     /// lists are nobody else's business, and SQLite gives the `-wal` and
     /// `-shm` files the database file's mode. An existing file keeps its mode.
-    pub fn open(path: &Path, synchronous: Synchronous) -> Result<Db, Error> {
+    pub fn open(path: &Path, synchronous: Synchronous) -> Result<SqliteStore, Error> {
         let on_disk = is_file_path(path);
         if on_disk {
             create_private(path)?;
@@ -94,21 +73,12 @@ impl Db {
         }
         conn.execute_batch(SCHEMA)?;
         drop(conn);
-        let (tasks, queue) = mpsc::channel::<Task>();
-        let queue = Arc::new(Mutex::new(queue));
-        for i in 0..STORAGE_THREADS {
-            let (queue, pool) = (queue.clone(), pool.clone());
-            std::thread::Builder::new()
-                .name(format!("storage-{i}"))
-                .spawn(move || storage_thread(&queue, &pool))
-                .map_err(|e| Error::Internal(format!("starting a storage thread: {e}")))?;
-        }
         let file = if on_disk {
             FileWatch::start(path)?
         } else {
             None
         };
-        Ok(Db { pool, tasks, file })
+        Ok(SqliteStore { pool, file })
     }
 
     /// Whether the database file is still the one opened: one `stat`. When it
@@ -119,61 +89,209 @@ impl Db {
         self.file.as_ref().map_or(Ok(()), |file| file.check())
     }
 
-    /// For the writer, before and after a batch's commit: `Some` (every op
-    /// refused) when the file is gone, so that nothing is written into it or
-    /// acknowledged, and each job fails the usual way (1011, 500) without
-    /// logging the cause again.
-    pub fn refuse_batch(&self, ops: usize) -> Option<Vec<Result<Stored, Error>>> {
+    /// Before and after a batch's commit: `Some` (every op refused) when the
+    /// file is gone, so that nothing is written into it or acknowledged, and
+    /// each job fails the usual way (1011, 500) without logging the cause again.
+    fn refuse_batch(&self, ops: usize) -> Option<Vec<Result<Stored, Error>>> {
         self.check_file().err()?;
         Some((0..ops).map(|_| Err(Error::DatabaseMissing)).collect())
     }
 
-    /// What the last look found, without a `stat`.
-    fn refuse_if_missing(&self) -> Result<(), Error> {
+    fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, Error> {
+        Ok(self.pool.get()?)
+    }
+}
+
+impl Store for SqliteStore {
+    fn access(&self, user_id: &str, view_id: &str) -> Result<Access, Error> {
+        access(&*self.conn()?, user_id, view_id)
+    }
+
+    fn grant(&self, user_id: &str, view_id: &str) -> Result<Grant, Error> {
+        grant(&*self.conn()?, user_id, view_id)
+    }
+
+    fn view(&self, view_id: &str) -> Result<Option<ViewRow>, Error> {
+        view(&*self.conn()?, view_id)
+    }
+
+    fn apply_batch(
+        &self,
+        ops: &[StoreOp],
+        max_state_bytes: usize,
+    ) -> Result<Vec<Result<Stored, Error>>, Error> {
+        if let Some(refused) = self.refuse_batch(ops.len()) {
+            return Ok(refused); // the database file is gone: write nothing
+        }
+        let stored = apply_batch(&mut *self.conn()?, ops, max_state_bytes)?;
+        // Nor ack if it went meanwhile.
+        Ok(self.refuse_batch(stored.len()).unwrap_or(stored))
+    }
+
+    fn events_between(&self, view_id: &str, from: i64, to: i64) -> Result<Vec<StoredEvent>, Error> {
+        events_between(&*self.conn()?, view_id, from, to)
+    }
+
+    fn versions(&self, view_ids: &[String]) -> Result<Vec<(String, i64)>, Error> {
+        versions(&*self.conn()?, view_ids)
+    }
+
+    fn membership_changes_start(&self) -> Result<i64, Error> {
+        membership_changes_start(&*self.conn()?)
+    }
+
+    fn membership_changes_since(&self, seq: i64) -> Result<Vec<MembershipChange>, Error> {
+        membership_changes_since(&*self.conn()?, seq)
+    }
+
+    fn change_member(
+        &self,
+        caller: &str,
+        library_id: &str,
+        user_id: &str,
+        change: &MemberChange,
+        apply: bool,
+    ) -> Result<Option<String>, Error> {
+        change_member(
+            &mut *self.conn()?,
+            caller,
+            library_id,
+            user_id,
+            change,
+            apply,
+        )
+    }
+
+    fn ping(&self) -> Result<(), Error> {
+        // A fresh look at the file (one `stat`): a deleted database still
+        // answers queries through SQLite's open descriptors.
+        self.check_file()?;
+        self.conn()?
+            .query_row("SELECT count(*) FROM portal_views", [], |r| {
+                r.get::<_, i64>(0)
+            })?;
+        Ok(())
+    }
+
+    fn unavailable(&self) -> Option<Error> {
         match &self.file {
-            Some(file) if file.missing.load(Ordering::Acquire) => Err(Error::DatabaseMissing),
-            _ => Ok(()),
+            Some(file) if file.missing.load(Ordering::Acquire) => Some(Error::DatabaseMissing),
+            _ => None,
         }
     }
 
-    /// Runs blocking storage work off the async threads, on a storage thread.
-    pub async fn call<T, F>(&self, f: F) -> Result<T, Error>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, Error> + Send + 'static,
-    {
-        self.refuse_if_missing()?;
-        let (tx, rx) = oneshot::channel();
-        let task: Task = Box::new(move |pool| {
-            let result = pool
-                .get()
-                .map_err(Error::from)
-                .and_then(|mut conn| f(&mut conn));
-            let _ = tx.send(result);
-        });
-        self.tasks
-            .send(task)
-            .map_err(|_| Error::Internal("storage closed".into()))?;
-        // A task that panicked dropped its sender.
-        rx.await
-            .map_err(|_| Error::Internal("storage task failed".into()))?
+    fn admin(&self) -> &dyn Admin {
+        self
+    }
+}
+
+impl Admin for SqliteStore {
+    fn add_user(&self, id: &str, email: &str, name: &str) -> Result<(), Error> {
+        add_user(&*self.conn()?, id, email, name)
     }
 
-    /// [`access`] on a storage thread: SPEC §3's user, view and access checks.
-    pub async fn access_of(&self, user_id: &str, view_id: &str) -> Result<Access, Error> {
-        let (user, view) = (user_id.to_string(), view_id.to_string());
-        self.call(move |conn| access(conn, &user, &view)).await
+    fn add_library(&self, id: &str, name: &str, owner_id: &str) -> Result<(), Error> {
+        add_library(&*self.conn()?, id, name, owner_id)
     }
 
-    /// [`grant`] on a storage thread: the same checks, without the state.
-    pub async fn grant_of(&self, user_id: &str, view_id: &str) -> Result<Grant, Error> {
-        let (user, view) = (user_id.to_string(), view_id.to_string());
-        self.call(move |conn| grant(conn, &user, &view)).await
+    fn set_member(
+        &self,
+        library_id: &str,
+        user_id: &str,
+        role: LibraryRole,
+    ) -> Result<Option<String>, Error> {
+        set_member(&*self.conn()?, library_id, user_id, role.as_str())
     }
 
-    /// A pooled connection for synchronous callers (the CLI, tests).
-    pub fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, Error> {
-        Ok(self.pool.get()?)
+    fn member_role(&self, library_id: &str, user_id: &str) -> Result<Option<String>, Error> {
+        member_role(&*self.conn()?, library_id, user_id)
+    }
+
+    fn remove_member(&self, library_id: &str, user_id: &str) -> Result<bool, Error> {
+        remove_member(&*self.conn()?, library_id, user_id)
+    }
+
+    fn add_view(
+        &self,
+        id: &str,
+        library_id: &str,
+        name: &str,
+        state: &Map<String, Value>,
+    ) -> Result<(), Error> {
+        add_view(&*self.conn()?, id, library_id, name, state)
+    }
+
+    fn user_exists(&self, user_id: &str) -> Result<bool, Error> {
+        user_exists(&*self.conn()?, user_id)
+    }
+
+    fn users(&self) -> Result<Vec<UserRow>, Error> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare("SELECT id, email, name FROM users ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(UserRow {
+                id: r.get(0)?,
+                email: r.get(1)?,
+                name: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn libraries(&self) -> Result<Vec<LibraryRow>, Error> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare("SELECT id, name, owner_id FROM libraries ORDER BY id")?;
+        let rows = stmt.query_map([], |r| {
+            Ok(LibraryRow {
+                id: r.get(0)?,
+                name: r.get(1)?,
+                owner_id: r.get(2)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn members(&self, library_id: &str) -> Result<Vec<MemberRow>, Error> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT user_id, role FROM library_members WHERE library_id = ?1 ORDER BY user_id",
+        )?;
+        let rows = stmt.query_map([library_id], |r| {
+            Ok(MemberRow {
+                user_id: r.get(0)?,
+                role: r.get(1)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn views(&self) -> Result<Vec<ViewSummary>, Error> {
+        let conn = self.conn()?;
+        let mut stmt = conn.prepare(
+            "SELECT id, library_id, name, version, updated_at FROM portal_views ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(ViewSummary {
+                id: r.get(0)?,
+                library_id: r.get(1)?,
+                name: r.get(2)?,
+                version: r.get(3)?,
+                updated_at: r.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+}
+
+impl From<rusqlite::Error> for Error {
+    fn from(e: rusqlite::Error) -> Self {
+        Error::Storage(e.to_string())
+    }
+}
+
+impl From<r2d2::Error> for Error {
+    fn from(e: r2d2::Error) -> Self {
+        Error::Storage(format!("pool: {e}"))
     }
 }
 
@@ -217,7 +335,7 @@ struct FileWatch {
 
 impl FileWatch {
     /// Records the identity and starts the background look, which ends once
-    /// every [`Db`] handle (and so this watch) is gone.
+    /// every [`SqliteStore`] (and so this watch) is gone.
     fn start(path: &Path) -> Result<Option<Arc<FileWatch>>, Error> {
         let Some(identity) = identity(path)? else {
             return Ok(None);
@@ -298,51 +416,6 @@ fn identity(path: &Path) -> Result<Option<(u64, u64)>, Error> {
     }
 }
 
-/// Takes tasks until every [`Db`] handle is gone. A panicking task is caught
-/// so the thread (and the storage of every other connection) lives on.
-fn storage_thread(queue: &Mutex<mpsc::Receiver<Task>>, pool: &Pool<SqliteConnectionManager>) {
-    loop {
-        let task = match queue.lock() {
-            Ok(rx) => rx.recv(),
-            Err(poisoned) => poisoned.into_inner().recv(),
-        };
-        let Ok(task) = task else { return };
-        if std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| task(pool))).is_err() {
-            log::error!("a storage task panicked");
-        }
-    }
-}
-
-/// A portal view as stored. `state` is kept as validated JSON text so it can be
-/// embedded in replies without a parse/serialize round trip.
-#[derive(Debug, Clone, Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ViewRow {
-    pub id: String,
-    pub library_id: String,
-    pub name: String,
-    pub state: Box<RawValue>,
-    pub version: i64,
-    pub updated_at: Option<String>,
-}
-
-/// The answer to "may this user see this view, and as what".
-#[derive(Debug)]
-pub struct Access {
-    pub role: Role,
-    pub view: ViewRow,
-}
-
-/// [`Access`] without the view's state, for routes that do not send it (a
-/// PATCH, a POST): reading a state of hundreds of kilobytes for every request
-/// on its view, refused ones included, was most of their cost.
-#[derive(Debug, Clone)]
-pub struct Grant {
-    pub role: Role,
-    pub library_id: String,
-    pub version: i64,
-}
-
 pub fn user_exists(conn: &Connection, user_id: &str) -> Result<bool, Error> {
     if !is_valid_id(user_id) {
         return Ok(false);
@@ -379,7 +452,11 @@ pub fn access(conn: &Connection, user_id: &str, view_id: &str) -> Result<Access,
     let Some((library_id, name, state, version, updated_at, owner_id, member_role)) = row else {
         return Err(Error::ViewNotFound);
     };
-    let role = role_of(user_id, owner_id.as_deref(), member_role.as_deref())?;
+    let role = access::required_role(
+        user_id,
+        owner_id.as_deref(),
+        member_role.as_deref().and_then(LibraryRole::parse),
+    )?;
     Ok(Access {
         role,
         view: ViewRow::from_columns(view_id, (library_id, name, state, version, updated_at))?,
@@ -396,15 +473,6 @@ fn known_user_and_view_id(conn: &Connection, user_id: &str, view_id: &str) -> Re
         return Err(Error::ViewNotFound);
     }
     Ok(())
-}
-
-/// The user's role from the view's library row and their member row.
-fn role_of(
-    user_id: &str,
-    owner_id: Option<&str>,
-    member_role: Option<&str>,
-) -> Result<Role, Error> {
-    Role::resolve(user_id, owner_id.unwrap_or_default(), member_role).ok_or(Error::AccessDenied)
 }
 
 /// [`access`] without reading the `state` column: same checks, same order.
@@ -430,42 +498,16 @@ pub fn grant(conn: &Connection, user_id: &str, view_id: &str) -> Result<Grant, E
     let Some((library_id, version, owner_id, member_role)) = row else {
         return Err(Error::ViewNotFound);
     };
-    let role = role_of(user_id, owner_id.as_deref(), member_role.as_deref())?;
+    let role = access::required_role(
+        user_id,
+        owner_id.as_deref(),
+        member_role.as_deref().and_then(LibraryRole::parse),
+    )?;
     Ok(Grant {
         role,
         library_id,
         version,
     })
-}
-
-/// Who asked for an op, which must still hold when it is applied (SPEC §4:
-/// access and the token are checked again then). Checked inside the write
-/// transaction, so no membership change can slip between check and write,
-/// and every route that writes gets the check without having to remember it.
-#[derive(Debug, Clone)]
-pub struct Requester {
-    pub user_id: Arc<str>,
-    /// Seconds since the epoch from which the token (its `exp` plus
-    /// `--jwt-leeway`) is expired.
-    pub expires_at: u64,
-    pub needs: Needs,
-}
-
-/// The role an op's requester must still have in the view's library.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Needs {
-    /// A state change: the library's owner, or an OWNER or EDITOR member.
-    Controller,
-    /// Any role at all (reading the state, as the server's own sync-response does).
-    Member,
-}
-
-/// What one batch learnt of a user in a library: whether the user exists,
-/// and their role there.
-#[derive(Clone, Copy)]
-enum Standing {
-    NoSuchUser,
-    Role(Option<Role>),
 }
 
 /// The user's standing in a library, read inside the caller's transaction.
@@ -485,28 +527,12 @@ fn standing_in(conn: &Connection, user_id: &str, library_id: &str) -> Result<Sta
         })
         .optional()?;
     Ok(Standing::Role(row.and_then(|(owner_id, member_role)| {
-        Role::resolve(user_id, &owner_id, member_role.as_deref())
+        access::role_in_library(
+            user_id,
+            Some(&owner_id),
+            member_role.as_deref().and_then(LibraryRole::parse),
+        )
     })))
-}
-
-impl Requester {
-    /// The refusal, if the requester may no longer do this: a token expired
-    /// (401), a user deleted (401, as for a token of an unknown user), no role
-    /// left (403 `ACCESS_DENIED`), or a controller downgraded to viewer (403
-    /// `FORBIDDEN`, as a viewer's PATCH is on arrival).
-    fn refusal(&self, now: u64, standing: Standing) -> Option<Error> {
-        if self.expires_at <= now {
-            return Some(Error::TokenExpired);
-        }
-        match (standing, self.needs) {
-            (Standing::NoSuchUser, _) => Some(Error::UnknownUser),
-            (Standing::Role(None), _) => Some(Error::AccessDenied),
-            (Standing::Role(Some(Role::Viewer)), Needs::Controller) => Some(Error::Forbidden(
-                "only controllers may change a portal view",
-            )),
-            (Standing::Role(Some(_)), _) => None,
-        }
-    }
 }
 
 /// Validates stored state text: another tool may have written anything.
@@ -560,59 +586,6 @@ fn select_view(conn: &Connection, view_id: &str) -> Result<Option<ViewColumns>, 
         .optional()?)
 }
 
-/// One unit of work for [`apply_batch`].
-#[derive(Debug)]
-pub struct StoreOp {
-    pub view_id: String,
-    /// `None` reads the view as of this point of the batch without changing it.
-    pub change: Option<Change>,
-    /// REST `If-Match`: the versions that may be current, or `None` for no condition.
-    pub if_match: Option<Vec<i64>>,
-    /// Return the whole row as of this op (REST answers, server sync-responses).
-    pub want_row: bool,
-    /// With Redis configured: the change's broadcast, stored in
-    /// `portal_view_events` in the same transaction, so that another node can
-    /// fill a gap in what Redis delivered (see `cluster`).
-    pub event: Option<EventTemplate>,
-    /// Who must still be allowed to do this when it is applied; `None` for
-    /// the server's own work.
-    pub requester: Option<Requester>,
-}
-
-/// What a change's broadcast is made of; rendered once its version is known.
-#[derive(Debug)]
-pub struct EventTemplate {
-    pub message_type: &'static str,
-    pub payload: Box<serde_json::value::RawValue>,
-    pub author: crate::core::writer::Author,
-    /// The node that committed it, so the sender's own socket is skipped.
-    pub node: std::sync::Arc<str>,
-}
-
-impl EventTemplate {
-    /// The broadcast frame's text, exactly as a single node would send it.
-    pub fn render(&self, version: i64) -> String {
-        self.author
-            .broadcast(self.message_type, &self.payload, version)
-            .into_text()
-            .map(|t| t.as_str().to_string())
-            .unwrap_or_default()
-    }
-}
-
-/// Stored broadcasts kept per view: enough to fill any gap a Redis hiccup
-/// leaves, small enough to stay cheap.
-pub const EVENTS_KEPT: i64 = 4096;
-
-/// One stored broadcast (see [`EventTemplate`]).
-#[derive(Debug, Clone)]
-pub struct StoredEvent {
-    pub version: i64,
-    pub node: String,
-    pub conn: Option<u64>,
-    pub message: String,
-}
-
 /// The stored broadcasts of a view with versions in `from..=to`, in order.
 pub fn events_between(
     conn: &Connection,
@@ -648,14 +621,6 @@ pub fn versions(conn: &Connection, view_ids: &[String]) -> Result<Vec<(String, i
         }
     }
     Ok(out)
-}
-
-#[derive(Debug)]
-pub struct Stored {
-    pub version: i64,
-    pub row: Option<ViewRow>,
-    /// The rendered broadcast, when the op carried an [`EventTemplate`].
-    pub event: Option<String>,
 }
 
 struct Loaded {
@@ -756,8 +721,8 @@ pub fn apply_batch(
             entry.updated_at = Some(now.clone());
             entry.dirty = true;
             if let Some(template) = &op.event {
-                let text = template.render(entry.version);
-                let conn_key = template.author.skips().map(|k| k as i64);
+                let text = (template.render)(entry.version);
+                let conn_key = template.conn.map(|k| k as i64);
                 tx.prepare_cached(
                     "INSERT OR REPLACE INTO portal_view_events (view_id, version, node, conn, message) \
                      VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -916,13 +881,6 @@ pub fn add_view(
     Ok(())
 }
 
-/// What `PUT`/`DELETE /api/libraries/{id}/members/{userId}` asks for.
-#[derive(Debug, Clone)]
-pub enum MemberChange {
-    Set(String),
-    Remove,
-}
-
 /// SPEC §4's membership routes, all checks and the change in one transaction:
 /// unknown caller (401), no such library (404), caller not an owner (403),
 /// no such user or not a member (404), the library's `owner_id` (409).
@@ -951,32 +909,19 @@ pub fn change_member(
         None
     };
     let owner = owner.ok_or(Error::NotFound("library not found"))?;
-    if caller != owner {
-        match member_role(&tx, library_id, caller)?.as_deref() {
-            Some("OWNER") => {}
-            Some(_) => {
-                return Err(Error::Forbidden(
-                    "only the library's owners may manage its members",
-                ))
-            }
-            None => return Err(Error::AccessDenied),
-        }
-    }
+    let caller_member = member_role(&tx, library_id, caller)?;
+    access::may_manage_members(caller, &owner, caller_member.as_deref())?;
     if !apply {
         return Ok(None);
     }
-    if user_id == owner {
-        return Err(Error::Conflict(
-            "the library's owner cannot be changed this way",
-        ));
-    }
+    access::may_change_member(user_id, &owner)?;
     let role = match change {
         MemberChange::Set(role) => {
             if !user_exists(&tx, user_id)? {
                 return Err(Error::NotFound("user not found"));
             }
-            set_member(&tx, library_id, user_id, role)?;
-            Some(role.clone())
+            set_member(&tx, library_id, user_id, role.as_str())?;
+            Some(role.as_str().to_string())
         }
         MemberChange::Remove => {
             if !remove_member(&tx, library_id, user_id)? {
@@ -987,14 +932,6 @@ pub fn change_member(
     };
     tx.commit()?;
     Ok(role)
-}
-
-/// A membership change recorded by the triggers of schema.sql.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MembershipChange {
-    pub seq: i64,
-    pub library_id: String,
-    pub user_id: String,
 }
 
 /// The newest recorded membership change (where a starting server begins
@@ -1028,39 +965,15 @@ pub fn membership_changes_since(
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// Rows of one table for the CLI's `list` commands, as (column, value) text.
-pub fn list(conn: &Connection, sql: &str, arg: Option<&str>) -> Result<Vec<Vec<String>>, Error> {
-    let mut stmt = conn.prepare(sql)?;
-    let columns = stmt.column_count();
-    let map = |r: &rusqlite::Row| {
-        (0..columns)
-            .map(|i| {
-                r.get::<_, Option<rusqlite::types::Value>>(i)
-                    .map(|v| match v {
-                        None | Some(rusqlite::types::Value::Null) => String::new(),
-                        Some(rusqlite::types::Value::Integer(i)) => i.to_string(),
-                        Some(rusqlite::types::Value::Real(f)) => f.to_string(),
-                        Some(rusqlite::types::Value::Text(t)) => t,
-                        Some(rusqlite::types::Value::Blob(_)) => "<blob>".into(),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()
-    };
-    let rows = match arg {
-        Some(a) => stmt.query_map([a], map)?.collect::<Result<Vec<_>, _>>()?,
-        None => stmt.query_map([], map)?.collect::<Result<Vec<_>, _>>()?,
-    };
-    Ok(rows)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::access::{Needs, Requester};
     use serde_json::json;
 
-    fn fixture() -> (tempfile::TempDir, Db) {
+    fn fixture() -> (tempfile::TempDir, SqliteStore) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let db = Db::open(&dir.path().join("t.db"), Synchronous::Normal).expect("open");
+        let db = SqliteStore::open(&dir.path().join("t.db"), Synchronous::Normal).expect("open");
         let c = db.conn().expect("conn");
         add_user(&c, "o", "o@x", "O").expect("user");
         add_user(&c, "v", "v@x", "V").expect("user");
@@ -1076,7 +989,7 @@ mod tests {
     fn schema_is_idempotent_and_access_follows_spec_order() {
         let (dir, db) = fixture();
         drop(db);
-        let db = Db::open(&dir.path().join("t.db"), Synchronous::Full).expect("reopen");
+        let db = SqliteStore::open(&dir.path().join("t.db"), Synchronous::Full).expect("reopen");
         let c = db.conn().expect("conn");
         assert_eq!(access(&c, "o", "pv").expect("owner").role, Role::Controller);
         assert_eq!(access(&c, "v", "pv").expect("viewer").role, Role::Viewer);
@@ -1157,16 +1070,13 @@ mod tests {
         let refused = db.refuse_batch(2).expect("refused while away");
         assert_eq!(refused.len(), 2);
         assert!(matches!(refused[0], Err(Error::DatabaseMissing)));
-        assert!(matches!(
-            db.call(|_| Ok(())).await,
-            Err(Error::DatabaseMissing)
-        ));
+        assert!(matches!(db.unavailable(), Some(Error::DatabaseMissing)));
         std::fs::write(&path, "").expect("another file");
         assert!(matches!(db.check_file(), Err(Error::DatabaseMissing)));
         std::fs::rename(&away, &path).expect("move back");
         assert!(db.check_file().is_ok());
         assert!(db.refuse_batch(1).is_none());
-        assert!(db.call(|_| Ok(())).await.is_ok());
+        assert!(db.unavailable().is_none());
     }
 
     /// Each op's result as its new version or its error code.
@@ -1352,7 +1262,7 @@ mod tests {
             .map(|t| {
                 let path = path.clone();
                 std::thread::spawn(move || {
-                    let db = Db::open(&path, Synchronous::Normal).expect("open");
+                    let db = SqliteStore::open(&path, Synchronous::Normal).expect("open");
                     let mut c = db.conn().expect("conn");
                     (0..50)
                         .map(|i| {
@@ -1380,7 +1290,7 @@ mod tests {
             .collect();
         versions.sort_unstable();
         assert_eq!(versions, (1..=200).collect::<Vec<i64>>());
-        let db = Db::open(&path, Synchronous::Normal).expect("open");
+        let db = SqliteStore::open(&path, Synchronous::Normal).expect("open");
         let stored = view(&db.conn().expect("conn"), "pv")
             .expect("read")
             .expect("row");

@@ -16,9 +16,9 @@ use serde_json::value::RawValue;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
+use crate::core::sync_requests::{Asked, SyncRequests, SyncTiming};
 use crate::domain::model::{Presence, Role};
 use crate::protocol;
-use crate::core::sync_requests::{Asked, SyncRequests, SyncTiming};
 
 /// Locks a mutex even if a thread panicked while holding it: the data under
 /// these locks stays consistent between statements, so a poisoned lock is

@@ -1,0 +1,32 @@
+//! The one place that picks the engines: the store from `--db`.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use tokio::sync::watch;
+
+use crate::config::{Config, Synchronous};
+use crate::core::context::Core;
+use crate::domain::error::Error;
+use crate::store::sqlite::SqliteStore;
+use crate::store::{Storage, Store};
+
+/// Opens the store `--db` names, for blocking callers (the CLI, tests).
+pub fn open(db: &Path, synchronous: Synchronous) -> Result<Arc<dyn Store>, Error> {
+    Ok(Arc::new(SqliteStore::open(db, synchronous)?))
+}
+
+/// Opens the configured store (blocking, so off the async threads) and its
+/// storage threads.
+pub async fn open_store(config: &Config) -> Result<Storage, Error> {
+    let path = config.db_path.clone();
+    let sync = config.sqlite_synchronous;
+    let store = tokio::task::spawn_blocking(move || open(&path, sync)).await??;
+    Storage::start(store)
+}
+
+/// Opens the engines and starts the live server on them.
+pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Core, Error> {
+    let store = open_store(&config).await?;
+    Core::new(config, store, shutdown)
+}
