@@ -509,7 +509,7 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
         assert!(admin.user_exists("alice").expect("read"));
         let users = admin.users().expect("users");
         let alice = users.iter().find(|u| u.id == "alice").expect("alice row");
-        let (email, name) = (alice.email.clone(), alice.name.clone());
+        let (email, name) = (&alice.email, &alice.name);
         assert_eq!(
             (email.as_str(), name.as_str()),
             ("alice@example.com", "Alice A")
@@ -519,7 +519,7 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
             .iter()
             .find(|l| l.id == "lib-1")
             .expect("library row");
-        let owner = library.owner_id.clone();
+        let owner = &library.owner_id;
         assert_eq!(owner, "alice");
         assert_eq!(
             admin.member_role("lib-1", "bob").expect("read").as_deref(),
