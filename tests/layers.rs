@@ -808,9 +808,10 @@ fn scan(file: &SrcFile, collected: &Collected, map: &Map) -> Scan {
             });
         }
     };
-    // Names a `use` bound to a module of the crate (`use crate::broker::redis;`
-    // makes `redis::Cluster` ours, not the redis crate's).
-    let mut ours = BTreeSet::new();
+    // Names a `use` bound to a path of the crate: `use crate::broker::redis;`
+    // makes `redis::Cluster` ours (not the redis crate's), and an edge to
+    // where `crate::broker::redis::Cluster` lands.
+    let mut ours: BTreeMap<String, Module> = BTreeMap::new();
     for found in &collected.found {
         let Found::Use {
             segs,
@@ -826,7 +827,7 @@ fn scan(file: &SrcFile, collected: &Collected, map: &Map) -> Scan {
         match resolve(file, current, segs, &map.modules) {
             Some(path) => {
                 if let Some(bound) = bound {
-                    ours.insert(bound.clone());
+                    ours.insert(bound.clone(), path.clone());
                 }
                 let facade = *public
                     && *top
@@ -858,10 +859,14 @@ fn scan(file: &SrcFile, collected: &Collected, map: &Map) -> Scan {
         else {
             continue;
         };
-        match resolve(file, current, segs, &map.modules) {
+        let path = resolve(file, current, segs, &map.modules).or_else(|| {
+            let mut path = ours.get(&segs[0])?.clone();
+            path.extend(segs[1..].iter().cloned());
+            Some(path)
+        });
+        match path {
             Some(path) => edge(&path, *line, segs, &mut out),
-            None if !ours.contains(&segs[0]) => out.named.push((segs[0].clone(), *line)),
-            None => {}
+            None => out.named.push((segs[0].clone(), *line)),
         }
     }
     out.imports.sort_by_key(|i| i.line);
@@ -1030,26 +1035,34 @@ fn no_import_reaches_up_a_layer() {
             ));
             continue;
         };
+        // One line per (file, module reached), naming its first import.
+        let mut seen: BTreeMap<&Module, (&Import, usize)> = BTreeMap::new();
         for import in &tree.scans[f].imports {
-            let to = name(&import.to);
-            match rank(&to) {
-                Some(to_rank) if to_rank > from_rank => {
-                    let advice = if import.to.is_empty() {
-                        "name the item where it is defined (e.g. crate::domain::error::Error), \
-                         not through lib.rs's re-export"
-                    } else {
-                        "move what is shared down a layer, or have the upper layer hand it in \
-                         (a trait in the lower layer, implemented above)"
-                    };
-                    problems.push(format!(
-                        "{} imports `{}` (module {to}, layer {to_rank}) from {from} (layer \
-                         {from_rank}): {advice}",
-                        tree.at(f, import),
-                        import.written
-                    ));
-                }
-                _ => {}
+            let up = rank(&name(&import.to)).is_some_and(|r| r > from_rank);
+            if up {
+                seen.entry(&import.to).or_insert((import, 0)).1 += 1;
             }
+        }
+        for (to, (import, count)) in seen {
+            let to_rank = rank(&name(to)).unwrap_or(TOP);
+            let advice = if to.is_empty() {
+                "name the item where it is defined (e.g. crate::domain::error::Error), \
+                 not through lib.rs's re-export"
+            } else {
+                "move what is shared down a layer, or have the upper layer hand it in \
+                 (a trait in the lower layer, implemented above)"
+            };
+            let more = match count {
+                1 => String::new(),
+                n => format!(" (and {} more use(s) of it)", n - 1),
+            };
+            problems.push(format!(
+                "{} imports `{}`{more}: module {} (layer {to_rank}) from {from} (layer \
+                 {from_rank}); {advice}",
+                tree.at(f, import),
+                import.written,
+                name(to)
+            ));
         }
     }
     fail_on(
@@ -1312,6 +1325,7 @@ mod tests {
         (3, "super::d", "d"),
         (4, "child::Something", "x::child"),
         (6, "crate::e", "e"),
+        (13, "renamed::go", "e::f"),
         (14, "crate::e::go", "e::f"),
         (21, "super::super::a::Outer", "a"),
     ]
