@@ -661,7 +661,7 @@ fn collect(file: &SrcFile) -> Collected {
                 if inline.last().is_some_and(|&(_, d)| d == depth) {
                     inline.pop();
                 }
-                depth -= 1;
+                depth = depth.saturating_sub(1);
                 k += 1;
             }
             Tok::Ident(w) if w == "mod" && path_start => {
