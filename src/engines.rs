@@ -21,7 +21,9 @@ pub fn open(db: &Path, synchronous: Synchronous) -> Result<Arc<dyn Store>, Error
 pub async fn open_store(config: &Config) -> Result<Storage, Error> {
     let path = config.db_path.clone();
     let sync = config.sqlite_synchronous;
-    let store = tokio::task::spawn_blocking(move || open(&path, sync)).await??;
+    let store = tokio::task::spawn_blocking(move || open(&path, sync))
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task failed: {e}")))??;
     Storage::start(store)
 }
 

@@ -43,7 +43,7 @@ impl LibraryRole {
 /// SPEC §1 "Role": the library's owner or an OWNER/EDITOR member controls; a
 /// VIEWER member views; anyone else has no access (`None`). `owner_id` is
 /// `None` when the view's library row is missing.
-pub fn role_in_library(
+pub(crate) fn role_in_library(
     user_id: &str,
     owner_id: Option<&str>,
     member: Option<LibraryRole>,
@@ -59,7 +59,7 @@ pub fn role_in_library(
 
 /// [`role_in_library`] as the handshake and REST reads need it: no role is
 /// 403 `ACCESS_DENIED`.
-pub fn required_role(
+pub(crate) fn required_role(
     user_id: &str,
     owner_id: Option<&str>,
     member: Option<LibraryRole>,
@@ -69,7 +69,7 @@ pub fn required_role(
 
 /// The client message types of SPEC §3.1.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kind {
+pub(crate) enum Kind {
     Ping,
     PortalViewUpdate,
     ItemUpdate,
@@ -88,21 +88,21 @@ const PERMISSIONS: [(Kind, &str, bool, bool); 5] = [
 ];
 
 impl Kind {
-    pub fn from_name(name: &str) -> Option<Kind> {
+    pub(crate) fn from_name(name: &str) -> Option<Kind> {
         PERMISSIONS
             .iter()
             .find(|(_, n, _, _)| *n == name)
             .map(|(k, ..)| *k)
     }
 
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         PERMISSIONS
             .iter()
             .find(|(k, ..)| *k == self)
             .map_or("", |(_, n, ..)| n)
     }
 
-    pub fn allowed(self, role: Role) -> bool {
+    pub(crate) fn allowed(self, role: Role) -> bool {
         PERMISSIONS.iter().any(|&(k, _, controller, viewer)| {
             k == self
                 && match role {
@@ -113,7 +113,7 @@ impl Kind {
     }
 
     /// A message this role may not send: 403 `FORBIDDEN`, the socket kept open.
-    pub fn check(self, role: Role) -> Result<(), Error> {
+    pub(crate) fn check(self, role: Role) -> Result<(), Error> {
         if self.allowed(role) {
             return Ok(());
         }
@@ -125,7 +125,7 @@ impl Kind {
 }
 
 /// SPEC §4 PATCH (and every state change when applied): only controllers.
-pub fn may_change_view(role: Role) -> Result<(), Error> {
+pub(crate) fn may_change_view(role: Role) -> Result<(), Error> {
     match role {
         Role::Controller => Ok(()),
         Role::Viewer => Err(Error::Forbidden(
@@ -138,7 +138,7 @@ pub fn may_change_view(role: Role) -> Result<(), Error> {
 /// manage its members; another member is 403 `FORBIDDEN`, anyone else 403
 /// `ACCESS_DENIED`. `caller_member` is the caller's stored role text, if any
 /// (a row whose text is not a role still makes the caller a member).
-pub fn may_manage_members(
+pub(crate) fn may_manage_members(
     caller: &str,
     owner_id: &str,
     caller_member: Option<&str>,
@@ -156,7 +156,7 @@ pub fn may_manage_members(
 }
 
 /// The library's owner (its `owner_id`) is not a member row: 409.
-pub fn may_change_member(user_id: &str, owner_id: &str) -> Result<(), Error> {
+pub(crate) fn may_change_member(user_id: &str, owner_id: &str) -> Result<(), Error> {
     if user_id == owner_id {
         Err(Error::Conflict(
             "the library's owner cannot be changed this way",

@@ -1,13 +1,12 @@
-//! One error type for the whole server, and the three faces it shows clients: an
-//! HTTP status with a JSON body, a WebSocket close code with a reason, or an
-//! `error` reply that keeps the socket open.
+//! One error type for the whole server, and the faces every transport shares:
+//! a machine-readable code, the message a client is shown, a WebSocket close
+//! code, and whether a message's refusal keeps the socket open. The HTTP face
+//! (status, JSON body) is `http::error`'s.
 //!
 //! The cause of an internal error is logged; the client only ever sees
 //! `internal error`.
 
 use std::fmt;
-
-use warp::http::StatusCode;
 
 #[derive(Debug)]
 pub enum Error {
@@ -51,37 +50,15 @@ pub enum Error {
     Storage(String),
     Internal(String),
     /// The database file was deleted or replaced under the running server
-    /// (`db::Db::check_file`): a storage failure, logged once where it is
+    /// (the SQLite engine's `check_file`): a storage failure, logged once where it is
     /// noticed rather than once per refused request.
     DatabaseMissing,
 }
 
 impl Error {
-    pub fn status(&self) -> StatusCode {
-        match self {
-            Error::InvalidToken | Error::TokenExpired | Error::UnknownUser => {
-                StatusCode::UNAUTHORIZED
-            }
-            Error::ViewNotFound | Error::NotFound(_) => StatusCode::NOT_FOUND,
-            Error::AccessDenied
-            | Error::AccessRevoked
-            | Error::Forbidden(_)
-            | Error::ForbiddenOrigin => StatusCode::FORBIDDEN,
-            Error::TooManyConnections | Error::RateLimited => StatusCode::TOO_MANY_REQUESTS,
-            Error::UnknownType | Error::BadRequest(_) => StatusCode::BAD_REQUEST,
-            Error::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
-            Error::PayloadTooLarge | Error::StateTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
-            Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Error::Conflict(_) => StatusCode::CONFLICT,
-            Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
-            Error::Storage(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
-            Error::DatabaseMissing => StatusCode::INTERNAL_SERVER_ERROR,
-        }
-    }
-
     /// The WebSocket close code (SPEC §3): 1008 for policy refusals, 1011 for
     /// anything that is our fault.
-    pub fn close_code(&self) -> u16 {
+    pub(crate) fn close_code(&self) -> u16 {
         match self {
             Error::Storage(_) | Error::Internal(_) => 1011,
             Error::DatabaseMissing => 1011,
@@ -151,7 +128,7 @@ impl Error {
     /// A refusal at apply time that a client message is answered with, the
     /// socket kept open (SPEC §3.1: `state too large` is a `BAD_REQUEST`);
     /// `None` for a failure that ends the sender's connection.
-    pub fn as_message_refusal(&self) -> Option<Error> {
+    pub(crate) fn as_message_refusal(&self) -> Option<Error> {
         match self {
             Error::StateTooLarge { .. } => Some(Error::BadRequest(self.client_message())),
             _ => None,
@@ -159,7 +136,7 @@ impl Error {
     }
 
     /// Logs internal causes once, where they are turned into a client answer.
-    pub fn log(&self, context: &str) {
+    pub(crate) fn log(&self, context: &str) {
         match self {
             Error::Storage(cause) | Error::Internal(cause) => {
                 log::error!("{context}: {cause}")
@@ -181,11 +158,3 @@ impl fmt::Display for Error {
 }
 
 impl std::error::Error for Error {}
-
-impl warp::reject::Reject for Error {}
-
-impl From<tokio::task::JoinError> for Error {
-    fn from(e: tokio::task::JoinError) -> Self {
-        Error::Internal(format!("blocking task failed: {e}"))
-    }
-}

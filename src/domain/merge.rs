@@ -3,6 +3,8 @@
 
 use serde_json::{Map, Value};
 
+use crate::domain::error::Error;
+
 /// Applies `patch` to `target` in place, exactly as RFC 7386 §2 describes: an
 /// object patch merges key by key (`null` deletes, and a non-object target is
 /// first replaced by `{}`); any other patch replaces the target.
@@ -10,16 +12,15 @@ use serde_json::{Map, Value};
 /// Recursion depth is bounded by the patch's depth, which serde_json's parser
 /// already caps at 128.
 pub fn merge_patch(target: &mut Value, patch: &Value) {
-    let Value::Object(patch) = patch else {
-        *target = patch.clone();
-        return;
-    };
-    if !target.is_object() {
-        *target = Value::Object(Map::new());
+    match patch {
+        Value::Object(patch) => merge_object(as_object(target), patch),
+        _ => *target = patch.clone(),
     }
-    let Value::Object(target) = target else {
-        unreachable!("target was just made an object")
-    };
+}
+
+/// [`merge_patch`] of an object patch into an object: the one loop every
+/// kind of change runs.
+fn merge_object(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
     for (key, value) in patch {
         if value.is_null() {
             target.remove(key);
@@ -29,14 +30,26 @@ pub fn merge_patch(target: &mut Value, patch: &Value) {
     }
 }
 
+/// RFC 7386: an object patch first replaces a target that is not an object
+/// with `{}`.
+fn as_object(target: &mut Value) -> &mut Map<String, Value> {
+    if !target.is_object() {
+        *target = Value::Object(Map::new());
+    }
+    match target {
+        Value::Object(map) => map,
+        _ => unreachable!("target was just made an object"),
+    }
+}
+
 /// How deep a portal view's state may nest (the state object is level 1).
 /// serde_json reads at most 128 levels, and every message that carries the
 /// state wraps it one or two levels deeper, so a state much deeper than this
 /// could be stored but never read back, by the server or its clients.
-pub const MAX_STATE_DEPTH: usize = 64;
+pub(crate) const MAX_STATE_DEPTH: usize = 64;
 
 /// Levels of nesting: a scalar is 0, `{}` or `[]` is 1.
-pub fn depth(value: &Value) -> usize {
+pub(crate) fn depth(value: &Value) -> usize {
     match value {
         Value::Object(map) => 1 + map.values().map(depth).max().unwrap_or(0),
         Value::Array(items) => 1 + items.iter().map(depth).max().unwrap_or(0),
@@ -125,7 +138,7 @@ pub enum Change {
 impl Change {
     /// How deep the state gets where this change lands: an item's patch sits
     /// two levels below the state (`state.items[id]`).
-    pub fn depth(&self) -> usize {
+    pub(crate) fn depth(&self) -> usize {
         match self {
             Change::Merge(map) | Change::Replace(map) => object_depth(map),
             Change::Item { patch, .. } => 2 + object_depth(patch),
@@ -134,9 +147,9 @@ impl Change {
 
     /// Refuses a change that would nest the state deeper than
     /// [`MAX_STATE_DEPTH`].
-    pub fn check_depth(&self) -> Result<(), crate::Error> {
+    pub(crate) fn check_depth(&self) -> Result<(), Error> {
         if self.depth() > MAX_STATE_DEPTH {
-            return Err(crate::Error::BadRequest(format!(
+            return Err(Error::BadRequest(format!(
                 "payload nested too deeply: a state may be at most {MAX_STATE_DEPTH} levels deep"
             )));
         }
@@ -144,7 +157,7 @@ impl Change {
     }
 
     /// The message type that carries this change on the wire.
-    pub fn message_type(&self) -> &'static str {
+    pub(crate) fn message_type(&self) -> &'static str {
         match self {
             Change::Merge(_) => "portal-view-update",
             Change::Item { .. } => "item-update",
@@ -165,7 +178,7 @@ impl Change {
     /// size by that entry's difference and at most one comma. The only other
     /// cost is measuring what the change removes or replaces, which a change
     /// can do only once to each stored byte.
-    pub fn len_after(&self, state: &Map<String, Value>, len: usize) -> usize {
+    pub(crate) fn len_after(&self, state: &Map<String, Value>, len: usize) -> usize {
         let delta = match self {
             Change::Merge(patch) => map_delta(state, patch),
             Change::Item { item_id, patch } => item_delta(state, item_id, patch),
@@ -178,27 +191,11 @@ impl Change {
     /// Applies the change to a state that is always kept a JSON object.
     pub fn apply(&self, state: &mut Map<String, Value>) {
         match self {
-            Change::Merge(patch) => {
-                for (key, value) in patch {
-                    if value.is_null() {
-                        state.remove(key);
-                    } else {
-                        merge_patch(state.entry(key.as_str()).or_insert(Value::Null), value);
-                    }
-                }
-            }
+            Change::Merge(patch) => merge_object(state, patch),
             Change::Item { item_id, patch } => {
-                let items = state
-                    .entry("items")
-                    .or_insert_with(|| Value::Object(Map::new()));
-                if !items.is_object() {
-                    *items = Value::Object(Map::new());
-                }
-                let Value::Object(items) = items else {
-                    unreachable!("items was just made an object")
-                };
-                let item = items.entry(item_id.as_str()).or_insert(Value::Null);
-                merge_patch(item, &Value::Object(patch.clone()));
+                let items = as_object(state.entry("items").or_insert(Value::Null));
+                let item = as_object(items.entry(item_id.as_str()).or_insert(Value::Null));
+                merge_object(item, patch);
             }
             Change::Replace(new_state) => *state = new_state.clone(),
         }
@@ -207,7 +204,7 @@ impl Change {
 
 /// The length of `value` serialized as the state column stores it (compact
 /// serde_json), counted without building the text.
-pub fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
+pub(crate) fn json_len<T: serde::Serialize + ?Sized>(value: &T) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {

@@ -19,15 +19,6 @@ pub enum Role {
     Viewer,
 }
 
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Controller => "controller",
-            Role::Viewer => "viewer",
-        }
-    }
-}
-
 /// Presence counts people, not tabs (SPEC §3.3).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct Presence {

@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 
 use crate::core::context::Core;
 use crate::core::rest_rate::UserRates;
-use crate::http::sse::Streams;
+use crate::http::streams::Streams;
 
 /// Cheap to clone: one `Arc`.
 #[derive(Clone)]

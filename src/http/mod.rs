@@ -1,14 +1,19 @@
-//! HTTP: the accept loop, the router and its error mapping, REST, WebSocket,
-//! SSE + POST, the pages.
+//! HTTP: the accept loop, the router, REST, WebSocket, SSE + POST, the pages,
+//! and the HTTP face of errors. Embedders use `server` (`bind`, `run`); the
+//! rest is the crate's own.
 
-pub mod context;
-pub mod fdlimit;
-pub mod frames;
-pub mod origin;
-pub mod pending;
-pub mod routes;
+mod context;
+mod error;
+mod fdlimit;
+mod filters;
+mod frames;
+mod origin;
+mod pending;
+mod rest;
+mod router;
 pub mod server;
-pub mod sse;
+mod sse;
+mod streams;
 pub mod web;
-pub mod write_timeout;
-pub mod ws;
+mod write_timeout;
+mod ws;

@@ -92,7 +92,8 @@ impl Pending {
         }
     }
 
-    pub fn waiting(&self) -> usize {
+    #[cfg(test)]
+    fn waiting(&self) -> usize {
         self.lock().by_age.len()
     }
 

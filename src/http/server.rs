@@ -18,16 +18,18 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use warp::http::{header, HeaderValue, StatusCode};
 
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 
 use crate::config::Config;
 use crate::domain::error::Error;
 use crate::http::context::Ctx;
+use crate::http::error::error_response;
 use crate::http::fdlimit;
 use crate::http::pending::{self, Pending, Ticket};
-use crate::http::routes;
+use crate::http::router;
+use crate::http::sse::ConnectionAbort;
 use crate::http::write_timeout::{Switch, WriteTimeout};
-use crate::http::ws::{self, PeerAddr, UpgradeSlot};
+use crate::http::ws::{self, UpgradeSlot};
 
 /// How long hyper waits for a request head, on a new connection and between
 /// keep-alive requests alike (hyper arms it whenever it reads a head).
@@ -63,7 +65,7 @@ pub async fn run(
     let open_files = fdlimit::raise();
     let (stop, stopped) = watch::channel(false);
     let ctx = Ctx::new(crate::engines::start(config, stopped).await?);
-    let service = warp::service(routes::routes(ctx.clone()));
+    let service = warp::service(router::routes(ctx.clone()));
     let bound = ctx
         .config
         .max_pending_conns
@@ -169,19 +171,6 @@ impl AcceptErrors {
     }
 }
 
-/// Lets a request's handler drop its TCP connection. An SSE session whose
-/// peer stopped reading needs it: hyper, stuck writing to that peer, would
-/// hold the connection for as long as the peer keeps it open.
-#[derive(Clone, Default)]
-pub struct ConnectionAbort(Arc<Notify>);
-
-impl ConnectionAbort {
-    pub fn abort(&self) {
-        // A stored permit: the connection sees it even if not yet waiting.
-        self.0.notify_one();
-    }
-}
-
 async fn serve_connection<S>(
     ctx: Ctx,
     stream: TcpStream,
@@ -217,7 +206,6 @@ async fn serve_connection<S>(
                 let on_upgrade = hyper::upgrade::on(&mut req);
                 req.extensions_mut().insert(UpgradeSlot::new(on_upgrade));
             }
-            req.extensions_mut().insert(PeerAddr(peer));
             req.extensions_mut().insert(handle.clone());
             req
         });
@@ -229,7 +217,7 @@ async fn serve_connection<S>(
                 Err(e) => {
                     // A head this malformed says nothing good about the
                     // bytes after it: answer, then close.
-                    let mut response = routes::error_response(&e);
+                    let mut response = error_response(&e);
                     response
                         .headers_mut()
                         .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -245,7 +233,7 @@ async fn serve_connection<S>(
         .serve_connection(TokioIo::new(io), hyper_service)
         .with_upgrades();
     tokio::pin!(conn);
-    let aborted = abort.0.notified();
+    let aborted = abort.aborted();
     tokio::pin!(aborted);
     let evicted = ticket.evicted();
     tokio::pin!(evicted);

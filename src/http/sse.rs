@@ -4,17 +4,18 @@
 //! the checks, presence, limits, ordering, expiry, revocation, shutdown and
 //! the permission table are not repeated here, only the framing is.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::convert::Infallible;
 use std::pin::Pin;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Buf;
 use futures::Stream;
 use serde::Deserialize;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::futures::Notified;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_tungstenite::tungstenite::Message;
 use warp::filters::BoxedFilter;
 use warp::http::{HeaderMap, HeaderValue, StatusCode};
@@ -22,18 +23,14 @@ use warp::reply::Response;
 use warp::sse::Event;
 use warp::{Filter, Reply};
 
-use crate::core::hub::{CloseRequest, Outbox, Outgoing};
-use crate::core::session::{
-    self, lock, Ended, Flow, Incoming, Link, Params, RateLimit, Sender, Session,
-};
+use crate::core::hub::{CloseRequest, Outgoing};
+use crate::core::session::{self, lock, Ended, Flow, Incoming, Link, Params, Sender};
 use crate::core::writer::{Answer, ReplyTo};
 use crate::domain::error::Error;
 use crate::http::context::Ctx;
-use crate::http::routes::{
-    check_content_type, error_response, read_limited, token_expires, with_ctx, with_origin_check,
-    with_verified,
-};
-use crate::http::server::ConnectionAbort;
+use crate::http::error::{self, error_response};
+use crate::http::filters::{token_expires, with_ctx, with_origin_check, with_verified};
+use crate::http::rest::{check_content_type, read_limited};
 use crate::protocol::auth::Verified;
 
 /// SPEC §7: a comment at least this often, whatever `--ping-interval` says.
@@ -47,58 +44,21 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// The header that names a POST's own SSE stream.
 const CONNECTION_ID: &str = "x-connection-id";
 
-/// This node's open SSE streams by connection id, so that a POST's
-/// `X-Connection-Id` can name its sender. (A POST that names none counts
-/// against its user's REST bucket, `rest_rate`.)
-///
-/// `std::sync::Mutex`: each critical section is one map operation and nothing
-/// is awaited while a lock is held (see `hub.rs`).
-#[derive(Default)]
-pub struct Streams {
-    by_id: Mutex<HashMap<Arc<str>, StreamEntry>>,
-}
+/// Lets a request's handler drop its TCP connection. An SSE session whose
+/// peer stopped reading needs it: hyper, stuck writing to that peer, would
+/// hold the connection for as long as the peer keeps it open.
+#[derive(Clone, Default)]
+pub(crate) struct ConnectionAbort(Arc<Notify>);
 
-/// What a POST needs of the stream it names.
-#[derive(Clone)]
-struct StreamEntry {
-    sender: Sender,
-    outbox: Arc<Outbox>,
-    rate: Arc<Mutex<RateLimit>>,
-}
-
-/// Removes a stream from [`Streams`] when its session ends.
-struct Registration {
-    ctx: Ctx,
-    connection_id: Arc<str>,
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        lock(&self.ctx.streams.by_id).remove(&self.connection_id);
-    }
-}
-
-impl Streams {
-    fn register(&self, ctx: &Ctx, session: &Session) -> Registration {
-        let connection_id = session.connection_id().clone();
-        let entry = StreamEntry {
-            sender: session.sender.clone(),
-            outbox: session.outbox.clone(),
-            rate: session.rate.clone(),
-        };
-        lock(&self.by_id).insert(connection_id.clone(), entry);
-        Registration {
-            ctx: ctx.clone(),
-            connection_id,
-        }
+impl ConnectionAbort {
+    pub(crate) fn abort(&self) {
+        // A stored permit: the connection sees it even if not yet waiting.
+        self.0.notify_one();
     }
 
-    /// The stream `connection_id` if it is `user_id`'s, on `view_id`.
-    fn find(&self, connection_id: &str, user_id: &str, view_id: &str) -> Option<StreamEntry> {
-        let streams = lock(&self.by_id);
-        let entry = streams.get(connection_id)?;
-        (&*entry.sender.user_id == user_id && &*entry.sender.view_id == view_id)
-            .then(|| entry.clone())
+    /// Resolves once a handler has asked for the connection to be dropped.
+    pub(crate) fn aborted(&self) -> Notified<'_> {
+        self.0.notified()
     }
 }
 
@@ -142,7 +102,7 @@ async fn open(ctx: Ctx, params: Params, abort: Option<ConnectionAbort>) -> Resul
         stuck: false,
     };
     let heartbeat = ctx.config.ping_interval.min(KEEPALIVE_MAX);
-    let registration = ctx.streams.register(&ctx, &session);
+    let registration = ctx.streams.register(&session);
     let live = ctx.session_guard();
     tokio::spawn(async move {
         let _live = live;
@@ -384,7 +344,7 @@ fn answer_response(answer: Answer) -> Response {
         Answer::Reply(Some(msg)) => (StatusCode::OK, msg),
         Answer::Reply(None) => (StatusCode::OK, Message::text("{}")),
         Answer::Refused { error, id } => (
-            error.status(),
+            error::status(&error),
             crate::protocol::error(&error, id.as_deref()),
         ),
         Answer::Failed(e) => return error_response(&e),

@@ -11,16 +11,16 @@ use warp::reply::Response;
 use warp::Filter;
 
 use crate::domain::error::Error;
-use crate::http::routes::error_response;
+use crate::http::error::error_response;
 
 /// One embedded file.
-pub struct Asset {
-    pub name: &'static str,
-    pub content_type: &'static str,
-    pub body: &'static [u8],
+pub(crate) struct Asset {
+    pub(crate) name: &'static str,
+    pub(crate) content_type: &'static str,
+    pub(crate) body: &'static [u8],
     /// FNV-1a of the body, computed at compile time: a validator that changes
     /// exactly when the file does, so browsers revalidate cheaply (304).
-    pub hash: u64,
+    pub(crate) hash: u64,
 }
 
 const HTML: &str = "text/html; charset=utf-8";
@@ -39,12 +39,12 @@ macro_rules! asset {
     };
 }
 
-pub const INDEX: Asset = asset!("index.html", HTML);
-pub const PRESENTER: Asset = asset!("presenter.html", HTML);
-pub const VIEWER: Asset = asset!("viewer.html", HTML);
+pub(crate) const INDEX: Asset = asset!("index.html", HTML);
+pub(crate) const PRESENTER: Asset = asset!("presenter.html", HTML);
+pub(crate) const VIEWER: Asset = asset!("viewer.html", HTML);
 
 /// Everything under `/assets/`, by exact name.
-pub const ASSETS: [Asset; 7] = [
+pub(crate) const ASSETS: [Asset; 7] = [
     asset!("client.js", JS),
     asset!("app.js", JS),
     asset!("index.js", JS),
@@ -74,7 +74,7 @@ const fn fnv1a(bytes: &[u8]) -> u64 {
 }
 
 /// The page and asset routes.
-pub fn routes() -> BoxedFilter<(Response,)> {
+pub(crate) fn routes() -> BoxedFilter<(Response,)> {
     index()
         .or(presenter())
         .unify()
@@ -195,7 +195,7 @@ fn security_headers(response: &mut Response) {
 
 /// The presenter and viewer links `portal-sync demo` prints: the token rides
 /// in the fragment (`#token=…`), which never reaches the server or its logs.
-pub fn page_url(base: &str, page: &str, token: &str, view: &str) -> String {
+pub(crate) fn page_url(base: &str, page: &str, token: &str, view: &str) -> String {
     format!("{base}/{page}#token={token}&view={view}")
 }
 

@@ -7,7 +7,6 @@
 //! filters that answer 101 and hand the upgraded socket to a session.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,8 +31,9 @@ use crate::core::hub::Outgoing;
 use crate::core::session::{self, Incoming, Link, Params};
 use crate::domain::error::Error;
 use crate::http::context::Ctx;
+use crate::http::error::error_response;
+use crate::http::filters::{with_ctx, with_origin_check};
 use crate::http::frames::Frames;
-use crate::http::routes::{error_response, with_ctx, with_origin_check};
 
 /// How long a close handshake may take before the TCP connection is dropped.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
@@ -57,11 +57,6 @@ impl UpgradeSlot {
         self.0.lock().ok()?.take()
     }
 }
-
-/// The peer's address, set by the accept loop (warp's own `addr::remote()` only
-/// works under warp's server).
-#[derive(Clone, Copy, Debug)]
-pub struct PeerAddr(pub SocketAddr);
 
 /// True for a request that asks to become a WebSocket.
 pub fn wants_upgrade(headers: &HeaderMap) -> bool {

@@ -7,6 +7,8 @@ use jsonwebtoken::{errors::ErrorKind, Algorithm, DecodingKey, EncodingKey, Heade
 use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Map, Value};
 
+/// Kept here too: tests and embedders name it as `protocol::auth::now_secs`.
+pub use crate::domain::clock::now_secs;
 use crate::domain::error::Error;
 
 /// Signs and checks tokens with the server's secret.
@@ -52,13 +54,6 @@ fn sub_as_string<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
         Sub::Text(s) => s,
         Sub::Number(n) => n.to_string(),
     })
-}
-
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
 }
 
 /// Now with its fraction: `nbf` compares against the real time, so a token
@@ -159,7 +154,7 @@ pub struct Verified {
 }
 
 /// The token from `Authorization: Bearer <JWT>` (scheme case-insensitive).
-pub fn bearer(header: Option<&str>) -> Option<&str> {
+pub(crate) fn bearer(header: Option<&str>) -> Option<&str> {
     let value = header?.trim();
     let (scheme, token) = value.split_once(' ')?;
     scheme

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use serde_json::value::RawValue;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::protocol::messages as protocol;
+use crate::protocol::outbound as protocol;
 
 /// Who asked for a change, as broadcasts name them in `from`.
 #[derive(Debug, Clone)]
@@ -29,7 +29,7 @@ pub enum Via {
 
 impl Author {
     /// The change's broadcast, exactly as every node renders it.
-    pub fn broadcast(
+    pub(crate) fn broadcast(
         &self,
         message_type: &'static str,
         payload: &RawValue,
@@ -49,7 +49,7 @@ impl Author {
     }
 
     /// The hub key of the sending connection, which does not get its own change back.
-    pub fn skips(&self) -> Option<u64> {
+    pub(crate) fn skips(&self) -> Option<u64> {
         match &self.via {
             Via::Message(Some((key, _))) => Some(*key),
             _ => None,

@@ -658,7 +658,7 @@ fn apply_batch(
     let now: String = tx.query_row("SELECT strftime('%Y-%m-%dT%H:%M:%fZ', 'now')", [], |r| {
         r.get(0)
     })?;
-    let now_secs = crate::protocol::auth::now_secs();
+    let now_secs = crate::domain::clock::now_secs();
     let mut views: HashMap<&str, Result<Loaded, LoadFailure>> = HashMap::new();
     let mut standings: HashMap<(&str, Arc<str>), Standing> = HashMap::new();
     let mut results = Vec::with_capacity(ops.len());
@@ -1119,7 +1119,7 @@ mod tests {
         let mut c = db.conn().expect("conn");
         add_user(&c, "e", "e@x", "E").expect("user");
         set_member(&c, "lib", "e", "EDITOR").expect("member");
-        let later = crate::protocol::auth::now_secs() + 3600;
+        let later = crate::domain::clock::now_secs() + 3600;
         let results = apply_batch(
             &mut c,
             &[

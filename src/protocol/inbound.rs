@@ -1,17 +1,16 @@
-//! The wire protocol of SPEC §3.1: inbound frames parsed into a [`Command`] and
-//! checked against the role, and every outbound message, serialized once.
+//! Client messages (SPEC §3.1): a text frame parsed into a [`Command`] and
+//! checked, in SPEC's order, against the sender's role.
 
 use std::borrow::Cow;
 
-use serde::{Deserialize, Deserializer, Serialize};
+use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
-use tokio_tungstenite::tungstenite::Message;
 
-pub use crate::domain::access::Kind;
+use crate::domain::access::Kind;
 use crate::domain::error::Error;
 use crate::domain::merge::Change;
-use crate::domain::model::{is_valid_id, Presence, Role};
+use crate::domain::model::{is_valid_id, Role};
 
 /// A checked client message, ready to apply.
 #[derive(Debug)]
@@ -97,7 +96,7 @@ pub fn parse(text: &str, role: Role) -> Result<Inbound, Refusal> {
 /// The SPEC §3.1 rate check comes first, but its `RATE_LIMITED` reply still
 /// echoes a valid `id`: reads only the envelope. A frame that is not our
 /// protocol is still `Unsupported` (it closes the socket whatever the rate).
-pub fn rate_limited(text: &str) -> Result<Refusal, Refusal> {
+pub(crate) fn rate_limited(text: &str) -> Result<Refusal, Refusal> {
     if !text.trim_start().starts_with('{') {
         return Err(Refusal::Unsupported);
     }
@@ -112,7 +111,7 @@ pub fn rate_limited(text: &str) -> Result<Refusal, Refusal> {
 }
 
 /// The message type for metrics: a known type's name, else `unknown`.
-pub fn type_label(text: &str) -> &'static str {
+pub(crate) fn type_label(text: &str) -> &'static str {
     serde_json::from_str::<Envelope>(text)
         .ok()
         .and_then(|e| Kind::from_name(&e.ty))
@@ -121,7 +120,7 @@ pub fn type_label(text: &str) -> &'static str {
 
 impl Command {
     /// The message type this command came from.
-    pub fn name(&self) -> &'static str {
+    pub(crate) fn name(&self) -> &'static str {
         match self {
             Command::Ping => "ping",
             Command::Change { change, .. } => change.message_type(),
@@ -138,7 +137,7 @@ fn is_string_or_number(raw: &RawValue) -> bool {
 }
 
 /// Checks the payload's shape for `kind` and builds the command.
-pub fn command(kind: Kind, payload: Option<&RawValue>) -> Result<Command, Error> {
+fn command(kind: Kind, payload: Option<&RawValue>) -> Result<Command, Error> {
     let change = match kind {
         Kind::Ping => return Ok(Command::Ping),
         Kind::RequestSync => return Ok(Command::RequestSync),
@@ -188,229 +187,10 @@ fn item_id(value: &Value) -> Option<String> {
     }
 }
 
-// ---------------------------------------------------------------------------
-// Outbound messages. Each is serialized once into a `Message`, whose text is a
-// reference-counted buffer, so a broadcast clones a pointer per recipient.
-
-/// Who caused a broadcast.
-#[derive(Debug, Clone, Serialize)]
-pub struct From<'a> {
-    #[serde(rename = "userId")]
-    pub user_id: &'a str,
-    #[serde(rename = "connectionId", skip_serializing_if = "Option::is_none")]
-    pub connection_id: Option<&'a str>,
-}
-
-fn to_message<T: Serialize>(value: &T) -> Message {
-    // Serializing these structs (strings, numbers, RawValue, Value) cannot fail.
-    Message::text(serde_json::to_string(value).unwrap_or_default())
-}
-
-pub struct Connected<'a> {
-    pub portal_view_id: &'a str,
-    pub connection_id: &'a str,
-    pub user_id: &'a str,
-    pub role: Role,
-    pub state: &'a RawValue,
-    pub version: i64,
-    pub presence: Presence,
-}
-
-pub fn connected(c: &Connected) -> Message {
-    #[derive(Serialize)]
-    #[serde(rename_all = "camelCase")]
-    struct Wire<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        portal_view_id: &'a str,
-        connection_id: &'a str,
-        user_id: &'a str,
-        role: Role,
-        state: &'a RawValue,
-        version: i64,
-        presence: Presence,
-    }
-    to_message(&Wire {
-        ty: "connected",
-        portal_view_id: c.portal_view_id,
-        connection_id: c.connection_id,
-        user_id: c.user_id,
-        role: c.role,
-        state: c.state,
-        version: c.version,
-        presence: c.presence,
-    })
-}
-
-pub fn pong(id: Option<&RawValue>, timestamp_ms: u64) -> Message {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        timestamp: u64,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        id: Option<&'a RawValue>,
-    }
-    to_message(&Wire {
-        ty: "pong",
-        timestamp: timestamp_ms,
-        id,
-    })
-}
-
-pub fn ack(id: &RawValue, version: i64) -> Message {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        id: &'a RawValue,
-        version: i64,
-    }
-    to_message(&Wire {
-        ty: "ack",
-        id,
-        version,
-    })
-}
-
-pub fn error(error: &Error, id: Option<&RawValue>) -> Message {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        code: &'static str,
-        message: String,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        id: Option<&'a RawValue>,
-    }
-    to_message(&Wire {
-        ty: "error",
-        code: error.code(),
-        message: error.client_message(),
-        id,
-    })
-}
-
-/// A person in a presence event.
-#[derive(Debug, Serialize)]
-pub struct Person<'a> {
-    #[serde(rename = "userId")]
-    pub user_id: &'a str,
-    pub role: Role,
-}
-
-/// SPEC §3.3: who came and went since the controller's last event.
-pub fn presence_event(joined: &[Person], left: &[Person], presence: Presence) -> Message {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        joined: &'a [Person<'a>],
-        left: &'a [Person<'a>],
-        presence: Presence,
-    }
-    to_message(&Wire {
-        ty: "presence",
-        joined,
-        left,
-        presence,
-    })
-}
-
-/// A state change as every other connection of the view receives it.
-pub fn change_broadcast(
-    message_type: &'static str,
-    payload: &RawValue,
-    version: i64,
-    from: &From,
-    source: Option<&'static str>,
-) -> Message {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        payload: &'a RawValue,
-        version: i64,
-        from: &'a From<'a>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        source: Option<&'static str>,
-    }
-    to_message(&Wire {
-        ty: message_type,
-        payload,
-        version,
-        from,
-        source,
-    })
-}
-
-/// Whether a state-change broadcast is a controller's `sync-response`, which
-/// answers every request-sync of the view waiting on this node. Broadcasts
-/// are serialized by [`change_broadcast`] alone (on every node, and into the
-/// cluster's stored events), with `type` first, so its start tells. (The
-/// server's own `sync-response` is a reply, never a broadcast.)
-pub fn answers_sync_requests(broadcast: &Message) -> bool {
-    broadcast
-        .to_text()
-        .is_ok_and(|text| text.starts_with(r#"{"type":"sync-response","#))
-}
-
-/// A viewer's `request-sync` as the controllers receive it: who asked, never
-/// the viewer's payload (SPEC §3.1).
-pub fn request_sync_forward(from: &From) -> Message {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        from: &'a From<'a>,
-    }
-    to_message(&Wire {
-        ty: "request-sync",
-        from,
-    })
-}
-
-/// SSE's last event where a WebSocket would get a close frame (SPEC §7).
-pub fn closed(code: u16, reason: &str) -> Message {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        code: u16,
-        reason: &'a str,
-    }
-    to_message(&Wire {
-        ty: "closed",
-        code,
-        reason,
-    })
-}
-
-/// The server's own answer to `request-sync`: no controller is connected, or
-/// none answered within `--sync-timeout`.
-pub fn server_sync_response(state: &RawValue, version: i64, id: Option<&RawValue>) -> Message {
-    #[derive(Serialize)]
-    struct Wire<'a> {
-        #[serde(rename = "type")]
-        ty: &'static str,
-        payload: &'a RawValue,
-        version: i64,
-        source: &'static str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        id: Option<&'a RawValue>,
-    }
-    to_message(&Wire {
-        ty: "sync-response",
-        payload: state,
-        version,
-        source: "server",
-        id,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::protocol::outbound::pong;
 
     fn refusal_code(text: &str, role: Role) -> Option<&'static str> {
         match parse(text, role) {
@@ -488,29 +268,6 @@ mod tests {
         assert_eq!(ok(r#"{"itemId":"a b"}"#), None);
         assert_eq!(ok(r#"{"itemId":null}"#), None);
         assert_eq!(ok(r#"{"x":1}"#), None);
-    }
-
-    #[test]
-    fn only_a_controllers_sync_response_broadcast_answers_sync_requests() {
-        let raw =
-            RawValue::from_string(r#"{"a":"{\"type\":\"sync-response\","}"#.into()).expect("raw");
-        let from = From {
-            user_id: "u",
-            connection_id: Some("c"),
-        };
-        assert!(answers_sync_requests(&change_broadcast(
-            "sync-response",
-            &raw,
-            3,
-            &from,
-            None
-        )));
-        for ty in ["portal-view-update", "item-update"] {
-            assert!(!answers_sync_requests(&change_broadcast(
-                ty, &raw, 3, &from, None
-            )));
-        }
-        assert!(!answers_sync_requests(&request_sync_forward(&from)));
     }
 
     #[test]

@@ -1,0 +1,72 @@
+//! The warp filters every route builds on: the context, the caller's token,
+//! the origin check. Below the routes (REST, WebSocket, SSE) and the router
+//! that assembles them, so that none of them imports another.
+
+use std::convert::Infallible;
+
+use warp::http::{header, HeaderMap, HeaderValue};
+use warp::{Filter, Rejection};
+
+use crate::domain::error::Error;
+use crate::http::context::Ctx;
+use crate::http::origin;
+use crate::protocol::auth::Verified;
+
+pub(crate) fn with_ctx(ctx: Ctx) -> impl Filter<Extract = (Ctx,), Error = Infallible> + Clone {
+    warp::any().map(move || ctx.clone())
+}
+
+/// The user of `Authorization: Bearer <JWT>`. Whether that user exists is
+/// checked with the rest of the access lookup.
+pub(crate) fn with_token(ctx: Ctx) -> impl Filter<Extract = (String,), Error = Rejection> + Clone {
+    with_verified(ctx).map(|verified: Verified| verified.user_id)
+}
+
+/// The checked token of `Authorization: Bearer <JWT>`, for routes whose
+/// change must still find it valid when it is applied.
+pub(crate) fn with_verified(
+    ctx: Ctx,
+) -> impl Filter<Extract = (Verified,), Error = Rejection> + Clone {
+    warp::header::headers_cloned().and(with_ctx(ctx)).and_then(
+        |headers: HeaderMap, ctx: Ctx| async move {
+            let value = headers
+                .get(header::AUTHORIZATION)
+                .and_then(|v| v.to_str().ok());
+            let token = crate::protocol::auth::bearer(value).ok_or(Error::InvalidToken)?;
+            ctx.tokens.verify(token).map_err(warp::reject::custom)
+        },
+    )
+}
+
+/// When a request's token expires (its `exp` plus `--jwt-leeway`, seconds
+/// since the epoch): the writer refuses its change from then on (SPEC §4).
+pub(crate) fn token_expires(ctx: &Ctx, verified: &Verified) -> u64 {
+    verified.exp.saturating_add(ctx.config.jwt_leeway)
+}
+
+/// Refuses (403) a browser page whose origin is neither ours nor on
+/// `--allowed-origins`; requests without an `Origin` (non-browser clients) pass.
+pub(crate) fn with_origin_check(ctx: Ctx) -> impl Filter<Extract = (), Error = Rejection> + Clone {
+    warp::header::headers_cloned()
+        .and(with_ctx(ctx))
+        .and_then(|headers: HeaderMap, ctx: Ctx| async move {
+            let text = |name| {
+                headers
+                    .get(name)
+                    .and_then(|v: &HeaderValue| v.to_str().ok())
+            };
+            if origin::allowed(
+                text(header::ORIGIN),
+                text(header::HOST),
+                &ctx.config.allowed_origins,
+            ) {
+                Ok(())
+            } else {
+                if let Some(origin) = text(header::ORIGIN) {
+                    log::info!("refused a request from origin {origin:?}");
+                }
+                Err(warp::reject::custom(Error::ForbiddenOrigin))
+            }
+        })
+        .untuple_one()
+}
