@@ -19,7 +19,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::broker::redis::Cluster;
+use crate::core::broker::Broker;
 use crate::core::hub::Hub;
 use crate::core::writer::{Job, ReplyTo, Snapshot, Writer};
 use crate::protocol;
@@ -230,11 +230,11 @@ fn forward(user_id: &str, connection_id: &str) -> Message {
 }
 
 /// Acts on the rooms' deadlines: sends the forwards owed at the end of a
-/// window (to this node's controllers, which the hub does, and to the other
-/// nodes), and answers requesters whose wait is over with the server's own
+/// window (to this node's controllers, which the hub does, and through the
+/// broker to the other nodes), and answers requesters whose wait is over with the server's own
 /// `sync-response`. It goes through the writer, as `Job::Snapshot` does for a
 /// view without controllers, so that it is ordered with the view's broadcasts.
-pub async fn run(hub: Arc<Hub>, writer: Writer, cluster: Option<Arc<Cluster>>) {
+pub async fn run(hub: Arc<Hub>, writer: Writer, broker: Arc<dyn Broker>) {
     loop {
         let scheduled = hub.sync_scheduled();
         match hub.next_sync_deadline() {
@@ -252,10 +252,8 @@ pub async fn run(hub: Arc<Hub>, writer: Writer, cluster: Option<Arc<Cluster>>) {
             Some(_) => {}
         }
         for due in hub.take_due_syncs(Instant::now()) {
-            if let (Some(cluster), Some(Ok(text))) =
-                (&cluster, due.to_nodes.as_ref().map(Message::to_text))
-            {
-                cluster.request_sync(&due.view_id, text);
+            if let Some(forward) = &due.to_nodes {
+                broker.request_sync(&due.view_id, forward);
             }
             for (outbox, id) in due.answers {
                 let job = Job::Snapshot(Snapshot {
