@@ -10,8 +10,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
+use portal_sync::config::Synchronous;
+use portal_sync::domain::access::LibraryRole;
 use portal_sync::protocol::auth::Tokens;
-use portal_sync::store::sqlite::{self as db, Db, Synchronous};
 use portal_sync::Config;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -60,17 +61,17 @@ async fn run(
 ) -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("fanout.db");
-    let db = Db::open(&path, Synchronous::Normal)?;
+    let db = portal_sync::engines::open(&path, Synchronous::Normal)?;
     {
-        let c = db.conn()?;
-        db::add_user(&c, "boss", "boss@x", "boss")?;
-        db::add_library(&c, "lib", "lib", "boss")?;
+        let admin = db.admin();
+        admin.add_user("boss", "boss@x", "boss")?;
+        admin.add_library("lib", "lib", "boss")?;
         for i in 0..args.viewers {
             let id = format!("v{i}");
-            db::add_user(&c, &id, &format!("{id}@x"), &id)?;
-            db::set_member(&c, "lib", &id, "VIEWER")?;
+            admin.add_user(&id, &format!("{id}@x"), &id)?;
+            admin.set_member("lib", &id, LibraryRole::Viewer)?;
         }
-        db::add_view(&c, "pv", "lib", "pv", &serde_json::Map::new())?;
+        admin.add_view("pv", "lib", "pv", &serde_json::Map::new())?;
     }
     let prefix = format!("portal-sync-fanout-{}", now_us());
     let mut addrs = Vec::new();

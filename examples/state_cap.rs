@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use futures::{SinkExt, StreamExt};
+use portal_sync::domain::access::LibraryRole;
 use portal_sync::protocol::auth::Tokens;
-use portal_sync::store::sqlite::{self as db, Db};
 use portal_sync::Config;
 use serde_json::{json, Map, Value};
 use tokio_tungstenite::tungstenite::Message;
@@ -57,18 +57,18 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = dir.path().join("state-cap.db");
     let config = Config::new(&path, SECRET);
     let cap = config.max_state_bytes;
-    let db = Db::open(&path, config.sqlite_synchronous)?;
+    let db = portal_sync::engines::open(&path, config.sqlite_synchronous)?;
     {
-        let c = db.conn()?;
+        let admin = db.admin();
         for user in ["boss", "ed", "viewer"] {
-            db::add_user(&c, user, &format!("{user}@x"), user)?;
+            admin.add_user(user, &format!("{user}@x"), user)?;
         }
-        db::add_library(&c, "lib", "lib", "boss")?;
-        db::set_member(&c, "lib", "ed", "EDITOR")?;
-        db::set_member(&c, "lib", "viewer", "VIEWER")?;
-        db::add_view(&c, "big", "lib", "big", &full_state(cap, args.item_bytes))?;
-        db::add_view(&c, "other", "lib", "other", &Map::new())?;
-        let len = db::view(&c, "big")?.map_or(0, |v| v.state.get().len());
+        admin.add_library("lib", "lib", "boss")?;
+        admin.set_member("lib", "ed", LibraryRole::Editor)?;
+        admin.set_member("lib", "viewer", LibraryRole::Viewer)?;
+        admin.add_view("big", "lib", "big", &full_state(cap, args.item_bytes))?;
+        admin.add_view("other", "lib", "other", &Map::new())?;
+        let len = db.view("big")?.map_or(0, |v| v.state.get().len());
         println!("view big: {len} bytes stored, cap {cap}");
     }
     drop(db);

@@ -10,7 +10,7 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 
 use portal_sync::protocol::auth::{now_secs, Tokens};
-use portal_sync::store::sqlite::{self as db, Db, Synchronous};
+use portal_sync::store::Store;
 use serde_json::{json, Value};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, ChildStdout};
@@ -26,13 +26,32 @@ async fn admin(dir: &Path, db_path: &Path, args: &[&str]) -> Output {
     run(dir, &all, &[]).await
 }
 
-fn open_db(path: &Path) -> Db {
-    Db::open(path, Synchronous::Normal).expect("open db")
+/// Users whose id is `id` (0 or 1).
+fn users_with_id(db: &dyn Store, id: &str) -> usize {
+    let users = db.admin().users().expect("users");
+    users.iter().filter(|u| u.id == id).count()
 }
 
-fn count(db: &Db, sql: &str) -> i64 {
-    let c = db.conn().expect("conn");
-    c.query_row(sql, [], |r| r.get(0)).expect("count")
+fn user_count(db: &dyn Store) -> usize {
+    db.admin().users().expect("users").len()
+}
+
+fn library_count(db: &dyn Store) -> usize {
+    db.admin().libraries().expect("libraries").len()
+}
+
+/// Member rows of every library.
+fn member_count(db: &dyn Store) -> usize {
+    let admin = db.admin();
+    let libraries = admin.libraries().expect("libraries");
+    libraries
+        .iter()
+        .map(|l| admin.members(&l.id).expect("members").len())
+        .sum()
+}
+
+fn view_count(db: &dyn Store) -> usize {
+    db.admin().views().expect("views").len()
 }
 
 /// A running `portal-sync demo` and what its banner said.
@@ -372,9 +391,7 @@ async fn serve_takes_its_configuration_from_the_environment() {
     let (code, logs) = served.stop().await;
     assert_eq!(code, Some(0), "exit 0 after SIGTERM");
     assert!(!logs.contains(&token), "the token is not logged");
-    let stored = db::view(&open_db(&db_path).conn().expect("conn"), "pv")
-        .expect("read")
-        .expect("row");
+    let stored = open_store(&db_path).view("pv").expect("read").expect("row");
     assert_eq!(stored.version, 1);
     assert_eq!(
         serde_json::from_str::<Value>(stored.state.get()).expect("json"),
@@ -487,32 +504,25 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
         out.stdout
     );
     {
-        let db = open_db(&db_path);
-        let c = db.conn().expect("conn");
-        assert!(db::user_exists(&c, "alice").expect("read"));
-        let (email, name): (String, String) = c
-            .query_row(
-                "SELECT email, name FROM users WHERE id = 'alice'",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )
-            .expect("alice row");
+        let db = open_store(&db_path);
+        let admin = db.admin();
+        assert!(admin.user_exists("alice").expect("read"));
+        let users = admin.users().expect("users");
+        let alice = users.iter().find(|u| u.id == "alice").expect("alice row");
+        let (email, name) = (&alice.email, &alice.name);
         assert_eq!(
             (email.as_str(), name.as_str()),
             ("alice@example.com", "Alice A")
         );
-        let owner: String = c
-            .query_row(
-                "SELECT owner_id FROM libraries WHERE id = 'lib-1'",
-                [],
-                |r| r.get(0),
-            )
+        let libraries = admin.libraries().expect("libraries");
+        let library = libraries
+            .iter()
+            .find(|l| l.id == "lib-1")
             .expect("library row");
+        let owner = &library.owner_id;
         assert_eq!(owner, "alice");
         assert_eq!(
-            db::member_role(&c, "lib-1", "bob")
-                .expect("read")
-                .as_deref(),
+            admin.member_role("lib-1", "bob").expect("read").as_deref(),
             Some("EDITOR")
         );
     }
@@ -537,10 +547,10 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
     out.assert_ok();
     assert_eq!(out.stdout.trim(), "bob\tVIEWER");
     {
-        let db = open_db(&db_path);
-        let c = db.conn().expect("conn");
+        let db = open_store(&db_path);
         assert_eq!(
-            db::member_role(&c, "lib-1", "bob")
+            db.admin()
+                .member_role("lib-1", "bob")
                 .expect("read")
                 .as_deref(),
             Some("VIEWER")
@@ -557,10 +567,7 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
     let out = admin(d, &db_path, &["member", "list", "--library", "lib-1"]).await;
     out.assert_ok();
     assert_eq!(out.stdout.trim(), "", "no members left");
-    assert_eq!(
-        count(&open_db(&db_path), "SELECT count(*) FROM library_members"),
-        0
-    );
+    assert_eq!(member_count(&*open_store(&db_path)), 0);
     admin(
         d,
         &db_path,
@@ -605,9 +612,8 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
     .await
     .assert_ok();
     {
-        let db = open_db(&db_path);
-        let c = db.conn().expect("conn");
-        let row = db::view(&c, "pv_1").expect("read").expect("pv_1 row");
+        let db = open_store(&db_path);
+        let row = db.view("pv_1").expect("read").expect("pv_1 row");
         assert_eq!(row.library_id, "lib-1");
         assert_eq!(row.name, "First view");
         assert_eq!(row.version, 0);
@@ -615,7 +621,7 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
             serde_json::from_str::<Value>(row.state.get()).expect("json"),
             json!({"a": 1})
         );
-        let row = db::view(&c, "pv_2").expect("read").expect("pv_2 row");
+        let row = db.view("pv_2").expect("read").expect("pv_2 row");
         assert_eq!(
             serde_json::from_str::<Value>(row.state.get()).expect("json"),
             json!({}),
@@ -751,11 +757,11 @@ async fn admin_errors_exit_non_zero_with_a_message() {
         .assert_failed(Some("JSON object"));
     }
 
-    let db = open_db(&db_path);
-    assert_eq!(count(&db, "SELECT count(*) FROM users"), 1);
-    assert_eq!(count(&db, "SELECT count(*) FROM libraries"), 1);
-    assert_eq!(count(&db, "SELECT count(*) FROM library_members"), 0);
-    assert_eq!(count(&db, "SELECT count(*) FROM portal_views"), 0);
+    let db = open_store(&db_path);
+    assert_eq!(user_count(&*db), 1);
+    assert_eq!(library_count(&*db), 1);
+    assert_eq!(member_count(&*db), 0);
+    assert_eq!(view_count(&*db), 0);
 }
 
 /// `PORTAL_DB` stands in for `--db`; `--db` wins over it; without either the
@@ -795,27 +801,12 @@ async fn db_flag_falls_back_to_portal_db_env() {
         "PORTAL_DB was used, not the default file"
     );
 
-    let env_rows = open_db(&env_path);
-    assert_eq!(
-        count(&env_rows, "SELECT count(*) FROM users WHERE id = 'envuser'"),
-        1
-    );
-    assert_eq!(
-        count(
-            &env_rows,
-            "SELECT count(*) FROM users WHERE id = 'flaguser'"
-        ),
-        0
-    );
-    let flag_rows = open_db(&flag_path);
-    assert_eq!(count(&flag_rows, "SELECT count(*) FROM users"), 1);
-    assert_eq!(
-        count(
-            &flag_rows,
-            "SELECT count(*) FROM users WHERE id = 'flaguser'"
-        ),
-        1
-    );
+    let env_rows = open_store(&env_path);
+    assert_eq!(users_with_id(&*env_rows, "envuser"), 1);
+    assert_eq!(users_with_id(&*env_rows, "flaguser"), 0);
+    let flag_rows = open_store(&flag_path);
+    assert_eq!(user_count(&*flag_rows), 1);
+    assert_eq!(users_with_id(&*flag_rows, "flaguser"), 1);
 
     run(
         d,
@@ -951,7 +942,8 @@ async fn demo_serves_printed_tokens_and_shuts_down_on_sigterm() {
         !logs.contains(bogus),
         "an invalid token appears in the logs:\n{logs}"
     );
-    let stored = db::view(&open_db(&db_path).conn().expect("conn"), "demo")
+    let stored = open_store(&db_path)
+        .view("demo")
         .expect("read")
         .expect("row");
     assert_eq!(stored.version, 1, "the acked update was stored before exit");
@@ -1011,11 +1003,11 @@ async fn demo_twice_on_the_same_database_keeps_the_data() {
     let (code, logs) = second.stop().await;
     assert_eq!(code, Some(0), "{logs}");
 
-    let db = open_db(&db_path);
-    assert_eq!(count(&db, "SELECT count(*) FROM users"), 3);
-    assert_eq!(count(&db, "SELECT count(*) FROM libraries"), 1);
-    assert_eq!(count(&db, "SELECT count(*) FROM library_members"), 3);
-    assert_eq!(count(&db, "SELECT count(*) FROM portal_views"), 1);
+    let db = open_store(&db_path);
+    assert_eq!(user_count(&*db), 3);
+    assert_eq!(library_count(&*db), 1);
+    assert_eq!(member_count(&*db), 3);
+    assert_eq!(view_count(&*db), 1);
 }
 
 // ---------------------------------------------------------------------------
@@ -1090,7 +1082,8 @@ async fn every_acked_update_survives_kill_9() {
     let acked = acked.max(read_acks(&mut bob, None).await);
 
     let restarted = start_demo(dir.path(), &db_path, &[]).await;
-    let stored = db::view(&open_db(&db_path).conn().expect("conn"), "demo")
+    let stored = open_store(&db_path)
+        .view("demo")
         .expect("read")
         .expect("row");
     assert!(
@@ -1144,7 +1137,8 @@ async fn sigterm_mid_stream_finishes_pending_writes_then_closes_1001() {
         .expect("stopped in time")
         .expect("stop task");
     assert_eq!(code, Some(0), "{logs}");
-    let stored = db::view(&open_db(&db_path).conn().expect("conn"), "demo")
+    let stored = open_store(&db_path)
+        .view("demo")
         .expect("read")
         .expect("row");
     assert!(acked > 0, "some updates were acked before the close");

@@ -11,7 +11,6 @@ use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use portal_sync::store::sqlite as db;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -515,7 +514,10 @@ async fn a_response_its_reader_never_reads_is_dropped_after_the_write_timeout() 
     let state = tcp_wmem_max() + (4 << 20);
     let mut big = Map::new();
     big.insert("pad".into(), json!("x".repeat(state)));
-    db::add_view(&app.db.conn().expect("conn"), "big", "lib1", "Big", &big).expect("big view");
+    app.db
+        .admin()
+        .add_view("big", "lib1", "Big", &big)
+        .expect("big view");
 
     const READERS: usize = 20;
     let request = format!(

@@ -8,8 +8,8 @@ use common::*;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use portal_sync::domain::access::LibraryRole;
 use portal_sync::protocol::auth::now_secs;
-use portal_sync::store::sqlite as db;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -17,12 +17,16 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Adds `n` viewers `crowd0…` to lib1 and returns their ids.
 fn add_viewers(app: &TestApp, n: usize) -> Vec<String> {
-    let c = app.db.conn().expect("conn");
+    let admin = app.db.admin();
     (0..n)
         .map(|i| {
             let id = format!("crowd{i}");
-            db::add_user(&c, &id, &format!("{id}@test"), &id).expect("user");
-            db::set_member(&c, "lib1", &id, "VIEWER").expect("member");
+            admin
+                .add_user(&id, &format!("{id}@test"), &id)
+                .expect("user");
+            admin
+                .set_member("lib1", &id, LibraryRole::Viewer)
+                .expect("member");
             id
         })
         .collect()
@@ -232,8 +236,7 @@ async fn put_role(app: &TestApp, caller: &str, user: &str, role: &str) -> (u16, 
 }
 
 fn stored_role(app: &TestApp, library: &str, user: &str) -> Option<String> {
-    let c = app.db.conn().expect("conn");
-    db::member_role(&c, library, user).expect("role")
+    app.db.admin().member_role(library, user).expect("role")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -847,9 +850,8 @@ async fn metrics_count_connections_messages_and_deliveries() {
 async fn unusable_storage_gives_1011_and_503_then_recovers() {
     let app = spawn_app().await;
     let mut owner = app.connect("pv1", "owner").await;
-    let c = app.db.conn().expect("conn");
-    c.execute_batch("ALTER TABLE portal_views RENAME TO portal_views_away;")
-        .expect("break storage");
+    // Another tool renames the table away: storage stops working.
+    foreign::rename_table(&app.db_path, "portal_views", "portal_views_away");
     let mut refused = app.open(&app.ws_url("pv1", Some(&app.token("v1")))).await;
     refused.assert_closed(1011, "internal error").await;
     let (status, body) = health(&app).await;
@@ -859,8 +861,7 @@ async fn unusable_storage_gives_1011_and_503_then_recovers() {
         .await;
     owner.assert_closed(1011, "internal error").await;
 
-    c.execute_batch("ALTER TABLE portal_views_away RENAME TO portal_views;")
-        .expect("repair storage");
+    foreign::rename_table(&app.db_path, "portal_views_away", "portal_views");
     let (status, _) = health(&app).await;
     assert_eq!(status, 200);
     let mut owner = app.connect("pv1", "owner").await;

@@ -23,8 +23,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::{FutureExt, StreamExt};
+use portal_sync::domain::access::LibraryRole;
 use portal_sync::protocol::auth::now_secs;
-use portal_sync::store::sqlite as db;
 use serde_json::{json, Map, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -811,60 +811,55 @@ fn flood_user(i: usize) -> String {
 }
 
 fn seed_hostile(app: &TestApp) {
-    let c = app.db.conn().expect("conn");
+    let admin = app.db.admin();
     for view in CASE_VIEWS.iter().chain(["h-sync", "h-flood"].iter()) {
-        db::add_view(&c, view, "lib1", view, &Map::new()).expect("view");
+        admin
+            .add_view(view, "lib1", view, &Map::new())
+            .expect("view");
     }
     for i in 0..FLOOD_USERS {
         let user = flood_user(i);
-        db::add_user(&c, &user, &format!("{user}@test"), &user).expect("user");
-        db::set_member(&c, "lib1", &user, "VIEWER").expect("member");
+        admin
+            .add_user(&user, &format!("{user}@test"), &user)
+            .expect("user");
+        admin
+            .set_member("lib1", &user, LibraryRole::Viewer)
+            .expect("member");
     }
 }
 
-/// Every table with its row count, and the ids of the fixture's rows.
+/// Every table with its row count (as another tool would see the file: no
+/// table added, dropped or emptied), and the ids of the fixture's rows.
 fn tables_snapshot(app: &TestApp) -> Value {
-    let c = app.db.conn().expect("conn");
-    let mut tables: Vec<String> = c
-        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
-        .expect("prepare")
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<Result<_, _>>()
-        .expect("names");
-    tables.retain(|t| !t.starts_with("sqlite_"));
     let mut snapshot = Map::new();
-    for table in tables {
-        let count: i64 = c
-            .query_row(&format!("SELECT count(*) FROM \"{table}\""), [], |r| {
-                r.get(0)
-            })
-            .expect("count");
+    for (table, count) in foreign::table_counts(&app.db_path) {
         snapshot.insert(table, json!(count));
     }
-    let ids = |sql: &str| -> Vec<String> {
-        c.prepare(sql)
-            .expect("prepare")
-            .query_map([], |r| r.get(0))
-            .expect("query")
-            .collect::<Result<_, _>>()
-            .expect("ids")
-    };
-    snapshot.insert(
-        "users(fixture)".into(),
-        json!(ids(
-            "SELECT id FROM users WHERE id NOT LIKE 'flood-%' ORDER BY id"
-        )),
-    );
-    snapshot.insert(
-        "portal_views(ids)".into(),
-        json!(ids("SELECT id FROM portal_views ORDER BY id")),
-    );
-    snapshot.insert(
-        "library_members(lib1)".into(),
-        json!(ids("SELECT user_id || ':' || role FROM library_members \
-             WHERE user_id NOT LIKE 'flood-%' ORDER BY user_id")),
-    );
+    let admin = app.db.admin();
+    let not_flood = |id: &str| !id.starts_with("flood-");
+    let users: Vec<String> = admin
+        .users()
+        .expect("users")
+        .into_iter()
+        .map(|u| u.id)
+        .filter(|id| not_flood(id))
+        .collect();
+    snapshot.insert("users(fixture)".into(), json!(users));
+    let views: Vec<String> = admin
+        .views()
+        .expect("views")
+        .into_iter()
+        .map(|v| v.id)
+        .collect();
+    snapshot.insert("portal_views(ids)".into(), json!(views));
+    let members: Vec<String> = admin
+        .members("lib1")
+        .expect("members")
+        .into_iter()
+        .filter(|m| not_flood(&m.user_id))
+        .map(|m| format!("{}:{}", m.user_id, m.role))
+        .collect();
+    snapshot.insert("library_members(lib1)".into(), json!(members));
     Value::Object(snapshot)
 }
 
@@ -2541,7 +2536,7 @@ async fn final_exchange(app: &TestApp) {
 /// An `item-update` nests its payload two levels below the state
 /// (`state.items[itemId]`), so a payload nested 126 deep (accepted: serde_json
 /// reads up to 127 levels) produces a stored state 128 deep, which the server's
-/// own loader (`db::load`, `serde_json::from_str` with its 128-level limit) can
+/// own loader (the SQLite engine's `load`, `serde_json::from_str` with its 128-level limit) can
 /// no longer read. The change is acked and stored; every later change of the
 /// view then fails as "corrupt state": the WebSocket sender is closed 1011
 /// `internal error`, a REST PATCH gets 500. One EDITOR message bricks the view

@@ -6,6 +6,7 @@ use common::*;
 
 use std::time::Duration;
 
+use portal_sync::domain::access::LibraryRole;
 use portal_sync::protocol::auth::now_secs;
 use reqwest::header::{self, HeaderMap};
 use reqwest::{RequestBuilder, StatusCode};
@@ -1142,10 +1143,14 @@ async fn concurrent_patches_get_gapless_distinct_versions() {
 async fn access_changes_by_other_tools_are_seen_by_rest() {
     let app = spawn_app().await;
     {
-        let c = app.db.conn().expect("conn");
-        portal_sync::store::sqlite::set_member(&c, "lib1", "outsider", "EDITOR").expect("set");
-        portal_sync::store::sqlite::set_member(&c, "lib1", "ed", "VIEWER").expect("set");
-        portal_sync::store::sqlite::remove_member(&c, "lib1", "v2").expect("remove");
+        let admin = app.db.admin();
+        admin
+            .set_member("lib1", "outsider", LibraryRole::Editor)
+            .expect("set");
+        admin
+            .set_member("lib1", "ed", LibraryRole::Viewer)
+            .expect("set");
+        admin.remove_member("lib1", "v2").expect("remove");
     }
     let answer = call(patch(&app, "pv1", "outsider", r#"{"by":"outsider"}"#)).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
@@ -1171,8 +1176,10 @@ async fn access_changes_by_other_tools_are_seen_by_rest() {
 async fn library_owner_is_controller_even_as_viewer_member() {
     let app = spawn_app().await;
     {
-        let c = app.db.conn().expect("conn");
-        portal_sync::store::sqlite::set_member(&c, "lib1", "owner", "VIEWER").expect("set");
+        app.db
+            .admin()
+            .set_member("lib1", "owner", LibraryRole::Viewer)
+            .expect("set");
     }
     let answer = call(patch(&app, "pv1", "owner", r#"{"a":1}"#)).await;
     assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);

@@ -231,16 +231,13 @@ async fn each_handshake_check_is_its_http_status() {
         .expect("request");
     assert_eq!(response.status(), 403);
     // Storage failing is a 500.
-    let c = app.db.conn().expect("conn");
-    c.execute_batch("ALTER TABLE portal_views RENAME TO portal_views_away;")
-        .expect("break storage");
+    foreign::rename_table(&app.db_path, "portal_views", "portal_views_away");
     let (got, body) = sse_refusal(&app, &app.sse_url("pv1", Some(&app.token("v2")))).await;
     assert_eq!(
         (got, &body["error"]["message"]),
         (500, &json!("internal error"))
     );
-    c.execute_batch("ALTER TABLE portal_views_away RENAME TO portal_views;")
-        .expect("repair storage");
+    foreign::rename_table(&app.db_path, "portal_views_away", "portal_views");
 }
 
 const APP_ORIGIN: &str = "https://app.example.com";

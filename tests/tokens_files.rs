@@ -10,8 +10,8 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use portal_sync::config::Synchronous;
 use portal_sync::protocol::auth::{now_secs, Tokens};
-use portal_sync::store::sqlite::{self as db, Db, Synchronous};
 use serde_json::{json, Value};
 
 /// A token for `sub` signed with the test secret, with `header` and the
@@ -157,7 +157,7 @@ const LONG_SECRET: &str = "0123456789abcdef0123456789abcdef-from-a-file";
 /// A seeded database at `dir/name`, for the binary to serve.
 fn seeded_db(dir: &Path, name: &str) -> String {
     let path = dir.join(name);
-    seed(&Db::open(&path, Synchronous::Normal).expect("open"));
+    seed(&*open_store(&path));
     path.to_str().expect("utf-8").to_string()
 }
 
@@ -428,8 +428,8 @@ async fn database_files_are_created_private() {
     );
 
     let path = dir.path().join("new.db");
-    let db = Db::open(&path, Synchronous::Full).expect("open");
-    db::add_user(&db.conn().expect("conn"), "u", "u@x", "U").expect("one write");
+    let db = portal_sync::engines::open(&path, Synchronous::Full).expect("open");
+    db.admin().add_user("u", "u@x", "U").expect("one write");
     for file in [path.clone(), sidecar(&path, "-wal"), sidecar(&path, "-shm")] {
         assert_eq!(mode(&file), 0o600, "{}", file.display());
     }
@@ -438,8 +438,8 @@ async fn database_files_are_created_private() {
     let existing = dir.path().join("existing.db");
     std::fs::write(&existing, "").expect("create");
     std::fs::set_permissions(&existing, std::fs::Permissions::from_mode(0o640)).expect("chmod");
-    let db = Db::open(&existing, Synchronous::Full).expect("open");
-    db::add_user(&db.conn().expect("conn"), "u", "u@x", "U").expect("one write");
+    let db = portal_sync::engines::open(&existing, Synchronous::Full).expect("open");
+    db.admin().add_user("u", "u@x", "U").expect("one write");
     for file in [
         existing.clone(),
         sidecar(&existing, "-wal"),
@@ -594,8 +594,8 @@ async fn handshakes_notice_a_replaced_database_file_within_a_second() {
     delete_database(&app.db_path);
     // SQLite would open this one fresh; the server's connections still
     // read and write the deleted one.
-    let other = Db::open(&app.db_path, Synchronous::Normal).expect("a new file");
-    seed(&other);
+    let other = portal_sync::engines::open(&app.db_path, Synchronous::Normal).expect("a new file");
+    seed(&*other);
     let deadline = std::time::Instant::now() + WAIT;
     let mut accepted = 0;
     loop {

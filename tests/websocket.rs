@@ -554,14 +554,7 @@ async fn eio_query_closes_unsupported_protocol() {
 #[tokio::test]
 async fn corrupt_stored_state_closes_internal_error() {
     let app = spawn_app().await;
-    app.db
-        .conn()
-        .expect("conn")
-        .execute(
-            "UPDATE portal_views SET state = 'nope' WHERE id = 'pv2'",
-            [],
-        )
-        .expect("corrupt pv2");
+    foreign::write_state(&app.db_path, "pv2", "nope");
     refused(
         &app,
         &app.ws_url("pv2", Some(&app.token("owner"))),
@@ -1671,14 +1664,7 @@ async fn request_sync_is_forwarded_to_online_controllers() {
 async fn request_sync_without_controller_gets_server_snapshot() {
     let app = spawn_app().await;
     // State written by another tool while nobody is connected.
-    app.db
-        .conn()
-        .expect("conn")
-        .execute(
-            r#"UPDATE portal_views SET state = '{"seeded":{"by":"tool"}}', version = 5 WHERE id = 'pv2'"#,
-            [],
-        )
-        .expect("seed pv2");
+    foreign::write_state_and_version(&app.db_path, "pv2", r#"{"seeded":{"by":"tool"}}"#, 5);
     let mut v1 = app.connect("pv2", "v1").await;
     assert_connected(
         &v1,
@@ -1907,28 +1893,12 @@ async fn write_failure_closes_1011_without_ack_or_broadcast() {
     let app = spawn_app().await;
     let mut controller = app.connect("pv1", "owner").await;
     let mut viewer = app.connect("pv1", "v1").await;
-    app.db
-        .conn()
-        .expect("conn")
-        .execute(
-            "UPDATE portal_views SET state = 'nope' WHERE id = 'pv1'",
-            [],
-        )
-        .expect("corrupt");
+    foreign::write_state(&app.db_path, "pv1", "nope");
     controller
         .send(json!({"type": "portal-view-update", "payload": {"a": 1}, "id": 1}))
         .await;
     controller.assert_closed(1011, "internal error").await;
-    let (raw, version): (String, i64) = app
-        .db
-        .conn()
-        .expect("conn")
-        .query_row(
-            "SELECT state, version FROM portal_views WHERE id = 'pv1'",
-            [],
-            |r| Ok((r.get(0)?, r.get(1)?)),
-        )
-        .expect("row");
+    let (raw, version) = foreign::raw_state(&app.db_path, "pv1");
     assert_eq!(version, 0);
     assert_eq!(raw, "nope");
     viewer.assert_silent(Duration::from_millis(300)).await;
@@ -1948,11 +1918,7 @@ async fn write_failure_closes_1011_without_ack_or_broadcast() {
 async fn write_to_deleted_view_closes_1008_view_not_found() {
     let app = spawn_app().await;
     let mut controller = app.connect("pv2", "owner").await;
-    app.db
-        .conn()
-        .expect("conn")
-        .execute("DELETE FROM portal_views WHERE id = 'pv2'", [])
-        .expect("delete");
+    foreign::delete_view(&app.db_path, "pv2");
     controller
         .send(json!({"type": "portal-view-update", "payload": {"a": 1}, "id": 1}))
         .await;

@@ -13,8 +13,8 @@ use common::*;
 
 use std::time::{Duration, Instant};
 
+use portal_sync::domain::access::LibraryRole;
 use portal_sync::protocol::auth::now_secs;
-use portal_sync::store::sqlite as db;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -151,13 +151,15 @@ async fn change_across(route: Route, meanwhile: Meanwhile) {
             hold_body(&app, "POST", path, &token, &extra, &message).await
         }
     };
-    let c = app.db.conn().expect("conn");
     match meanwhile {
         Meanwhile::Removed => {
-            assert!(db::remove_member(&c, "lib1", "ed").expect("remove"));
+            assert!(app.db.admin().remove_member("lib1", "ed").expect("remove"));
         }
         Meanwhile::Downgraded => {
-            db::set_member(&c, "lib1", "ed", "VIEWER").expect("downgrade");
+            app.db
+                .admin()
+                .set_member("lib1", "ed", LibraryRole::Viewer)
+                .expect("downgrade");
         }
         Meanwhile::Expired => {
             let exp = exp.expect("exp");
@@ -168,7 +170,6 @@ async fn change_across(route: Route, meanwhile: Meanwhile) {
             }
         }
     }
-    drop(c);
     let (status, body) = held.finish().await;
     let (want_status, want_code, want_reason) = match meanwhile {
         Meanwhile::Removed => (403, "ACCESS_DENIED", "access revoked"),

@@ -18,7 +18,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
-pub use crate::config::Synchronous;
+use crate::config::Synchronous;
 use crate::domain::access::{self, LibraryRole, Standing};
 use crate::domain::error::Error;
 use crate::domain::merge::json_len;
@@ -28,7 +28,7 @@ use crate::store::{
     Stored, StoredEvent, UserRow, ViewRow, ViewSummary, EVENTS_KEPT,
 };
 
-pub const SCHEMA: &str = include_str!("../../schema.sql");
+const SCHEMA: &str = include_str!("../../schema.sql");
 
 /// Pooled connections (the storage threads', the writer's, the CLI's).
 const POOL_SIZE: u32 = 8;
@@ -85,7 +85,7 @@ impl SqliteStore {
     /// is gone or another file, every storage call is refused until it is back
     /// (it can only come back by being renamed back: an unlinked file cannot);
     /// a background thread also looks every [`FILE_CHECK_EVERY`].
-    pub fn check_file(&self) -> Result<(), Error> {
+    fn check_file(&self) -> Result<(), Error> {
         self.file.as_ref().map_or(Ok(()), |file| file.check())
     }
 
@@ -297,7 +297,7 @@ impl From<r2d2::Error> for Error {
 
 /// How often a background thread looks at the database file (besides the
 /// look before and after every write batch): /health turns 503 within this.
-pub const FILE_CHECK_EVERY: Duration = Duration::from_millis(500);
+const FILE_CHECK_EVERY: Duration = Duration::from_millis(500);
 
 /// A path SQLite will open as a file of that name: not `:memory:`, not the
 /// empty path (a private temp database), not a `file:` URI.
@@ -416,7 +416,7 @@ fn identity(path: &Path) -> Result<Option<(u64, u64)>, Error> {
     }
 }
 
-pub fn user_exists(conn: &Connection, user_id: &str) -> Result<bool, Error> {
+fn user_exists(conn: &Connection, user_id: &str) -> Result<bool, Error> {
     if !is_valid_id(user_id) {
         return Ok(false);
     }
@@ -427,7 +427,7 @@ pub fn user_exists(conn: &Connection, user_id: &str) -> Result<bool, Error> {
 /// The checks of SPEC §3 that need storage, in its order: unknown user, view not
 /// found, access denied. Reads the current rows, so access changes made by other
 /// tools are seen at the next handshake.
-pub fn access(conn: &Connection, user_id: &str, view_id: &str) -> Result<Access, Error> {
+fn access(conn: &Connection, user_id: &str, view_id: &str) -> Result<Access, Error> {
     known_user_and_view_id(conn, user_id, view_id)?;
     let mut stmt = conn.prepare_cached(
         "SELECT v.library_id, v.name, v.state, v.version, v.updated_at, l.owner_id, m.role
@@ -476,7 +476,7 @@ fn known_user_and_view_id(conn: &Connection, user_id: &str, view_id: &str) -> Re
 }
 
 /// [`access`] without reading the `state` column: same checks, same order.
-pub fn grant(conn: &Connection, user_id: &str, view_id: &str) -> Result<Grant, Error> {
+fn grant(conn: &Connection, user_id: &str, view_id: &str) -> Result<Grant, Error> {
     known_user_and_view_id(conn, user_id, view_id)?;
     let mut stmt = conn.prepare_cached(
         "SELECT v.library_id, v.version, l.owner_id, m.role
@@ -548,7 +548,7 @@ fn state_json(view_id: &str, text: String) -> Result<Box<RawValue>, Error> {
     RawValue::from_string(text).map_err(|_| corrupt())
 }
 
-pub fn view(conn: &Connection, view_id: &str) -> Result<Option<ViewRow>, Error> {
+fn view(conn: &Connection, view_id: &str) -> Result<Option<ViewRow>, Error> {
     select_view(conn, view_id)?
         .map(|columns| ViewRow::from_columns(view_id, columns))
         .transpose()
@@ -587,7 +587,7 @@ fn select_view(conn: &Connection, view_id: &str) -> Result<Option<ViewColumns>, 
 }
 
 /// The stored broadcasts of a view with versions in `from..=to`, in order.
-pub fn events_between(
+fn events_between(
     conn: &Connection,
     view_id: &str,
     from: i64,
@@ -609,7 +609,7 @@ pub fn events_between(
 }
 
 /// Current versions of the given views (missing views are left out).
-pub fn versions(conn: &Connection, view_ids: &[String]) -> Result<Vec<(String, i64)>, Error> {
+fn versions(conn: &Connection, view_ids: &[String]) -> Result<Vec<(String, i64)>, Error> {
     let mut stmt = conn.prepare_cached("SELECT version FROM portal_views WHERE id = ?1")?;
     let mut out = Vec::with_capacity(view_ids.len());
     for id in view_ids {
@@ -649,7 +649,7 @@ enum LoadFailure {
 /// `If-Match`, and that the state it leaves is at most `max_state_bytes`
 /// serialized. A refused op changes nothing and leaves the rest of the batch
 /// alone.
-pub fn apply_batch(
+fn apply_batch(
     conn: &mut Connection,
     ops: &[StoreOp],
     max_state_bytes: usize,
@@ -807,7 +807,7 @@ fn require_id(what: &str, id: &str) -> Result<(), Error> {
     }
 }
 
-pub fn add_user(conn: &Connection, id: &str, email: &str, name: &str) -> Result<(), Error> {
+fn add_user(conn: &Connection, id: &str, email: &str, name: &str) -> Result<(), Error> {
     require_id("user", id)?;
     conn.execute(
         "INSERT INTO users (id, email, name) VALUES (?1, ?2, ?3)",
@@ -816,7 +816,7 @@ pub fn add_user(conn: &Connection, id: &str, email: &str, name: &str) -> Result<
     Ok(())
 }
 
-pub fn add_library(conn: &Connection, id: &str, name: &str, owner_id: &str) -> Result<(), Error> {
+fn add_library(conn: &Connection, id: &str, name: &str, owner_id: &str) -> Result<(), Error> {
     require_id("library", id)?;
     conn.execute(
         "INSERT INTO libraries (id, name, owner_id) VALUES (?1, ?2, ?3)",
@@ -826,7 +826,7 @@ pub fn add_library(conn: &Connection, id: &str, name: &str, owner_id: &str) -> R
 }
 
 /// Adds a member or changes their role; returns the previous role, if any.
-pub fn set_member(
+fn set_member(
     conn: &Connection,
     library_id: &str,
     user_id: &str,
@@ -841,7 +841,7 @@ pub fn set_member(
     Ok(previous)
 }
 
-pub fn member_role(
+fn member_role(
     conn: &Connection,
     library_id: &str,
     user_id: &str,
@@ -856,14 +856,14 @@ pub fn member_role(
 }
 
 /// Returns whether a membership was removed.
-pub fn remove_member(conn: &Connection, library_id: &str, user_id: &str) -> Result<bool, Error> {
+fn remove_member(conn: &Connection, library_id: &str, user_id: &str) -> Result<bool, Error> {
     Ok(conn.execute(
         "DELETE FROM library_members WHERE library_id = ?1 AND user_id = ?2",
         params![library_id, user_id],
     )? > 0)
 }
 
-pub fn add_view(
+fn add_view(
     conn: &Connection,
     id: &str,
     library_id: &str,
@@ -886,7 +886,7 @@ pub fn add_view(
 /// no such user or not a member (404), the library's `owner_id` (409).
 /// Applies nothing when `apply` is false (the check before reading a body).
 /// Returns the member's role afterwards (`None` once removed).
-pub fn change_member(
+fn change_member(
     conn: &mut Connection,
     caller: &str,
     library_id: &str,
@@ -936,7 +936,7 @@ pub fn change_member(
 
 /// The newest recorded membership change (where a starting server begins
 /// watching), after pruning entries older than a day.
-pub fn membership_changes_start(conn: &Connection) -> Result<i64, Error> {
+fn membership_changes_start(conn: &Connection) -> Result<i64, Error> {
     conn.execute(
         "DELETE FROM membership_changes WHERE at < CAST(strftime('%s', 'now') AS INTEGER) - 86400",
         [],
@@ -948,10 +948,7 @@ pub fn membership_changes_start(conn: &Connection) -> Result<i64, Error> {
     )?)
 }
 
-pub fn membership_changes_since(
-    conn: &Connection,
-    seq: i64,
-) -> Result<Vec<MembershipChange>, Error> {
+fn membership_changes_since(conn: &Connection, seq: i64) -> Result<Vec<MembershipChange>, Error> {
     let mut stmt = conn.prepare_cached(
         "SELECT seq, library_id, user_id FROM membership_changes WHERE seq > ?1 ORDER BY seq",
     )?;
@@ -969,6 +966,8 @@ pub fn membership_changes_since(
 mod tests {
     use super::*;
     use crate::domain::access::{Needs, Requester};
+    use crate::domain::merge::Change;
+    use crate::domain::model::Role;
     use serde_json::json;
 
     fn fixture() -> (tempfile::TempDir, SqliteStore) {

@@ -6,16 +6,19 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod binary;
+pub mod foreign;
 pub mod frames;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::sync::Once;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
 use futures::{SinkExt, StreamExt};
+use portal_sync::config::Synchronous;
+use portal_sync::domain::access::LibraryRole;
 use portal_sync::protocol::auth::Tokens;
-use portal_sync::store::sqlite::{self as db, Db, Synchronous, ViewRow};
+use portal_sync::store::{Store, ViewRow};
 use portal_sync::{Config, Error};
 use serde_json::{json, Map, Value};
 use tokio::net::TcpStream;
@@ -48,32 +51,47 @@ fn init_logs() {
 ///   `42` VIEWER (a numeric `sub`);
 /// - `lib2` owned by `outsider`, who has no role in `lib1`;
 /// - views `pv1`, `pv2` in `lib1` (state `{}`), `pv3` in `lib2`.
-pub fn seed(db: &Db) {
-    let c = db.conn().expect("conn");
+pub fn seed(store: &dyn Store) {
+    let admin = store.admin();
     for id in ["owner", "ed", "om", "v1", "v2", "42", "outsider"] {
-        db::add_user(&c, id, &format!("{id}@test"), id).expect("user");
+        admin.add_user(id, &format!("{id}@test"), id).expect("user");
     }
-    db::add_library(&c, "lib1", "Library 1", "owner").expect("lib1");
-    db::add_library(&c, "lib2", "Library 2", "outsider").expect("lib2");
+    admin
+        .add_library("lib1", "Library 1", "owner")
+        .expect("lib1");
+    admin
+        .add_library("lib2", "Library 2", "outsider")
+        .expect("lib2");
     for (user, role) in [
-        ("ed", "EDITOR"),
-        ("om", "OWNER"),
-        ("v1", "VIEWER"),
-        ("v2", "VIEWER"),
-        ("42", "VIEWER"),
+        ("ed", LibraryRole::Editor),
+        ("om", LibraryRole::Owner),
+        ("v1", LibraryRole::Viewer),
+        ("v2", LibraryRole::Viewer),
+        ("42", LibraryRole::Viewer),
     ] {
-        db::set_member(&c, "lib1", user, role).expect("member");
+        admin.set_member("lib1", user, role).expect("member");
     }
-    db::add_view(&c, "pv1", "lib1", "View 1", &Map::new()).expect("pv1");
-    db::add_view(&c, "pv2", "lib1", "View 2", &Map::new()).expect("pv2");
-    db::add_view(&c, "pv3", "lib2", "View 3", &Map::new()).expect("pv3");
+    admin
+        .add_view("pv1", "lib1", "View 1", &Map::new())
+        .expect("pv1");
+    admin
+        .add_view("pv2", "lib1", "View 2", &Map::new())
+        .expect("pv2");
+    admin
+        .add_view("pv3", "lib2", "View 3", &Map::new())
+        .expect("pv3");
+}
+
+/// Opens the store on a database file, as the server and the CLI do.
+pub fn open_store(path: &Path) -> Arc<dyn Store> {
+    portal_sync::engines::open(path, Synchronous::Normal).expect("open db")
 }
 
 pub struct TestApp {
     pub addr: SocketAddr,
     pub db_path: PathBuf,
     pub config: Config,
-    pub db: Db,
+    pub db: Arc<dyn Store>,
     tokens: Tokens,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), Error>>>,
@@ -90,8 +108,8 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     init_logs();
     let dir = tempfile::tempdir().expect("tempdir");
     let db_path = dir.path().join("portal.db");
-    let db = Db::open(&db_path, Synchronous::Normal).expect("open db");
-    seed(&db);
+    let db = open_store(&db_path);
+    seed(&*db);
     let mut config = Config::new(&db_path, SECRET);
     config.sqlite_synchronous = Synchronous::Normal;
     tweak(&mut config);
@@ -208,10 +226,9 @@ impl TestApp {
         open_ws(request).await
     }
 
-    /// The row as stored in SQLite right now.
+    /// The row as stored right now.
     pub fn stored(&self, view: &str) -> ViewRow {
-        let c = self.db.conn().expect("conn");
-        db::view(&c, view).expect("read").expect("view exists")
+        self.db.view(view).expect("read").expect("view exists")
     }
 
     pub fn stored_state(&self, view: &str) -> Value {
