@@ -2,11 +2,10 @@
 //! answer, the coalescing of forwards to the controllers, and the task that
 //! acts on their deadlines.
 //!
-//! A forwarded request used to carry the viewer's payload (up to 64 KB) to
-//! every controller, once per request: 32 tabs at 100 requests a second each
-//! knocked a presenter off as a slow consumer. Now a view's forwards go out at
-//! most once per window (the presence window, 100 ms) whatever the crowd does,
-//! without payload, and each request costs a map insert. Every requester is
+//! A view's forwards go out at most once per window (the presence window,
+//! 100 ms) whatever the crowd does, without payload, and each request costs a
+//! map insert, so that no crowd of viewers can make a presenter a slow
+//! consumer (see BENCHMARKS.md, "Why the code is shaped so"). Every requester is
 //! answered exactly once: the next committed controller `sync-response`
 //! reaches it as a broadcast anyway (it only has to be forgotten here), and
 //! one that none answered within `--sync-timeout` gets the server's own.
