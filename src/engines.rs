@@ -1,11 +1,15 @@
-//! The one place that picks the engines: the store from `--db`.
+//! The one place that picks the engines: the store from `--db`, the broker
+//! from `--redis-url`.
 
 use std::path::Path;
 use std::sync::Arc;
 
 use tokio::sync::watch;
 
+use crate::broker::local::Local;
+use crate::broker::redis::Redis;
 use crate::config::{Config, Synchronous};
+use crate::core::broker::Broker;
 use crate::core::context::Core;
 use crate::domain::error::Error;
 use crate::store::sqlite::SqliteStore;
@@ -30,5 +34,10 @@ pub async fn open_store(config: &Config) -> Result<Storage, Error> {
 /// Opens the engines and starts the live server on them.
 pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Core, Error> {
     let store = open_store(&config).await?;
-    Core::new(config, store, shutdown)
+    let parts = Core::prepare(config, store, shutdown)?;
+    let broker: Arc<dyn Broker> = match &parts.config.redis_url {
+        Some(url) => Redis::start(url, &parts)?,
+        None => Arc::new(Local::new(&parts)),
+    };
+    Core::start(parts, broker)
 }

@@ -2,31 +2,32 @@
 //! on a Redis channel, and each node delivers every view's versions to its own
 //! connections strictly in order, with no gaps and no duplicates.
 //!
-//! Versions are assigned by the SQLite transaction, so two nodes may publish
-//! versions 13 and 14 in either order, and Redis may drop messages while it
-//! restarts. Redis is therefore only the fast path: each change's broadcast is
-//! also stored in `portal_view_events` in the transaction that made it, and a
-//! version that arrives early makes the node read the missing ones from there
-//! (they committed before it, since writes serialize on the database). All
-//! deliveries, this node's own commits included, go through one task, the
-//! sequencer, which compares each version with the room's last delivered one
-//! (`Room::last_version` in the hub). A catch-up every second, and at once
-//! after Redis comes back, compares every local room with the stored version,
-//! so a change whose Redis message was lost still arrives within a second.
+//! Two nodes may publish versions 13 and 14 in either order, and Redis may
+//! drop messages while it restarts. Redis is therefore only the fast path:
+//! each change's broadcast is also stored in the transaction that made it, and
+//! `core::sequencer` fills what arrives early from there. All deliveries, this
+//! node's own commits included, go through one task, which hands them to the
+//! sequencer in order. A catch-up every second, and at once after Redis comes
+//! back, compares every local room with the stored version, so a change whose
+//! Redis message was lost still arrives within a second. Presence is shared
+//! too: each node's connections per view, and a heartbeat key per node.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::future::BoxFuture;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::core::hub::{CloseRequest, Hub, Summary};
-use crate::core::metrics::Metrics;
+use crate::core::broker::Broker;
+use crate::core::context::Parts;
+use crate::core::hub::{Broadcast, Hub, Summary};
+use crate::core::sequencer::Sequencer;
+use crate::core::shutdown::spawn_until;
 use crate::domain::error::Error;
-use crate::store::Storage;
 
 /// How often every local room is compared with the stored version, so that a
 /// broadcast lost on Redis is delivered from the database within this time.
@@ -36,14 +37,6 @@ const RECONNECT: Duration = Duration::from_millis(500);
 /// The subscriber pings Redis this often, so a half-open connection is noticed.
 const PING: Duration = Duration::from_secs(2);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// Sent to a room's connections when versions it needs are no longer stored
-/// (more than `store::EVENTS_KEPT` behind, or written by a node without Redis):
-/// they reconnect and resynchronise from `connected`.
-const RESYNC: CloseRequest = CloseRequest {
-    code: 1013,
-    reason: "try again later",
-};
 
 /// What travels on the Redis channel.
 #[derive(Serialize, Deserialize)]
@@ -63,14 +56,13 @@ struct Envelope {
     summary: Option<Summary>,
 }
 
-/// What the sequencer handles, in arrival order.
+/// What the delivery task handles, in arrival order.
 enum Event {
-    Change {
-        view: String,
-        version: i64,
-        node: String,
-        conn: Option<u64>,
-        message: String,
+    /// A view's broadcasts, this node's own commits or another node's (the
+    /// skipped connection already resolved for this node).
+    Changes {
+        view: Arc<str>,
+        frames: Vec<Broadcast>,
     },
     RequestSync {
         view: String,
@@ -86,10 +78,10 @@ enum Event {
     CatchUp,
 }
 
-/// This node's side of the cluster; cheap to share.
-pub struct Cluster {
+/// This node's side of the cluster.
+pub struct Redis {
     /// Random per process: tells our own messages from other nodes' ones.
-    pub node_id: Arc<str>,
+    node_id: Arc<str>,
     events: mpsc::UnboundedSender<Event>,
     publish: mpsc::UnboundedSender<String>,
     subscribed: Arc<AtomicBool>,
@@ -97,21 +89,14 @@ pub struct Cluster {
     sharing: Sharing,
 }
 
-impl Cluster {
-    /// Starts the subscriber, the publisher and the sequencer. Fails only on a
-    /// malformed URL: an unreachable Redis is retried in the background while
-    /// the node serves its own connections.
-    pub fn start(
-        url: &str,
-        prefix: &str,
-        db: Storage,
-        hub: Arc<Hub>,
-        metrics: Arc<Metrics>,
-        presence_window: Duration,
-        shutdown: watch::Receiver<bool>,
-    ) -> Result<Arc<Cluster>, Error> {
+impl Redis {
+    /// Starts the subscriber, the publisher, presence sharing and the
+    /// delivery task. Fails only on a malformed URL: an unreachable Redis is
+    /// retried in the background while the node serves its own connections.
+    pub fn start(url: &str, parts: &Parts) -> Result<Arc<Redis>, Error> {
         let client = redis::Client::open(url)
             .map_err(|e| Error::Internal(format!("invalid --redis-url: {e}")))?;
+        let prefix = &parts.config.redis_prefix;
         let channel = format!("{prefix}:events");
         let node_id: Arc<str> = crate::core::session::new_connection_id().into();
         let (events, events_rx) = mpsc::unbounded_channel();
@@ -122,11 +107,12 @@ impl Cluster {
             prefix: prefix.to_string(),
             channel: channel.clone(),
             node_id: node_id.clone(),
-            hub: hub.clone(),
+            hub: parts.hub.clone(),
             reload: reload.clone(),
-            window: presence_window,
+            window: parts.config.presence_batch,
         };
-        let cluster = Arc::new(Cluster {
+        let sequencer = parts.sequencer(Some(node_id.clone()));
+        let broker = Arc::new(Redis {
             node_id: node_id.clone(),
             events: events.clone(),
             publish,
@@ -134,102 +120,103 @@ impl Cluster {
             publishing: Arc::new(AtomicBool::new(false)),
             sharing: sharing.clone(),
         });
-        hub.share_presence();
+        parts.hub.share_presence();
+        let shutdown = &parts.shutdown;
         spawn_until(
             shutdown.clone(),
             subscribe(
                 client.clone(),
                 channel.clone(),
+                sequencer.clone(),
                 events,
-                cluster.subscribed.clone(),
-                reload.clone(),
+                broker.subscribed.clone(),
+                reload,
             ),
         );
         spawn_until(shutdown.clone(), share_presence(sharing));
         spawn_until(
             shutdown.clone(),
-            publisher(client, channel, publish_rx, cluster.publishing.clone()),
+            publisher(client, channel, publish_rx, broker.publishing.clone()),
         );
-        spawn_until(shutdown, sequencer(node_id, db, hub, metrics, events_rx));
-        Ok(cluster)
+        spawn_until(
+            shutdown.clone(),
+            in_order(node_id, sequencer, parts.hub.clone(), events_rx),
+        );
+        Ok(broker)
     }
 
-    /// At the end of a graceful shutdown (every local connection closed): tells
-    /// the other nodes at once, instead of letting them wait for this node's
-    /// heartbeat to expire. Best effort, bounded by a timeout.
-    pub async fn goodbye(&self) {
-        let s = &self.sharing;
-        let _ = tokio::time::timeout(REDIS_TIMEOUT, async {
-            let mut c = s.client.get_multiplexed_async_connection().await?;
-            s.reload.store(false, Ordering::Release);
-            share_once(s, &mut c, &mut Some(tokio::time::Instant::now())).await?;
-            redis::cmd("DEL")
-                .arg(format!("{}:node:{}", s.prefix, s.node_id))
-                .query_async::<()>(&mut c)
-                .await
-        })
-        .await;
-    }
-
-    /// Whether this node can reach Redis both ways (`/health`).
-    pub fn redis_up(&self) -> bool {
-        self.subscribed.load(Ordering::Acquire) && self.publishing.load(Ordering::Acquire)
-    }
-
-    /// A change this node committed: delivered locally through the sequencer
-    /// (so Redis being down does not hold it up) and published to the others.
-    pub fn committed(&self, view: &str, version: i64, conn: Option<u64>, message: String) {
-        let envelope = Envelope {
-            node: self.node_id.to_string(),
-            view: view.to_string(),
-            version,
-            conn,
-            message,
-            summary: None,
-        };
-        if let Ok(text) = serde_json::to_string(&envelope) {
-            let _ = self.publish.send(text);
-        }
-        let _ = self.events.send(Event::Change {
-            view: envelope.view,
-            version,
-            node: envelope.node,
-            conn,
-            message: envelope.message,
-        });
-    }
-
-    /// A viewer's `request-sync`, forwarded to the controllers on other nodes
-    /// (this node's own controllers got it directly). Called at most once per
-    /// view per window (see `sync_requests`); the answer to it is a
-    /// controller's `sync-response`, which reaches every node as a broadcast
-    /// and clears that view's waiting requesters there, or, after the timeout,
-    /// the server's own from the requester's node.
-    pub fn request_sync(&self, view: &str, message: &str) {
-        let envelope = Envelope {
-            node: self.node_id.to_string(),
-            view: view.to_string(),
-            version: 0,
-            conn: None,
-            message: message.to_string(),
-            summary: None,
-        };
-        if let Ok(text) = serde_json::to_string(&envelope) {
+    fn publish(&self, envelope: &Envelope) {
+        if let Ok(text) = serde_json::to_string(envelope) {
             let _ = self.publish.send(text);
         }
     }
 }
 
-fn spawn_until(
-    mut shutdown: watch::Receiver<bool>,
-    task: impl std::future::Future + Send + 'static,
-) {
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = shutdown.wait_for(|down| *down) => {}
-            _ = task => {}
+impl Broker for Redis {
+    fn node_id(&self) -> Option<Arc<str>> {
+        Some(self.node_id.clone())
+    }
+
+    /// This node's commits: published to the others, and delivered locally
+    /// through the delivery task (so Redis being down does not hold them up),
+    /// in order with the other nodes' changes.
+    fn deliver(&self, view_id: Arc<str>, frames: Vec<Broadcast>) {
+        for frame in &frames {
+            self.publish(&Envelope {
+                node: self.node_id.to_string(),
+                view: view_id.to_string(),
+                version: frame.version,
+                conn: frame.except,
+                message: frame.msg.to_text().unwrap_or_default().to_string(),
+                summary: None,
+            });
         }
-    });
+        let _ = self.events.send(Event::Changes {
+            view: view_id,
+            frames,
+        });
+    }
+
+    /// The answer to it is a controller's `sync-response`, which reaches
+    /// every node as a broadcast and clears that view's waiting requesters
+    /// there, or, after the timeout, the server's own from the requester's
+    /// node.
+    fn request_sync(&self, view_id: &str, forward: &Message) {
+        let Ok(message) = forward.to_text() else {
+            return;
+        };
+        self.publish(&Envelope {
+            node: self.node_id.to_string(),
+            view: view_id.to_string(),
+            version: 0,
+            conn: None,
+            message: message.to_string(),
+            summary: None,
+        });
+    }
+
+    /// Up when this node can reach Redis both ways.
+    fn reachable(&self) -> Option<bool> {
+        Some(self.subscribed.load(Ordering::Acquire) && self.publishing.load(Ordering::Acquire))
+    }
+
+    /// Shares this node's (now empty) presence and deletes its heartbeat key,
+    /// so the others need not wait for it to expire.
+    fn goodbye(&self) -> BoxFuture<'_, ()> {
+        Box::pin(async move {
+            let s = &self.sharing;
+            let _ = tokio::time::timeout(REDIS_TIMEOUT, async {
+                let mut c = s.client.get_multiplexed_async_connection().await?;
+                s.reload.store(false, Ordering::Release);
+                share_once(s, &mut c, &mut Some(tokio::time::Instant::now())).await?;
+                redis::cmd("DEL")
+                    .arg(format!("{}:node:{}", s.prefix, s.node_id))
+                    .query_async::<()>(&mut c)
+                    .await
+            })
+            .await;
+        })
+    }
 }
 
 /// Keeps one subscription to the channel, reconnecting for as long as it
@@ -237,6 +224,7 @@ fn spawn_until(
 async fn subscribe(
     client: redis::Client,
     channel: String,
+    sequencer: Sequencer,
     events: mpsc::UnboundedSender<Event>,
     up: Arc<AtomicBool>,
     reload: Arc<AtomicBool>,
@@ -264,12 +252,14 @@ async fn subscribe(
                                     let _ = events.send(Event::Presence { view, node, summary });
                                 }
                                 Ok(e) if e.version > 0 => {
-                                    let _ = events.send(Event::Change {
-                                        view: e.view,
+                                    let frame = Broadcast {
+                                        except: sequencer.except(&e.node, e.conn),
+                                        msg: Message::text(e.message),
                                         version: e.version,
-                                        node: e.node,
-                                        conn: e.conn,
-                                        message: e.message,
+                                    };
+                                    let _ = events.send(Event::Changes {
+                                        view: e.view.into(),
+                                        frames: vec![frame],
                                     });
                                 }
                                 Ok(e) => {
@@ -358,20 +348,14 @@ async fn publisher(
     }
 }
 
-/// Delivers every change to this node's rooms in version order.
-async fn sequencer(
+/// Hands every change to the sequencer in version order, and applies the
+/// other nodes' request-syncs and presence.
+async fn in_order(
     node_id: Arc<str>,
-    db: Storage,
+    sequencer: Sequencer,
     hub: Arc<Hub>,
-    metrics: Arc<Metrics>,
     mut rx: mpsc::UnboundedReceiver<Event>,
 ) {
-    let seq = Sequencer {
-        node_id,
-        db,
-        hub,
-        metrics,
-    };
     let mut tick = tokio::time::interval(CATCH_UP);
     let mut batch = Vec::with_capacity(1024);
     loop {
@@ -383,121 +367,43 @@ async fn sequencer(
                 // Versions that arrived together are put in order first, so
                 // a reordering within one read costs no database lookup.
                 let mut catch_up = false;
-                let mut changes = Vec::new();
+                let mut changes: Vec<(Arc<str>, Broadcast)> = Vec::new();
                 for event in batch.drain(..) {
                     match event {
-                        Event::Change { view, version, node, conn, message } => {
-                            changes.push((view, version, node, conn, message));
+                        Event::Changes { view, frames } => {
+                            changes.extend(frames.into_iter().map(|f| (view.clone(), f)));
                         }
                         Event::RequestSync { view, node, message } => {
                             // This node's own controllers got it directly; the
                             // others' forwards share its window (SPEC §3.1).
-                            if node != *seq.node_id {
-                                seq.hub.remote_request_sync(&view, Message::text(message));
+                            if node != *node_id {
+                                hub.remote_request_sync(&view, Message::text(message));
                             }
                         }
                         Event::Presence { view, node, summary } => {
-                            if node != *seq.node_id {
-                                seq.hub.apply_remote(&view, &node, Some(summary));
+                            if node != *node_id {
+                                hub.apply_remote(&view, &node, Some(summary));
                             }
                         }
                         Event::CatchUp => catch_up = true,
                     }
                 }
-                changes.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-                for (view, version, node, conn, message) in changes {
-                    seq.change(&view, version, &node, conn, message).await;
+                changes.sort_by(|a, b| (&a.0, a.1.version).cmp(&(&b.0, b.1.version)));
+                // Our own commits come back from Redis too.
+                changes.dedup_by(|a, b| a.0 == b.0 && a.1.version == b.1.version);
+                let mut changes = changes.into_iter().peekable();
+                while let Some((view, first)) = changes.next() {
+                    let mut frames = vec![first];
+                    while let Some((_, frame)) = changes.next_if(|(v, _)| *v == view) {
+                        frames.push(frame);
+                    }
+                    sequencer.deliver(&view, &frames).await;
                 }
                 if catch_up {
-                    seq.catch_up().await;
+                    sequencer.catch_up().await;
                 }
             }
-            _ = tick.tick() => seq.catch_up().await,
-        }
-    }
-}
-
-struct Sequencer {
-    node_id: Arc<str>,
-    db: Storage,
-    hub: Arc<Hub>,
-    metrics: Arc<Metrics>,
-}
-
-impl Sequencer {
-    async fn change(
-        &self,
-        view: &str,
-        version: i64,
-        node: &str,
-        conn: Option<u64>,
-        message: String,
-    ) {
-        // No local room: nobody here to tell; a later joiner reads the snapshot.
-        let Some(last) = self.hub.last_version(view) else {
-            return;
-        };
-        if version <= last {
-            return;
-        }
-        if version > last + 1 {
-            self.fill(view, last + 1, version - 1).await;
-        }
-        if self.hub.last_version(view) == Some(version - 1) {
-            self.deliver(view, version, node, conn, message);
-        }
-    }
-
-    fn deliver(&self, view: &str, version: i64, node: &str, conn: Option<u64>, message: String) {
-        let except = if node == &*self.node_id { conn } else { None };
-        let delivered = self
-            .hub
-            .broadcast(view, &Message::text(message), version, except);
-        self.metrics.deliveries.inc_by(delivered as u64);
-    }
-
-    /// Delivers `from..=to` from the stored events. Versions that are not
-    /// stored cannot be delivered in order: the room's sockets resynchronise.
-    async fn fill(&self, view: &str, from: i64, to: i64) {
-        let rows = match self.db.events_between(view, from, to).await {
-            Ok(rows) => rows,
-            Err(e) => {
-                e.log("reading stored broadcasts");
-                Vec::new()
-            }
-        };
-        log::debug!("{view}: versions {from}..={to} filled from the database");
-        for row in rows {
-            if self.hub.last_version(view) == Some(row.version - 1) {
-                self.deliver(view, row.version, &row.node, row.conn, row.message);
-            }
-        }
-        if self.hub.last_version(view).is_some_and(|last| last < to) {
-            let closed = self.hub.resync_room(view, to, RESYNC);
-            log::warn!("versions {from}..={to} of {view} are not stored: {closed} connection(s) resynchronise");
-        }
-    }
-
-    /// Brings every local room up to the stored version.
-    async fn catch_up(&self) {
-        let rooms = self.hub.room_versions();
-        if rooms.is_empty() {
-            return;
-        }
-        let ids: Vec<String> = rooms.iter().map(|(v, _)| v.to_string()).collect();
-        let stored = match self.db.versions(ids).await {
-            Ok(stored) => stored,
-            Err(e) => {
-                e.log("catching up with stored versions");
-                return;
-            }
-        };
-        for (view, version) in stored {
-            if let Some(last) = self.hub.last_version(&view) {
-                if version > last {
-                    self.fill(&view, last + 1, version).await;
-                }
-            }
+            _ = tick.tick() => sequencer.catch_up().await,
         }
     }
 }

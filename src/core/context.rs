@@ -7,11 +7,13 @@ use std::sync::Arc;
 
 use tokio::sync::{watch, Notify};
 
-use crate::broker::redis::Cluster;
 use crate::config::Config;
-use crate::core::hub::{Hub, Limits};
+use crate::core::broker::Broker;
+use crate::core::hub::{self, Hub, Limits};
 use crate::core::metrics::Metrics;
 use crate::core::revocation::{self, Nudge};
+use crate::core::sequencer::Sequencer;
+use crate::core::shutdown::spawn_until;
 use crate::core::sync_requests::{self, SyncTiming};
 use crate::core::writer::Writer;
 use crate::domain::error::Error;
@@ -27,8 +29,8 @@ pub struct Shared {
     pub store: Storage,
     pub hub: Arc<Hub>,
     pub writer: Writer,
-    /// Set with `--redis-url`: this node is one of several (see `cluster`).
-    pub cluster: Option<Arc<Cluster>>,
+    /// The other nodes, or none (see `core::broker`).
+    pub broker: Arc<dyn Broker>,
     pub tokens: Tokens,
     pub metrics: Arc<Metrics>,
     /// Asks the revocation watcher to look at the membership log now.
@@ -45,14 +47,37 @@ impl Deref for Core {
     }
 }
 
+/// The first step of starting: what a broker is built on (see
+/// [`Core::prepare`] and [`Core::start`]).
+pub struct Parts {
+    pub config: Config,
+    pub store: Storage,
+    pub hub: Arc<Hub>,
+    pub metrics: Arc<Metrics>,
+    pub shutdown: watch::Receiver<bool>,
+}
+
+impl Parts {
+    /// The delivery path to this node's connections, for a broker; `node` is
+    /// this node's id when it is one of several.
+    pub fn sequencer(&self, node: Option<Arc<str>>) -> Sequencer {
+        Sequencer::new(
+            self.hub.clone(),
+            self.store.clone(),
+            self.metrics.clone(),
+            node,
+        )
+    }
+}
+
 impl Core {
-    /// Starts the writer and the background tasks on an opened store. Must
-    /// run inside a tokio runtime.
-    pub fn new(
+    /// Checks the config and builds the rooms and the metrics on an opened
+    /// store; nothing runs yet.
+    pub fn prepare(
         config: Config,
-        db: Storage,
+        store: Storage,
         shutdown: watch::Receiver<bool>,
-    ) -> Result<Core, Error> {
+    ) -> Result<Parts, Error> {
         if config.jwt_secret.is_empty() {
             return Err(Error::Internal("a JWT secret is required".into()));
         }
@@ -67,53 +92,57 @@ impl Core {
                 timeout: config.sync_timeout,
             }),
         );
-        let metrics = Arc::new(Metrics::new());
-        let cluster = match &config.redis_url {
-            Some(url) => Some(Cluster::start(
-                url,
-                &config.redis_prefix,
-                db.clone(),
-                hub.clone(),
-                metrics.clone(),
-                config.presence_batch,
-                shutdown.clone(),
-            )?),
-            None => None,
-        };
+        Ok(Parts {
+            config,
+            store,
+            hub,
+            metrics: Arc::new(Metrics::new()),
+            shutdown,
+        })
+    }
+
+    /// Starts the writer and the background tasks, with `broker` carrying
+    /// changes to the other nodes. Must run inside a tokio runtime.
+    pub fn start(parts: Parts, broker: Arc<dyn Broker>) -> Result<Core, Error> {
+        let Parts {
+            config,
+            store,
+            hub,
+            metrics,
+            shutdown,
+        } = parts;
         let writer = Writer::spawn(
-            db.clone(),
-            hub.clone(),
+            store.clone(),
+            broker.clone(),
             metrics.clone(),
-            cluster.clone(),
             config.max_state_bytes,
         )?;
         let revocation_nudge = Nudge::default();
-        let stop = shutdown.clone();
-        tokio::spawn(until_shutdown(
-            stop.clone(),
+        spawn_until(
+            shutdown.clone(),
             revocation::watch(
-                db.clone(),
+                store.clone(),
                 hub.clone(),
                 metrics.clone(),
                 config.revocation_poll,
                 revocation_nudge.clone(),
             ),
-        ));
-        tokio::spawn(until_shutdown(
-            stop.clone(),
-            sync_requests::run(hub.clone(), writer.clone(), cluster.clone()),
-        ));
-        tokio::spawn(until_shutdown(
-            stop,
-            flush_presence(hub.clone(), metrics.clone(), config.presence_batch),
-        ));
+        );
+        spawn_until(
+            shutdown.clone(),
+            sync_requests::run(hub.clone(), writer.clone(), broker.clone()),
+        );
+        spawn_until(
+            shutdown.clone(),
+            hub::flush_every(hub.clone(), metrics.clone(), config.presence_batch),
+        );
         let tokens = Tokens::new(config.jwt_secret.as_bytes(), config.jwt_leeway);
         Ok(Core(Arc::new(Shared {
             config,
-            store: db,
+            store,
             hub,
             writer,
-            cluster,
+            broker,
             tokens,
             metrics,
             revocation_nudge,
@@ -153,26 +182,6 @@ impl Core {
             }
             notified.await;
         }
-    }
-}
-
-/// Runs a background task until the server shuts down.
-async fn until_shutdown(mut shutdown: watch::Receiver<bool>, task: impl std::future::Future) {
-    tokio::select! {
-        _ = shutdown.wait_for(|down| *down) => {}
-        _ = task => {}
-    }
-}
-
-/// SPEC §3.3's batching: after the first change, wait one window and send
-/// everything that piled up as one event per controller. A crowd of any size
-/// costs each controller at most one presence event per window.
-async fn flush_presence(hub: Arc<Hub>, metrics: Arc<Metrics>, window: std::time::Duration) {
-    loop {
-        hub.presence_changed().await;
-        tokio::time::sleep(window).await;
-        let sent = hub.flush_presence();
-        metrics.presence_events.inc_by(sent as u64);
     }
 }
 

@@ -1,11 +1,15 @@
 //! The live server, whatever the transport and the engines: rooms and
 //! outboxes, the write path and its ordering, sessions, rates, revocation.
 
+pub mod broker;
 pub mod context;
 pub mod hub;
+pub mod lock;
 pub mod metrics;
 pub mod rest_rate;
 pub mod revocation;
+pub mod sequencer;
 pub mod session;
+pub mod shutdown;
 pub mod sync_requests;
 pub mod writer;

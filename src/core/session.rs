@@ -15,6 +15,8 @@ use warp::http::{header, HeaderMap};
 
 use crate::core::context::Core;
 use crate::core::hub::{CloseRequest, Joiner, Outbox, Outgoing, SyncAsked};
+/// The transports lock rate buckets and stream maps the same way.
+pub(crate) use crate::core::lock::lock;
 use crate::core::writer::{Job, Reply, ReplyTo, Snapshot};
 use crate::domain::error::Error;
 use crate::domain::model::Role;
@@ -438,11 +440,6 @@ impl Session {
     }
 }
 
-/// Locks a session's rate bucket; a poisoned lock still holds a usable bucket.
-pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
 /// SPEC §3.1 for one inbound message, whatever carried it: the rate verdict
 /// (the caller owns the bucket) → parse → check against the role → apply.
 /// Replies go to `reply`; a POST is answered exactly once on every path.
@@ -534,10 +531,8 @@ pub(crate) async fn handle(
                 None => SyncAsked::AnswerNow(id),
             };
             match asked {
-                SyncAsked::Forwarded(msg) => {
-                    if let (Some(cluster), Ok(text)) = (&ctx.cluster, msg.to_text()) {
-                        cluster.request_sync(view_id, text);
-                    }
+                SyncAsked::Forwarded(forward) => {
+                    ctx.broker.request_sync(view_id, &forward);
                     reply.reply(None);
                 }
                 SyncAsked::Waiting => reply.reply(None),

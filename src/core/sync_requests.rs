@@ -2,11 +2,10 @@
 //! answer, the coalescing of forwards to the controllers, and the task that
 //! acts on their deadlines.
 //!
-//! A forwarded request used to carry the viewer's payload (up to 64 KB) to
-//! every controller, once per request: 32 tabs at 100 requests a second each
-//! knocked a presenter off as a slow consumer. Now a view's forwards go out at
-//! most once per window (the presence window, 100 ms) whatever the crowd does,
-//! without payload, and each request costs a map insert. Every requester is
+//! A view's forwards go out at most once per window (the presence window,
+//! 100 ms) whatever the crowd does, without payload, and each request costs a
+//! map insert, so that no crowd of viewers can make a presenter a slow
+//! consumer (see BENCHMARKS.md, "Why the code is shaped so"). Every requester is
 //! answered exactly once: the next committed controller `sync-response`
 //! reaches it as a broadcast anyway (it only has to be forgotten here), and
 //! one that none answered within `--sync-timeout` gets the server's own.
@@ -19,7 +18,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::broker::redis::Cluster;
+use crate::core::broker::Broker;
 use crate::core::hub::Hub;
 use crate::core::writer::{Job, ReplyTo, Snapshot, Writer};
 use crate::protocol;
@@ -230,11 +229,11 @@ fn forward(user_id: &str, connection_id: &str) -> Message {
 }
 
 /// Acts on the rooms' deadlines: sends the forwards owed at the end of a
-/// window (to this node's controllers, which the hub does, and to the other
-/// nodes), and answers requesters whose wait is over with the server's own
+/// window (to this node's controllers, which the hub does, and through the
+/// broker to the other nodes), and answers requesters whose wait is over with the server's own
 /// `sync-response`. It goes through the writer, as `Job::Snapshot` does for a
 /// view without controllers, so that it is ordered with the view's broadcasts.
-pub async fn run(hub: Arc<Hub>, writer: Writer, cluster: Option<Arc<Cluster>>) {
+pub async fn run(hub: Arc<Hub>, writer: Writer, broker: Arc<dyn Broker>) {
     loop {
         let scheduled = hub.sync_scheduled();
         match hub.next_sync_deadline() {
@@ -252,10 +251,8 @@ pub async fn run(hub: Arc<Hub>, writer: Writer, cluster: Option<Arc<Cluster>>) {
             Some(_) => {}
         }
         for due in hub.take_due_syncs(Instant::now()) {
-            if let (Some(cluster), Some(Ok(text))) =
-                (&cluster, due.to_nodes.as_ref().map(Message::to_text))
-            {
-                cluster.request_sync(&due.view_id, text);
+            if let Some(forward) = &due.to_nodes {
+                broker.request_sync(&due.view_id, forward);
             }
             for (outbox, id) in due.answers {
                 let job = Job::Snapshot(Snapshot {

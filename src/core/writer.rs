@@ -3,10 +3,11 @@
 //!
 //! Every state change, from any WebSocket or REST request, goes through this one
 //! queue. That is what makes the ordering promise of SPEC §3.2 cheap: versions
-//! are assigned by the SQLite transaction, and the same task that committed them
-//! pushes the broadcasts into every outbox before it commits the next batch, so
-//! each connection sees a view's versions in order. An update is acknowledged
-//! and broadcast only after its transaction has committed.
+//! are assigned by the store's transaction, and one task hands each committed
+//! batch's broadcasts to the broker (which, on one node, pushes them into every
+//! outbox there and then) before it takes the next batch, so each connection
+//! sees a view's versions in order. An update is acknowledged and broadcast
+//! only after its transaction has committed.
 
 use std::io::Write;
 use std::sync::Arc;
@@ -15,8 +16,8 @@ use serde_json::value::RawValue;
 use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::broker::redis::Cluster;
-use crate::core::hub::{Broadcast, CloseRequest, Hub, Outbox};
+use crate::core::broker::Broker;
+use crate::core::hub::{Broadcast, CloseRequest, Outbox};
 use crate::core::metrics::Metrics;
 use crate::domain::error::Error;
 use crate::domain::merge::Change;
@@ -157,44 +158,33 @@ pub struct Writer {
 }
 
 impl Writer {
-    /// Starts the writer: SQLite on a thread of its own, and the broadcasts and
-    /// replies of each committed batch in one tokio task.
+    /// Starts the writer: the store on a thread of its own, and the
+    /// broadcasts and replies of each committed batch in one tokio task, so
+    /// that the fan-out's wake-ups go to a worker's own queue rather than
+    /// through the runtime's shared injection queue. The thread hands a batch
+    /// over by ringing a doorbell (a socket pair), whose readiness a worker's
+    /// I/O driver picks up next, instead of waking the task from outside the
+    /// runtime behind the previous fan-out's crowd of sessions. (Both were
+    /// measured; see BENCHMARKS.md, "Why the code is shaped so".)
     ///
-    /// Why split: as a single task, every batch went to a blocking thread for
-    /// SQLite and came back through the runtime's injection queue, behind the
-    /// session tasks the last fan-out had woken. As a single thread, it woke
-    /// each of 5,000 sessions from outside the runtime, one injection-queue
-    /// push (a shared lock) each, while the OS shared the cores among more
-    /// threads: pushing one update to 5,000 viewers took 7.8 ms at the median
-    /// and 37 ms at p99. From a task, the wake-ups go to the worker's own queue,
-    /// as in the `limit` peer (see BENCHMARKS.md).
-    ///
-    /// With a `cluster`, broadcasts go through it (stored with the change,
-    /// published, delivered in order) instead of straight to the hub.
-    ///
-    /// The hand-off itself rings a doorbell (a socket pair) rather than waking
-    /// the task directly: a wake from outside the runtime is queued behind
-    /// every task in its shared injection queue, where the previous fan-out's
-    /// crowd of sessions overflowed, so each update waited for one whole
-    /// fan-out (28 ms at 5,000 viewers) before its own began. A socket's
-    /// readiness is picked up by a worker's I/O driver and runs next, as the
-    /// `limit` peer's inbound frames do.
+    /// The broker delivers each batch's broadcasts: on one node straight into
+    /// the hub, from the delivery task; with several, stored with the change,
+    /// published and delivered in order.
     ///
     /// `max_state_bytes` is SPEC §5's `--max-state-bytes`, enforced on every
     /// change as it is applied.
     pub fn spawn(
         db: Storage,
-        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
         metrics: Arc<Metrics>,
-        cluster: Option<Arc<Cluster>>,
         max_state_bytes: usize,
     ) -> Result<Writer, Error> {
         let (tx, rx) = mpsc::channel(QUEUE);
         let (committed, batches) = mpsc::channel(COMMITTED);
         let (bell, ringer) = doorbell()
             .map_err(|e| Error::Internal(format!("creating the writer's doorbell: {e}")))?;
-        let node = cluster.as_ref().map(|c| c.node_id.clone());
-        tokio::spawn(deliver(hub, metrics.clone(), cluster, batches, bell));
+        let node = broker.node_id();
+        tokio::spawn(deliver(broker, metrics.clone(), batches, bell));
         std::thread::Builder::new()
             .name("writer".into())
             .spawn(move || run(db, metrics, node, max_state_bytes, rx, committed, ringer))
@@ -311,9 +301,8 @@ fn doorbell() -> std::io::Result<(tokio::net::UnixStream, std::os::unix::net::Un
 
 /// Broadcasts and answers committed batches, in commit order.
 async fn deliver(
-    hub: Arc<Hub>,
+    broker: Arc<dyn Broker>,
     metrics: Arc<Metrics>,
-    cluster: Option<Arc<Cluster>>,
     mut batches: mpsc::Receiver<Committed>,
     bell: tokio::net::UnixStream,
 ) {
@@ -361,36 +350,43 @@ async fn deliver(
                         .unwrap_or_else(|| Err(Error::Storage("batch failed".into()))),
                 ),
             };
-            finish(&hub, &metrics, cluster.as_deref(), &mut fanout, job, result);
+            fanout.finish(&*broker, &metrics, job, result);
         }
-        fanout.flush(&hub, &metrics);
+        fanout.flush(&*broker);
         metrics.fanout_seconds.observe(at.elapsed().as_secs_f64());
     }
 }
 
-/// A batch's WebSocket broadcasts and acks, held back so that each view's
-/// broadcasts go out together: pushing them one change at a time locked and
-/// woke every connection once per change, and was the writer's main cost when
-/// a controller sent back to back (`Outbox::push` was 18% of the server's
-/// samples with 5,000 viewers; see BENCHMARKS.md).
+/// A batch's broadcasts and replies, held back so that each view's broadcasts
+/// go out together: pushing them one change at a time locked and woke every
+/// connection once per change (see BENCHMARKS.md).
 ///
-/// Everything a connection gets stays in commit order: acks and replies are
-/// pushed after the broadcasts before them, and anything that is not held back
-/// (a REST broadcast, a server sync-response, a barrier) flushes first.
+/// Everything a connection gets stays in commit order: replies go after the
+/// broadcasts before them, and what cannot wait for the end of the batch (a
+/// server sync-response, a failure's close, a barrier) flushes first. A REST
+/// change's broadcast is one of its view's like any other, and SPEC §4's
+/// `broadcast_portal_view_update` is this path: it goes to every connection
+/// of the view, the caller's own sockets included, tagged `"source":"rest"`,
+/// and the REST response is sent once it is queued.
 #[derive(Default)]
 struct Fanout {
     /// Per view, in order of first appearance: its broadcasts in version order.
     views: Vec<(Arc<str>, Vec<Broadcast>)>,
-    /// Replies to the batch's messages, sent after its broadcasts.
-    acks: Vec<(ReplyTo, Due)>,
+    /// Answers to the batch's jobs, sent after its broadcasts.
+    replies: Vec<Due>,
 }
 
-/// What a client message is answered once its batch has committed.
+/// What a job is answered once its batch's broadcasts are out.
 enum Due {
     /// The `ack`, or nothing for a change without an `id`.
-    Reply(Option<Message>),
+    Reply(ReplyTo, Option<Message>),
     /// A refusal that keeps the connection open (`state too large`).
-    Refuse(Error, Option<Box<RawValue>>),
+    Refuse(ReplyTo, Error, Option<Box<RawValue>>),
+    /// A REST request's stored view.
+    Rest(
+        oneshot::Sender<Result<ViewRow, Error>>,
+        Result<ViewRow, Error>,
+    ),
 }
 
 impl Fanout {
@@ -401,16 +397,100 @@ impl Fanout {
         }
     }
 
-    fn flush(&mut self, hub: &Hub, metrics: &Metrics) {
+    fn flush(&mut self, broker: &dyn Broker) {
         for (view_id, frames) in self.views.drain(..) {
-            let delivered = hub.broadcast_many(&view_id, &frames);
-            metrics.deliveries.inc_by(delivered as u64);
+            broker.deliver(view_id, frames);
         }
-        for (to, due) in self.acks.drain(..) {
+        for due in self.replies.drain(..) {
             match due {
-                Due::Reply(msg) => to.reply(msg),
-                Due::Refuse(error, id) => to.refuse(error, id),
+                Due::Reply(to, msg) => to.reply(msg),
+                Due::Refuse(to, error, id) => to.refuse(error, id),
+                Due::Rest(tx, row) => {
+                    let _ = tx.send(row);
+                }
             }
+        }
+    }
+
+    /// Broadcasts and answers one job after its batch committed (or failed).
+    fn finish(
+        &mut self,
+        broker: &dyn Broker,
+        metrics: &Metrics,
+        job: Pending,
+        result: Option<Result<Stored, Error>>,
+    ) {
+        match job {
+            Pending::Barrier(done) => {
+                self.flush(broker);
+                let _ = done.send(());
+            }
+            Pending::Change {
+                view_id,
+                message_type,
+                payload,
+                author,
+                reply,
+            } => {
+                let mut result = result.unwrap_or_else(|| Err(Error::Internal("no result".into())));
+                if let Ok(stored) = &mut result {
+                    metrics.broadcasts.inc();
+                    // As stored for the other nodes, or rendered now: the same text.
+                    let msg = match stored.event.take() {
+                        Some(text) => Message::text(text),
+                        None => author.broadcast(message_type, &payload, stored.version),
+                    };
+                    let frame = Broadcast {
+                        msg,
+                        version: stored.version,
+                        except: author.skips(),
+                    };
+                    self.broadcast(&view_id, frame);
+                }
+                match reply {
+                    Reply::Rest(tx) => {
+                        let row = result.and_then(|stored| {
+                            stored
+                                .row
+                                .ok_or_else(|| Error::Internal("row not returned".into()))
+                        });
+                        self.replies.push(Due::Rest(tx, row));
+                    }
+                    Reply::Message { to, id } => match result {
+                        Ok(stored) => {
+                            let ack = id.map(|id| protocol::ack(&id, stored.version));
+                            self.replies.push(Due::Reply(to, ack));
+                        }
+                        Err(e) => match e.as_message_refusal() {
+                            // In order with the batch's other replies; the
+                            // connection stays open.
+                            Some(refusal) => self.replies.push(Due::Refuse(to, refusal, id)),
+                            None => {
+                                // Replies held back for this connection go
+                                // before its close.
+                                self.flush(broker);
+                                to.fail(e);
+                            }
+                        },
+                    },
+                }
+            }
+            Pending::Snapshot(Snapshot { to, id, view_id }) => match result {
+                Some(Ok(Stored { row: Some(row), .. })) => {
+                    // Its state includes the broadcasts before it, so they go first.
+                    self.flush(broker);
+                    to.reply(Some(protocol::server_sync_response(
+                        &row.state,
+                        row.version,
+                        id.as_deref(),
+                    )));
+                }
+                Some(Err(e)) => {
+                    self.flush(broker);
+                    to.fail(e);
+                }
+                _ => log::error!("snapshot of {view_id} returned no row"),
+            },
         }
     }
 }
@@ -498,116 +578,6 @@ fn split(job: Job, node: Option<&Arc<str>>) -> (Option<StoreOp>, Pending) {
             Pending::Snapshot(snapshot),
         ),
         Job::Barrier(done) => (None, Pending::Barrier(done)),
-    }
-}
-
-/// SPEC §4's `broadcast_portal_view_update`: a REST change reaches every
-/// connection of the view, the caller's own sockets included, tagged
-/// `"source":"rest"`. Returns how many connections it was queued for.
-pub fn broadcast_portal_view_update(
-    hub: &Hub,
-    view_id: &str,
-    patch: &RawValue,
-    version: i64,
-    user_id: &str,
-) -> usize {
-    let author = Author {
-        user_id: user_id.into(),
-        via: Via::Rest,
-    };
-    let msg = author.broadcast("portal-view-update", patch, version);
-    hub.broadcast(view_id, &msg, version, None)
-}
-
-/// Broadcasts and answers one job after its batch committed (or failed).
-fn finish(
-    hub: &Hub,
-    metrics: &Metrics,
-    cluster: Option<&Cluster>,
-    fanout: &mut Fanout,
-    job: Pending,
-    result: Option<Result<Stored, Error>>,
-) {
-    match job {
-        Pending::Barrier(done) => {
-            fanout.flush(hub, metrics);
-            let _ = done.send(());
-        }
-        Pending::Change {
-            view_id,
-            message_type,
-            payload,
-            author,
-            reply,
-        } => {
-            let mut result = result.unwrap_or_else(|| Err(Error::Internal("no result".into())));
-            if let (Some(cluster), Ok(stored)) = (cluster, &mut result) {
-                // The cluster's sequencer delivers it, in order with the
-                // other nodes' changes, and counts the deliveries.
-                let text = stored.event.take().unwrap_or_default();
-                cluster.committed(&view_id, stored.version, author.skips(), text);
-                metrics.broadcasts.inc();
-            } else if let Ok(stored) = &result {
-                metrics.broadcasts.inc();
-                if let Via::Rest = author.via {
-                    // Not held back: it goes to every connection at once.
-                    fanout.flush(hub, metrics);
-                    let delivered = broadcast_portal_view_update(
-                        hub,
-                        &view_id,
-                        &payload,
-                        stored.version,
-                        &author.user_id,
-                    );
-                    metrics.deliveries.inc_by(delivered as u64);
-                } else {
-                    let frame = Broadcast {
-                        msg: author.broadcast(message_type, &payload, stored.version),
-                        version: stored.version,
-                        except: author.skips(),
-                    };
-                    fanout.broadcast(&view_id, frame);
-                }
-            }
-            match reply {
-                Reply::Rest(tx) => {
-                    let _ = tx.send(result.and_then(|stored| {
-                        stored
-                            .row
-                            .ok_or_else(|| Error::Internal("row not returned".into()))
-                    }));
-                }
-                Reply::Message { to, id } => match result {
-                    Ok(stored) => {
-                        let ack = id.map(|id| protocol::ack(&id, stored.version));
-                        fanout.acks.push((to, Due::Reply(ack)));
-                    }
-                    Err(e) => match e.as_message_refusal() {
-                        // In order with the batch's other replies; the
-                        // connection stays open.
-                        Some(refusal) => fanout.acks.push((to, Due::Refuse(refusal, id))),
-                        None => {
-                            // Acks held back for this connection go before its close.
-                            fanout.flush(hub, metrics);
-                            to.fail(e);
-                        }
-                    },
-                },
-            }
-        }
-        Pending::Snapshot(Snapshot { to, id, view_id }) => match result {
-            Some(Ok(Stored { row: Some(row), .. })) => {
-                // Its state includes the broadcasts before it, so they go first.
-                fanout.flush(hub, metrics);
-                to.reply(Some(protocol::server_sync_response(
-                    &row.state,
-                    row.version,
-                    id.as_deref(),
-                )));
-            }
-            Some(Err(e)) => to.fail(e),
-            _ => log::error!("snapshot of {view_id} returned no row"),
-        },
     }
 }
 

@@ -40,8 +40,7 @@ pub(crate) fn health(ctx: Ctx) -> BoxedFilter<(Response,)> {
                     // changes still arrive through the database), so the
                     // status stays 200 "ok" as SPEC §4 has it, with the
                     // degradation named (README: Running several nodes).
-                    if let Some(cluster) = &ctx.cluster {
-                        let up = cluster.redis_up();
+                    if let Some(up) = ctx.broker.reachable() {
                         body["redis"] = json!(if up { "up" } else { "down" });
                     }
                     json_response(StatusCode::OK, &body)

@@ -116,9 +116,7 @@ pub async fn run(
     }
     // Everything accepted before the stop is committed before we return.
     ctx.writer.barrier().await;
-    if let Some(cluster) = &ctx.cluster {
-        cluster.goodbye().await;
-    }
+    ctx.broker.goodbye().await;
     log::info!("stopped");
     Ok(())
 }
