@@ -8,7 +8,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::core::broker::Broker;
 use crate::core::context::Parts;
-use crate::core::hub::Broadcast;
+use crate::core::delivery::Broadcast;
 use crate::core::sequencer::Sequencer;
 
 pub struct Local {

@@ -24,7 +24,8 @@ use tokio_tungstenite::tungstenite::Message;
 
 use crate::core::broker::Broker;
 use crate::core::context::Parts;
-use crate::core::hub::{Broadcast, Hub, Summary};
+use crate::core::delivery::Broadcast;
+use crate::core::hub::{Hub, Summary};
 use crate::core::sequencer::Sequencer;
 use crate::core::shutdown::spawn_until;
 use crate::domain::error::Error;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use futures::future::BoxFuture;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::core::hub::Broadcast;
+use crate::core::delivery::Broadcast;
 
 pub trait Broker: Send + Sync {
     /// This node's id when it is one of several. Each change then carries its

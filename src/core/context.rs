@@ -14,7 +14,8 @@ use crate::core::metrics::Metrics;
 use crate::core::revocation::{self, Nudge};
 use crate::core::sequencer::Sequencer;
 use crate::core::shutdown::spawn_until;
-use crate::core::sync_requests::{self, SyncTiming};
+use crate::core::sync_deadlines;
+use crate::core::sync_requests::SyncTiming;
 use crate::core::writer::Writer;
 use crate::domain::error::Error;
 use crate::protocol::auth::Tokens;
@@ -130,7 +131,7 @@ impl Core {
         );
         spawn_until(
             shutdown.clone(),
-            sync_requests::run(hub.clone(), writer.clone(), broker.clone()),
+            sync_deadlines::run(hub.clone(), writer.clone(), broker.clone()),
         );
         spawn_until(
             shutdown.clone(),

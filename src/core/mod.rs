@@ -3,6 +3,7 @@
 
 pub mod broker;
 pub mod context;
+pub mod delivery;
 pub mod hub;
 pub mod lock;
 pub mod metrics;
@@ -11,5 +12,6 @@ pub mod revocation;
 pub mod sequencer;
 pub mod session;
 pub mod shutdown;
+pub mod sync_deadlines;
 pub mod sync_requests;
 pub mod writer;

@@ -1,6 +1,7 @@
 //! Viewers' `request-sync` per view (SPEC §3.1): who still waits for an
-//! answer, the coalescing of forwards to the controllers, and the task that
-//! acts on their deadlines.
+//! answer and the coalescing of forwards to the controllers, as a state
+//! machine the hub's room holds. The task that acts on its deadlines is
+//! `core::sync_deadlines`.
 //!
 //! A view's forwards go out at most once per window (the presence window,
 //! 100 ms) whatever the crowd does, without payload, and each request costs a
@@ -18,9 +19,6 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-use crate::core::broker::Broker;
-use crate::core::hub::Hub;
-use crate::core::writer::{Job, ReplyTo, Snapshot, Writer};
 use crate::protocol;
 
 /// The two durations of SPEC §3.1's request-sync.
@@ -226,46 +224,6 @@ fn forward(user_id: &str, connection_id: &str) -> Message {
         user_id,
         connection_id: Some(connection_id),
     })
-}
-
-/// Acts on the rooms' deadlines: sends the forwards owed at the end of a
-/// window (to this node's controllers, which the hub does, and through the
-/// broker to the other nodes), and answers requesters whose wait is over with the server's own
-/// `sync-response`. It goes through the writer, as `Job::Snapshot` does for a
-/// view without controllers, so that it is ordered with the view's broadcasts.
-pub async fn run(hub: Arc<Hub>, writer: Writer, broker: Arc<dyn Broker>) {
-    loop {
-        let scheduled = hub.sync_scheduled();
-        match hub.next_sync_deadline() {
-            None => {
-                scheduled.await;
-                continue;
-            }
-            Some(at) if at > Instant::now() => {
-                tokio::select! {
-                    _ = tokio::time::sleep_until(at) => {}
-                    // Something earlier may have been scheduled: look again.
-                    _ = scheduled => continue,
-                }
-            }
-            Some(_) => {}
-        }
-        for due in hub.take_due_syncs(Instant::now()) {
-            if let Some(forward) = &due.to_nodes {
-                broker.request_sync(&due.view_id, forward);
-            }
-            for (outbox, id) in due.answers {
-                let job = Job::Snapshot(Snapshot {
-                    view_id: due.view_id.clone(),
-                    to: ReplyTo::Outbox(outbox),
-                    id,
-                });
-                if writer.submit(job).await.is_err() {
-                    return;
-                }
-            }
-        }
-    }
 }
 
 #[cfg(test)]

@@ -17,7 +17,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::core::broker::Broker;
-use crate::core::hub::{Broadcast, CloseRequest, Outbox};
+use crate::core::delivery::Broadcast;
+use crate::core::hub::{CloseRequest, Outbox};
 use crate::core::metrics::Metrics;
 use crate::domain::error::Error;
 use crate::domain::merge::Change;

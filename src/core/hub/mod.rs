@@ -1,7 +1,9 @@
 //! The shared state of live connections: which connections watch which portal
 //! view (rooms), the connection limits, revocation, and each connection's
 //! outbound queue ([`Outbox`]). Presence news, other nodes' connections and
-//! request-sync deadlines each have a file of their own below.
+//! request-sync deadlines each have a file of their own below, which owns
+//! their data; the `impl Hub` is all here, so that files only import
+//! downwards (this one → its children → `room` → `outbox`).
 //!
 //! Everything here is behind `std::sync::Mutex`, never `tokio::sync::Mutex`:
 //! every critical section is a few map operations or queue pushes and nothing
@@ -16,33 +18,29 @@ mod presence;
 mod remote;
 mod room;
 mod sync;
+#[cfg(test)]
+mod tests;
 
-use std::collections::{BinaryHeap, HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use tokio::sync::Notify;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 pub use outbox::{Batch, CloseRequest, Outbox, Outgoing, ACCESS_REVOKED, SLOW_CONSUMER};
-pub use presence::flush_every;
 pub use remote::Summary;
 pub use sync::{DueSync, SyncAsked};
 
+use crate::core::delivery::{self, Broadcast, Offered};
 use crate::core::lock::lock;
-use crate::core::sequencer::{self, Offered};
+use crate::core::metrics::Metrics;
 use crate::core::sync_requests::SyncTiming;
 use crate::domain::model::{Presence, Role};
 use crate::protocol;
 use room::{Member, Room, RoomInner};
-
-/// One state-change broadcast, as the sequencer delivers it.
-pub struct Broadcast {
-    pub msg: Message,
-    pub version: i64,
-    /// The sending connection's hub key: it does not get its own change back.
-    pub except: Option<u64>,
-}
 
 /// Connection limits (SPEC §5).
 #[derive(Debug, Clone, Copy)]
@@ -76,21 +74,18 @@ pub struct Hub {
     next_key: AtomicU64,
     connections: AtomicU64,
     /// Rooms whose presence changed since the last flush.
-    dirty: Mutex<Vec<Arc<Room>>>,
-    presence_changed: Notify,
+    dirty: presence::Dirty,
     /// Bumped by every revocation, so a handshake that looked up its access
     /// before one and joined after it knows to look again.
     revocations: AtomicU64,
     /// Other nodes' connections.
     remote: Mutex<remote::Remote>,
     /// Views whose local connections changed since this node last told the
-    /// others (see [`Hub::take_summaries`]); `None` unless presence is shared.
-    shared: Mutex<Option<HashSet<Arc<str>>>>,
+    /// others (see [`Hub::take_summaries`]).
+    shared: remote::Shared,
     sync_timing: SyncTiming,
-    /// Rooms with a request-sync deadline, earliest first (a room may be in
-    /// it more than once; a stale entry finds nothing to do).
-    sync_due: Mutex<BinaryHeap<sync::SyncDeadline>>,
-    sync_scheduled: Notify,
+    /// Rooms with a request-sync deadline.
+    sync_due: sync::Deadlines,
 }
 
 impl Default for Hub {
@@ -134,14 +129,12 @@ impl Hub {
             limits,
             next_key: AtomicU64::new(0),
             connections: AtomicU64::new(0),
-            dirty: Mutex::new(Vec::new()),
-            presence_changed: Notify::new(),
+            dirty: presence::Dirty::default(),
             revocations: AtomicU64::new(0),
             remote: Mutex::new(remote::Remote::default()),
-            shared: Mutex::new(None),
+            shared: remote::Shared::default(),
             sync_timing: SyncTiming::default(),
-            sync_due: Mutex::new(BinaryHeap::new()),
-            sync_scheduled: Notify::new(),
+            sync_due: sync::Deadlines::default(),
         }
     }
 
@@ -204,7 +197,7 @@ impl Hub {
         drop(rooms);
         let key = self.next_key.fetch_add(1, Ordering::Relaxed);
         self.connections.fetch_add(1, Ordering::Relaxed);
-        self.shared_changed(&room.view_id);
+        self.shared.changed(&room.view_id);
         let person = (user_id.clone(), role);
         let first_tab = !inner.is_present(&person);
         // Only other controllers care; with none online there is nothing to tell.
@@ -214,7 +207,7 @@ impl Hub {
             if first_tab {
                 inner.record(&user_id, role, true);
             }
-            self.mark_dirty(&room, &mut inner);
+            self.dirty.mark(&room, &mut inner);
         }
         let joined_seq = inner.seq;
         if role == Role::Controller {
@@ -262,7 +255,7 @@ impl Hub {
                 rooms.per_user.remove(&member.user_id);
             }
         }
-        self.shared_changed(&room.view_id);
+        self.shared.changed(&room.view_id);
         if inner.members.is_empty() {
             rooms.by_view.remove(view_id);
             return;
@@ -274,7 +267,7 @@ impl Hub {
             if last_tab {
                 inner.record(&person.0, person.1, false);
             }
-            self.mark_dirty(&room, &mut inner);
+            self.dirty.mark(&room, &mut inner);
         }
     }
 
@@ -290,14 +283,14 @@ impl Hub {
     }
 
     /// The one way a broadcast reaches connections (the sequencer's): queues
-    /// the frames of a view that [`sequencer::in_order`] admits after the
+    /// the frames of a view that [`delivery::in_order`] admits after the
     /// room's last delivered version, each connection's in one push with one
     /// wake-up, none to its own sender. A frame is shared, not copied, per
     /// recipient. `None` when this node has no room for the view.
     pub fn deliver(&self, view_id: &str, frames: &[Broadcast], fill_gaps: bool) -> Option<Offered> {
         let room = self.room(view_id)?;
         let mut inner = lock(&room.inner);
-        let (run, gap) = sequencer::in_order(inner.last_version, frames, fill_gaps);
+        let (run, gap) = delivery::in_order(inner.last_version, frames, fill_gaps);
         let frames = &frames[run];
         let mut queued = 0;
         if let Some(last) = frames.last() {
@@ -383,136 +376,139 @@ impl Hub {
         }
         closed
     }
-}
 
-/// What the hub's tests share.
-#[cfg(test)]
-pub(crate) mod testing {
-    use super::*;
-
-    pub fn out() -> Arc<Outbox> {
-        Arc::new(Outbox::new(1 << 20))
+    /// Sends every controller of every changed room one `presence` event with
+    /// what changed since the last flush (SPEC §3.3); returns how many were
+    /// queued. See [`flush_every`].
+    pub fn flush_presence(&self) -> usize {
+        self.dirty.flush()
     }
 
-    pub fn joiner(view: &str, user: &str, role: Role, outbox: Arc<Outbox>) -> Joiner {
-        Joiner {
-            view_id: view.into(),
-            library_id: "lib".into(),
-            user_id: user.into(),
-            role,
-            outbox,
-            base_version: 0,
+    /// From now on, local presence changes are collected for
+    /// [`Hub::take_summaries`].
+    pub fn share_presence(&self) {
+        self.shared.enable();
+    }
+
+    /// Marks every local view as changed, so all are told again (after the
+    /// broker came back, it may have lost them).
+    pub fn share_all_again(&self) {
+        let views: Vec<Arc<str>> = lock(&self.rooms).by_view.keys().cloned().collect();
+        self.shared.extend(views);
+    }
+
+    /// This node's summary of every view whose connections changed since the
+    /// last call (an empty summary for a view it no longer has).
+    pub fn take_summaries(&self) -> Vec<(Arc<str>, Summary)> {
+        self.shared
+            .take()
+            .into_iter()
+            .map(|view| {
+                let summary = self
+                    .room(&view)
+                    .map(|room| Summary::of(&lock(&room.inner)))
+                    .unwrap_or_default();
+                (view, summary)
+            })
+            .collect()
+    }
+
+    /// Another node's connections to a view changed (`None`: it has none, or
+    /// it died). Updates counts, per-user totals and the `joined`/`left` news
+    /// for this node's controllers.
+    pub fn apply_remote(&self, view_id: &str, node: &str, summary: Option<Summary>) {
+        let rooms = lock(&self.rooms);
+        let mut remote = lock(&self.remote);
+        remote.apply(view_id, node, summary);
+        let Some(room) = rooms.by_view.get(view_id).cloned() else {
+            return;
+        };
+        let share = remote.aggregate(view_id);
+        drop(remote);
+        drop(rooms);
+        let mut inner = lock(&room.inner);
+        if inner.set_remote(share) {
+            self.dirty.mark(&room, &mut inner);
         }
     }
 
-    pub fn join(hub: &Hub, view: &str, user: &str, role: Role) -> (Joined, Arc<Outbox>) {
-        let outbox = out();
-        let joined = hub
-            .join(joiner(view, user, role, outbox.clone()))
-            .expect("join");
-        (joined, outbox)
+    /// Forgets everything about a node (it died, or the broker lost track of
+    /// it); returns the views it had.
+    pub fn forget_node(&self, node: &str) -> Vec<Arc<str>> {
+        let views = lock(&self.remote).views_of(node);
+        for view in &views {
+            self.apply_remote(view, node, None);
+        }
+        views
     }
 
-    pub fn texts(outbox: &Outbox) -> Vec<serde_json::Value> {
-        outbox
-            .take()
-            .frames
-            .into_iter()
-            .map(|f| serde_json::from_str(f.msg.to_text().expect("text")).expect("json"))
-            .collect()
+    /// Replaces everything known of other nodes with what the broker holds
+    /// (after (re)subscribing, messages may have been missed).
+    pub fn replace_remote(&self, entries: Vec<(String, String, Summary)>) {
+        let stale = lock(&self.remote).stale(&entries);
+        for (view, node) in stale {
+            self.apply_remote(&view, &node, None);
+        }
+        for (view, node, summary) in entries {
+            self.apply_remote(&view, &node, Some(summary));
+        }
+    }
+
+    /// The other nodes this node knows to have connections.
+    pub fn remote_nodes(&self) -> Vec<Arc<str>> {
+        lock(&self.remote).nodes()
+    }
+
+    /// A viewer connection's `request-sync` (SPEC §3.1): forwarded to the
+    /// controllers at most once per window, answered by the next controller
+    /// `sync-response` or the timeout, or at once with no controller on any
+    /// node.
+    pub fn request_sync(
+        &self,
+        view_id: &str,
+        key: u64,
+        user_id: &Arc<str>,
+        connection_id: &Arc<str>,
+        id: Option<Box<RawValue>>,
+    ) -> SyncAsked {
+        let Some(room) = self.room(view_id) else {
+            return SyncAsked::AnswerNow(id);
+        };
+        self.sync_due
+            .ask(&room, key, user_id, connection_id, id, self.sync_timing)
+    }
+
+    /// Another node's forwarded `request-sync`: this node's controllers get
+    /// it within the same window as its own requesters' forwards.
+    pub fn remote_request_sync(&self, view_id: &str, msg: Message) {
+        if let Some(room) = self.room(view_id) {
+            self.sync_due.remote(&room, msg, self.sync_timing);
+        }
+    }
+
+    /// The earliest request-sync deadline of any room.
+    pub fn next_sync_deadline(&self) -> Option<Instant> {
+        self.sync_due.next()
+    }
+
+    /// Resolves when a deadline was scheduled (possibly earlier than the
+    /// one being waited for).
+    pub async fn sync_scheduled(&self) {
+        self.sync_due.scheduled().await
+    }
+
+    /// Handles every room whose request-sync deadline has come: sends the
+    /// window's forward to this node's controllers, and returns what the
+    /// caller must do outside the hub (tell the other nodes, answer through
+    /// the writer).
+    pub fn take_due_syncs(&self, now: Instant) -> Vec<DueSync> {
+        self.sync_due.take_due(now, self.sync_timing)
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::testing::{join, joiner, out};
-    use super::*;
-
-    #[test]
-    fn presence_counts_people_and_rooms_vanish() {
-        let hub = Hub::default();
-        let (a1, _) = join(&hub, "v", "a", Role::Controller);
-        let (a2, _) = join(&hub, "v", "a", Role::Controller);
-        let (b, _) = join(&hub, "v", "b", Role::Viewer);
-        assert_eq!(
-            b.presence,
-            Presence {
-                controllers: 1,
-                viewers: 1,
-                connections: 3
-            }
-        );
-        hub.leave("v", a1.key);
-        assert_eq!(hub.presence("v").controllers, 1);
-        hub.leave("v", a2.key);
-        assert_eq!(hub.presence("v").controllers, 0);
-        hub.leave("v", b.key);
-        let rooms = lock(&hub.rooms);
-        assert!(rooms.by_view.is_empty() && rooms.per_user.is_empty() && rooms.total == 0);
-    }
-
-    #[test]
-    fn delivery_skips_sender_and_overflow_closes() {
-        let hub = Hub::default();
-        let small = Arc::new(Outbox::new(10));
-        let (sender, _) = join(&hub, "v", "a", Role::Controller);
-        hub.join(joiner("v", "b", Role::Viewer, small.clone()))
-            .expect("join");
-        let frame = |version| Broadcast {
-            msg: Message::text("12345678"),
-            version,
-            except: Some(sender.key),
-        };
-        let queued = |offered: Option<Offered>| offered.map(|o| o.queued);
-        assert_eq!(queued(hub.deliver("v", &[frame(1)], false)), Some(1));
-        assert_eq!(queued(hub.deliver("v", &[frame(2)], false)), Some(0));
-        let batch = small.take();
-        assert!(batch.frames.is_empty());
-        assert_eq!(batch.close, Some(SLOW_CONSUMER));
-        assert_eq!(batch.dropped, 2);
-        assert_eq!(hub.last_version("v"), Some(2));
-        assert_eq!(hub.deliver("w", &[frame(1)], false), None, "no room");
-    }
-
-    #[test]
-    fn limits_per_user_per_view_and_total() {
-        let hub = Hub::new(Limits {
-            per_user: 2,
-            per_view: 3,
-            total: 4,
-        });
-        let ok = |view: &str, user: &str| hub.join(joiner(view, user, Role::Viewer, out()));
-        let first = ok("v", "a").expect("a1");
-        ok("v", "a").expect("a2");
-        assert_eq!(ok("w", "a").expect_err("per user"), TooManyConnections);
-        ok("v", "b").expect("b1");
-        assert_eq!(ok("v", "c").expect_err("per view"), TooManyConnections);
-        ok("w", "c").expect("c1");
-        assert_eq!(ok("x", "d").expect_err("total"), TooManyConnections);
-        assert!(
-            !lock(&hub.rooms).by_view.contains_key("x"),
-            "no empty room left"
-        );
-        hub.leave("v", first.key);
-        ok("x", "d").expect("a slot freed");
-    }
-
-    #[test]
-    fn revoke_closes_only_that_user_in_that_library() {
-        let hub = Hub::default();
-        let (_, a) = join(&hub, "v", "a", Role::Viewer);
-        let (_, b) = join(&hub, "v", "b", Role::Viewer);
-        let other = out();
-        hub.join(Joiner {
-            library_id: "other".into(),
-            ..joiner("w", "a", Role::Viewer, other.clone())
-        })
-        .expect("join");
-        let before = hub.revocations();
-        assert_eq!(hub.revoke("lib", "a"), 1);
-        assert_eq!(hub.revocations(), before + 1);
-        assert_eq!(a.take().close, Some(ACCESS_REVOKED));
-        assert_eq!(b.take().close, None);
-        assert_eq!(other.take().close, None);
-    }
+/// SPEC §3.3's batching: after the first change, wait one window and send
+/// everything that piled up as one event per controller. A crowd of any size
+/// costs each controller at most one presence event per window.
+pub async fn flush_every(hub: Arc<Hub>, metrics: Arc<Metrics>, window: Duration) {
+    hub.dirty.flush_every(&metrics, window).await
 }

@@ -1,18 +1,27 @@
 //! One portal view's connections on this node: its members, the people they
-//! are (presence counts people, not tabs), and its last delivered version.
+//! are (presence counts people, not tabs), the presence news not yet told,
+//! the other nodes' share of the view, and its last delivered version.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::core::hub::outbox::Outbox;
-use crate::core::hub::presence::PresenceChange;
 use crate::core::sync_requests::SyncRequests;
 use crate::domain::model::{Presence, Role};
 
 /// A person: presence counts each (user, role) once, however many tabs.
 pub(super) type Person = (Arc<str>, Role);
+
+/// A person's first connection opening or last one closing, not yet told
+/// (see `hub::presence`).
+pub(super) struct PresenceChange {
+    pub seq: u64,
+    pub user_id: Arc<str>,
+    pub role: Role,
+    pub joined: bool,
+}
 
 /// A live connection as the hub knows it.
 pub(super) struct Member {
@@ -51,7 +60,7 @@ pub(super) struct RoomInner {
     /// Already on the hub's list of rooms to flush.
     pub dirty: bool,
     /// People and connections of this view on other nodes, summed over
-    /// nodes; kept up to date by `Hub::apply_remote`.
+    /// nodes; kept up to date by [`RoomInner::set_remote`].
     pub remote_people: HashMap<Person, usize>,
     pub remote_connections: usize,
     /// Distinct local people per role, kept as `people` changes so that a
@@ -148,6 +157,58 @@ impl RoomInner {
         }
         self.people.remove(person);
         self.count(person.1, -1);
+        true
+    }
+
+    /// Records a person arriving or leaving. A change that undoes one still
+    /// pending (a tab reloaded within the batch window) cancels it instead:
+    /// no controller hears of a person who left and came straight back.
+    pub fn record(&mut self, user_id: &Arc<str>, role: Role, joined: bool) {
+        self.seq += 1;
+        let opposite = self.pending.iter().position(|c| {
+            c.joined != joined
+                && c.role == role
+                && c.user_id == *user_id
+                && c.seq > self.last_controller_join
+        });
+        match opposite {
+            Some(i) => {
+                self.pending.remove(i);
+            }
+            None => self.pending.push(PresenceChange {
+                seq: self.seq,
+                user_id: user_id.clone(),
+                role,
+                joined,
+            }),
+        }
+    }
+
+    /// Takes the other nodes' people and connections of the view, summed over
+    /// nodes, and records who came or went with them. Returns whether this
+    /// node's controllers have news (the room must be flushed).
+    pub fn set_remote(&mut self, (people, connections): (HashMap<Person, usize>, usize)) -> bool {
+        let before: Vec<Person> = self
+            .remote_people
+            .keys()
+            .chain(people.keys())
+            .cloned()
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let was: Vec<bool> = before.iter().map(|p| self.is_present(p)).collect();
+        let changed = self.remote_people != people || self.remote_connections != connections;
+        self.remote_people = people;
+        self.remote_connections = connections;
+        if !changed || !self.has_controller() {
+            return false;
+        }
+        for (person, was) in before.iter().zip(was) {
+            let is = self.is_present(person);
+            if is != was {
+                self.record(&person.0, person.1, is);
+            }
+        }
         true
     }
 
