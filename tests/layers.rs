@@ -1122,7 +1122,7 @@ fn engines_and_transports_stay_in_their_files() {
         }
     }
     fail_on(
-        "rule (c), engines: rusqlite/r2d2 only in src/store/sqlite.rs, redis only in \
+        "rule (c), engines: rusqlite/r2d2 only under src/store/sqlite/, redis only in \
          src/broker/redis.rs, and core names neither warp, hyper nor crate::http",
         problems,
     );
