@@ -29,7 +29,9 @@ use crate::core::writer::{Answer, ReplyTo};
 use crate::domain::error::Error;
 use crate::http::context::Ctx;
 use crate::http::error::{self, error_response};
-use crate::http::filters::{token_expires, with_ctx, with_origin_check, with_verified};
+use crate::http::filters::{
+    session_params, token_expires, with_ctx, with_origin_check, with_verified,
+};
 use crate::http::rest::{check_content_type, read_limited};
 use crate::protocol::auth::Verified;
 
@@ -77,7 +79,7 @@ pub fn stream(ctx: Ctx) -> BoxedFilter<(Response,)> {
              headers: HeaderMap,
              abort: Option<ConnectionAbort>,
              ctx: Ctx| async move {
-                let params = Params::new(view_id, query, &headers);
+                let params = session_params(view_id, query, &headers);
                 match open(ctx, params, abort).await {
                     Ok(response) => response,
                     Err(e) => error_response(&e),
