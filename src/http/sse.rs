@@ -1,8 +1,9 @@
 //! SPEC §7's HTTP fallback for networks that break WebSockets: a session whose
 //! frames go out as Server-Sent Events, and the POST route that carries its
-//! client messages. Both run the session code a WebSocket runs (`session.rs`):
-//! the checks, presence, limits, ordering, expiry, revocation, shutdown and
-//! the permission table are not repeated here, only the framing is.
+//! client messages. Both run the session code a WebSocket runs
+//! (`core/session/`): the checks, presence, limits, ordering, expiry,
+//! revocation, shutdown and the permission table are not repeated here, only
+//! the framing is.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
