@@ -1,5 +1,5 @@
 //! The warp filters every route builds on: the context, the caller's token,
-//! the origin check. Below the routes (REST, WebSocket, SSE) and the router
+//! a session's opening parameters, the origin check. Below the routes (REST, WebSocket, SSE) and the router
 //! that assembles them, so that none of them imports another.
 
 use std::convert::Infallible;
@@ -7,6 +7,7 @@ use std::convert::Infallible;
 use warp::http::{header, HeaderMap, HeaderValue};
 use warp::{Filter, Rejection};
 
+use crate::core::session::Params;
 use crate::domain::error::Error;
 use crate::http::context::Ctx;
 use crate::http::origin;
@@ -36,6 +37,25 @@ pub(crate) fn with_verified(
             ctx.tokens.verify(token).map_err(warp::reject::custom)
         },
     )
+}
+
+/// A session's opening request as core takes it: the token from `?token=`,
+/// else from `Authorization: Bearer`. The query wins: browsers can only use
+/// the query (WebSocket, EventSource).
+pub(crate) fn session_params(
+    view_id: String,
+    query: Vec<(String, String)>,
+    headers: &HeaderMap,
+) -> Params {
+    let token = query
+        .into_iter()
+        .find(|(k, _)| k == "token")
+        .map(|(_, v)| v)
+        .or_else(|| {
+            let auth = headers.get(header::AUTHORIZATION)?.to_str().ok();
+            crate::protocol::auth::bearer(auth).map(str::to_string)
+        });
+    Params { view_id, token }
 }
 
 /// When a request's token expires (its `exp` plus `--jwt-leeway`, seconds

@@ -273,9 +273,9 @@ fn check_head(mut req: http::Request<Incoming>) -> Result<http::Request<Incoming
 }
 
 /// Once a response is ready: WebSocket upgrades and SSE streams keep their own
-/// write deadlines (`session.rs`), so the HTTP write timeout is off for them;
-/// and once a response has been written, its connection waits for the next
-/// request head (an upgraded one never does).
+/// write deadlines (`core/session/liveness.rs`), so the HTTP write timeout is
+/// off for them; and once a response has been written, its connection waits
+/// for the next request head (an upgraded one never does).
 fn responded<B>(
     response: http::Response<B>,
     switch: &Switch,

@@ -1,8 +1,9 @@
 //! SPEC §7's HTTP fallback for networks that break WebSockets: a session whose
 //! frames go out as Server-Sent Events, and the POST route that carries its
-//! client messages. Both run the session code a WebSocket runs (`session.rs`):
-//! the checks, presence, limits, ordering, expiry, revocation, shutdown and
-//! the permission table are not repeated here, only the framing is.
+//! client messages. Both run the session code a WebSocket runs
+//! (`core/session/`): the checks, presence, limits, ordering, expiry,
+//! revocation, shutdown and the permission table are not repeated here, only
+//! the framing is.
 
 use std::collections::VecDeque;
 use std::convert::Infallible;
@@ -29,7 +30,9 @@ use crate::core::writer::{Answer, ReplyTo};
 use crate::domain::error::Error;
 use crate::http::context::Ctx;
 use crate::http::error::{self, error_response};
-use crate::http::filters::{token_expires, with_ctx, with_origin_check, with_verified};
+use crate::http::filters::{
+    session_params, token_expires, with_ctx, with_origin_check, with_verified,
+};
 use crate::http::rest::{check_content_type, read_limited};
 use crate::protocol::auth::Verified;
 
@@ -77,7 +80,7 @@ pub fn stream(ctx: Ctx) -> BoxedFilter<(Response,)> {
              headers: HeaderMap,
              abort: Option<ConnectionAbort>,
              ctx: Ctx| async move {
-                let params = Params::new(view_id, query, &headers);
+                let params = session_params(view_id, query, &headers);
                 match open(ctx, params, abort).await {
                     Ok(response) => response,
                     Err(e) => error_response(&e),

@@ -5,8 +5,8 @@
 //! response's memory and the socket for as long as the peer keeps it open.
 //!
 //! WebSocket and SSE sessions have their own write deadlines (ping interval
-//! plus ping timeout, see `session.rs`), so their connections are disarmed
-//! (`Switch`) rather than made to obey a second, shorter one.
+//! plus ping timeout, see `core/session/liveness.rs`), so their connections
+//! are disarmed (`Switch`) rather than made to obey a second, shorter one.
 
 use std::future::Future;
 use std::io;

@@ -32,7 +32,7 @@ use crate::core::session::{self, Incoming, Link, Params};
 use crate::domain::error::Error;
 use crate::http::context::Ctx;
 use crate::http::error::error_response;
-use crate::http::filters::{with_ctx, with_origin_check};
+use crate::http::filters::{session_params, with_ctx, with_origin_check};
 use crate::http::frames::Frames;
 
 /// How long a close handshake may take before the TCP connection is dropped.
@@ -96,7 +96,7 @@ pub fn portal_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
                 let target = if query.iter().any(|(k, _)| k == "EIO") {
                     Target::SocketIo
                 } else {
-                    Target::Portal(Params::new(view_id, query, &headers))
+                    Target::Portal(session_params(view_id, query, &headers))
                 };
                 upgrade(ctx, &headers, slot, target)
             },

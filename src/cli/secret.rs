@@ -1,0 +1,105 @@
+//! The JWT secret: where it comes from (`--jwt-secret`, `--jwt-secret-file`,
+//! a random one for `demo`) and the warning about a short one.
+
+use std::path::Path;
+
+/// The secret from `--jwt-secret-file` or `--jwt-secret` (clap refuses both).
+/// An empty `--jwt-secret` is none (so `PORTAL_JWT_SECRET=` unsets it); a file
+/// that cannot be read, is not text or holds only whitespace is an error that
+/// names it, since whoever pointed at the file meant to use it.
+pub(super) fn configured_secret(
+    flag: Option<&str>,
+    file: Option<&Path>,
+) -> Result<Option<String>, String> {
+    let Some(path) = file else {
+        return Ok(flag.filter(|s| !s.is_empty()).map(str::to_string));
+    };
+    let shown = path.display();
+    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => format!("the JWT secret file {shown} does not exist"),
+        _ => format!("cannot read the JWT secret file {shown}: {e}"),
+    })?;
+    let text = String::from_utf8(bytes)
+        .map_err(|_| format!("the JWT secret file {shown} is not UTF-8 text"))?;
+    // `echo secret > file` leaves a newline that is not part of the secret.
+    let secret = text.trim();
+    if secret.is_empty() {
+        return Err(format!("the JWT secret file {shown} is empty"));
+    }
+    Ok(Some(secret.to_string()))
+}
+
+/// RFC 7518 §3.2: an HS256 key should be at least as long as the hash (32
+/// bytes). SPEC §2 accepts a shorter one, with a warning at start; the
+/// warning names the length, never the secret.
+fn short_secret_warning(secret: &str) -> Option<String> {
+    (secret.len() < 32).then(|| {
+        format!(
+            "the JWT secret is only {} bytes long: use at least 32 random bytes \
+             (a short HS256 secret can be guessed offline from any token it signed)",
+            secret.len()
+        )
+    })
+}
+
+/// `serve` and `demo` warn; `token` does not (its secret is the server's,
+/// which warns at its own start, and scripts read its output).
+pub(super) fn warn_if_short(secret: &str) {
+    if let Some(warning) = short_secret_warning(secret) {
+        log::warn!("{warning}");
+    }
+}
+
+pub(super) fn random_secret() -> Result<String, String> {
+    let mut bytes = [0u8; 32];
+    getrandom::fill(&mut bytes).map_err(|e| format!("no randomness for a demo secret: {e}"))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secret_file_errors_name_the_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let missing = dir.path().join("missing");
+        let err = configured_secret(None, Some(&missing)).expect_err("missing file");
+        assert!(
+            err.contains("does not exist") && err.contains("missing"),
+            "{err}"
+        );
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, " \n\t\n").expect("write");
+        let err = configured_secret(None, Some(&empty)).expect_err("empty file");
+        assert!(err.ends_with("is empty"), "{err}");
+        let binary = dir.path().join("binary");
+        std::fs::write(&binary, [0xff, 0xfe, 0x00]).expect("write");
+        let err = configured_secret(None, Some(&binary)).expect_err("not text");
+        assert!(err.contains("not UTF-8"), "{err}");
+        let err = configured_secret(None, Some(dir.path())).expect_err("a directory");
+        assert!(err.starts_with("cannot read the JWT secret file"), "{err}");
+        let good = dir.path().join("good");
+        std::fs::write(&good, "s3cret\n").expect("write");
+        assert_eq!(
+            configured_secret(None, Some(&good)),
+            Ok(Some("s3cret".into()))
+        );
+        assert_eq!(configured_secret(Some(""), None), Ok(None));
+        assert_eq!(configured_secret(Some("x"), None), Ok(Some("x".into())));
+    }
+
+    #[test]
+    fn short_secrets_are_warned_about_without_showing_them() {
+        let short = "change-me";
+        let warning = short_secret_warning(short).expect("9 bytes is short");
+        assert!(!warning.contains(short), "{warning}");
+        assert!(warning.contains("9 bytes"), "{warning}");
+        assert!(short_secret_warning(&"k".repeat(31)).is_some());
+        assert!(short_secret_warning(&"k".repeat(32)).is_none());
+        // The demo's own secret needs no warning.
+        let demo = random_secret().expect("random");
+        assert!(demo.len() >= 32, "{}", demo.len());
+        assert!(short_secret_warning(&demo).is_none());
+    }
+}

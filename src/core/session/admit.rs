@@ -1,0 +1,161 @@
+//! Opening a session: SPEC §3's checks (token, expiry, user, view, access),
+//! then the join and the `connected` snapshot.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use super::rate::RateLimit;
+use super::{Membership, Sender, Session};
+use crate::core::context::Core;
+use crate::core::hub::{Joiner, Outbox};
+use crate::domain::error::Error;
+use crate::protocol;
+use crate::store::Access;
+
+/// What the opening request carried: the transport reads it (the token from
+/// the query or a header) and hands it in as plain values.
+pub struct Params {
+    pub view_id: String,
+    pub token: Option<String>,
+}
+
+/// Who was admitted, and the revocation count when their access was read.
+struct Admitted {
+    user_id: String,
+    access: Access,
+    expires: Option<tokio::time::Instant>,
+    /// The same expiry in seconds since the epoch, for the writer's check.
+    token_expires: u64,
+    revocations: u64,
+}
+
+/// SPEC §3's checks, then the join: a session ready to run, or the refusal
+/// (counted in the metrics; the transport shows it as a close code or an
+/// HTTP status).
+pub(crate) async fn open(ctx: &Core, params: Params) -> Result<Session, Error> {
+    let opened = match admit(ctx, &params).await {
+        Ok(admitted) => Session::join(ctx, params.view_id, admitted).await,
+        Err(e) => Err(e),
+    };
+    if let Err(e) = &opened {
+        e.log("handshake");
+        ctx.metrics
+            .refused
+            .with_label_values(&[&e.close_code().to_string()])
+            .inc();
+    }
+    opened
+}
+
+/// SPEC §3's checks in order: token, expiry, user, view, access.
+async fn admit(ctx: &Core, params: &Params) -> Result<Admitted, Error> {
+    let token = params.token.as_deref().ok_or(Error::InvalidToken)?;
+    let verified = ctx.tokens.verify(token)?;
+    let revocations = ctx.hub.revocations();
+    let access = ctx.store.access(&verified.user_id, &params.view_id).await?;
+    let token_expires = verified.exp.saturating_add(ctx.config.jwt_leeway);
+    Ok(Admitted {
+        user_id: verified.user_id,
+        access,
+        expires: expiry_instant(token_expires),
+        token_expires,
+        revocations,
+    })
+}
+
+/// When a token whose `exp` (plus leeway) is `secs` expires, on tokio's clock;
+/// `None` when it is too far away to matter.
+fn expiry_instant(secs: u64) -> Option<tokio::time::Instant> {
+    let at = UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
+    let left = at
+        .duration_since(SystemTime::now())
+        .unwrap_or(Duration::ZERO);
+    tokio::time::Instant::now().checked_add(left)
+}
+
+impl Session {
+    /// Joins the view's room *before* taking the snapshot for `connected`, so
+    /// that no broadcast can fall between the two.
+    async fn join(ctx: &Core, view_id: String, admitted: Admitted) -> Result<Session, Error> {
+        let Admitted {
+            user_id,
+            access: Access { role, mut view },
+            expires,
+            token_expires,
+            revocations,
+        } = admitted;
+        let user_id: Arc<str> = user_id.into();
+        let view_id: Arc<str> = view_id.into();
+        let outbox = Arc::new(Outbox::new(ctx.config.send_queue_bytes));
+        let joined = ctx
+            .hub
+            .join(Joiner {
+                view_id: view_id.clone(),
+                library_id: view.library_id.as_str().into(),
+                user_id: user_id.clone(),
+                role,
+                outbox: outbox.clone(),
+                base_version: view.version,
+            })
+            .map_err(|_| Error::TooManyConnections)?;
+        let membership = Membership {
+            ctx: ctx.clone(),
+            view_id: view_id.clone(),
+            key: joined.key,
+        };
+        if ctx.hub.revocations() != revocations {
+            // A membership changed between our access lookup and our join, too
+            // early for the revocation to have found this connection: look again.
+            let fresh = ctx.store.access(&user_id, &view_id).await?;
+            if fresh.role != role {
+                return Err(Error::AccessRevoked);
+            }
+            view = fresh.view;
+        } else if joined.last_version > view.version || joined.new_room {
+            // A change was broadcast between our read and our join, or may have
+            // been before the room existed (reaching no one): re-read.
+            view = ctx.store.view(&view_id).await?.ok_or(Error::ViewNotFound)?;
+        }
+        let connection_id: Arc<str> = new_connection_id().into();
+        outbox.push_front(protocol::connected(&protocol::Connected {
+            portal_view_id: &view_id,
+            connection_id: &connection_id,
+            user_id: &user_id,
+            role,
+            state: &view.state,
+            version: view.version,
+            presence: joined.presence,
+        }));
+        log::debug!("connection {connection_id}: user {user_id} joined {view_id} as {role:?}");
+        Ok(Session {
+            sender: Sender {
+                user_id,
+                view_id,
+                role,
+                connection: Some((joined.key, connection_id)),
+                token_expires,
+            },
+            _membership: membership,
+            outbox,
+            last_version: view.version,
+            expires,
+            rate: Arc::new(Mutex::new(RateLimit::new(
+                ctx.config.rate_per_sec,
+                ctx.config.rate_burst,
+            ))),
+        })
+    }
+}
+
+/// 96 random bits as hex: unguessable, so an id can later name a connection
+/// (SPEC §7's `X-Connection-Id`) without being a handle others can forge.
+pub(crate) fn new_connection_id() -> String {
+    let mut bytes = [0u8; 12];
+    if getrandom::fill(&mut bytes).is_err() {
+        // No OS randomness: fall back to something unique, if guessable.
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        bytes[..8].copy_from_slice(&n.to_be_bytes());
+    }
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

@@ -1,0 +1,225 @@
+//! The loop that serves a session over its transport's [`Link`]: the outbox
+//! written in order, expiry, heartbeats, shutdown, and the peer's frames.
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::time::Duration;
+
+use super::handle::{handle, Flow};
+use super::liveness::Liveness;
+use super::rate::FAR_FUTURE;
+use super::Session;
+use crate::core::context::Core;
+use crate::core::hub::{CloseRequest, Outgoing};
+use crate::core::lock::lock;
+use crate::core::writer::ReplyTo;
+
+const SHUTTING_DOWN: CloseRequest = CloseRequest {
+    code: 1001,
+    reason: "server shutting down",
+};
+
+const TOKEN_EXPIRED: CloseRequest = CloseRequest {
+    code: 1008,
+    reason: "token expired",
+};
+
+/// What a session needs from its transport.
+pub(crate) trait Link: Send {
+    /// Whether the peer must answer heartbeats (WebSocket pings). An SSE
+    /// comment cannot be answered: it only keeps proxies from timing out.
+    const ANSWERS_HEARTBEATS: bool;
+
+    /// Writes frames in order, then flushes.
+    fn send(&mut self, frames: VecDeque<Outgoing>) -> impl Future<Output = Result<(), ()>> + Send;
+
+    fn heartbeat(&mut self) -> impl Future<Output = Result<(), ()>> + Send;
+
+    /// Ends the session from our side: the close handshake, or SSE's last
+    /// `closed` event.
+    fn close(&mut self, code: u16, reason: &str) -> impl Future<Output = ()> + Send;
+
+    /// The next thing the peer did.
+    fn next(&mut self) -> impl Future<Output = Incoming> + Send;
+
+    /// The peer ended the session: finish what that takes (a WebSocket
+    /// writes its reply to the peer's close frame).
+    fn finish(&mut self) -> impl Future<Output = ()> + Send;
+}
+
+/// What the peer did, as the session loop cares.
+pub(crate) enum Incoming {
+    /// A client message (SPEC §3.1).
+    Text(tokio_tungstenite::tungstenite::Utf8Bytes),
+    /// Any other frame: proof of life.
+    Alive,
+    /// A frame that breaks the protocol: close with this code.
+    Violation(u16, &'static str),
+    /// The peer closed, or the transport failed under it.
+    Gone,
+}
+
+/// How a session ended, for the metrics.
+pub(crate) enum Ended {
+    /// We close with this code and reason.
+    Closed(CloseRequest),
+    /// The peer closed, or the transport failed under it.
+    Peer,
+    /// We dropped the connection: a dead peer, or one too slow for even a
+    /// close frame.
+    Dropped,
+}
+
+impl Session {
+    /// Serves the session over `link` until it ends, with a heartbeat every
+    /// `heartbeat`.
+    pub(crate) async fn run<L: Link>(
+        mut self,
+        ctx: &Core,
+        link: &mut L,
+        heartbeat: Duration,
+    ) -> Ended {
+        let role = self.sender.role;
+        ctx.metrics.opened(role);
+        let ended = self.serve(ctx, link, heartbeat).await;
+        ctx.metrics.closed(role);
+        let label = match &ended {
+            Ended::Closed(request) => request.code.to_string(),
+            Ended::Peer => "peer".into(),
+            Ended::Dropped => "dropped".into(),
+        };
+        ctx.metrics.closes.with_label_values(&[&label]).inc();
+        // The session, and with it its place in the hub (presence, the
+        // connection limits), ends here, after the metrics and before the
+        // close handshake, which may linger up to 2 s for a peer that does not
+        // answer (ws.rs).
+        drop(self);
+        match &ended {
+            Ended::Closed(CloseRequest { code, reason }) => link.close(*code, reason).await,
+            Ended::Peer => link.finish().await,
+            Ended::Dropped => {}
+        }
+        ended
+    }
+
+    async fn serve<L: Link>(&mut self, ctx: &Core, link: &mut L, heartbeat: Duration) -> Ended {
+        let mut reading = true;
+        let mut liveness = Liveness::new(heartbeat, ctx.config.ping_timeout, L::ANSWERS_HEARTBEATS);
+        let expiry = tokio::time::sleep_until(
+            self.expires
+                .unwrap_or_else(|| tokio::time::Instant::now() + FAR_FUTURE),
+        );
+        tokio::pin!(expiry);
+        // The shutdown future and the ping timer are made once, not per loop
+        // turn: a fresh shutdown future registers on the watch's one shared
+        // waiter list, which every session contended for at every delivery
+        // (see BENCHMARKS.md), and a fresh timer is a timer-wheel entry per turn.
+        let shutdown = ctx.shutting_down();
+        tokio::pin!(shutdown);
+        let ping_timer = tokio::time::sleep_until(liveness.next_deadline());
+        tokio::pin!(ping_timer);
+        loop {
+            tokio::select! {
+                biased;
+                _ = &mut shutdown, if reading => {
+                    reading = false;
+                    // Let the writer answer what this connection already sent,
+                    // then close after those answers.
+                    ctx.writer.barrier().await;
+                    self.outbox.close(SHUTTING_DOWN);
+                }
+                _ = self.outbox.ready() => {
+                    let batch = self.take(ctx);
+                    let frames = self.unseen(batch.frames);
+                    if self.guarded(link.send(frames), liveness.write_deadline()).await.is_err() {
+                        // The peer is gone or stuck: drop the connection.
+                        self.take(ctx);
+                        return Ended::Dropped;
+                    }
+                    if let Some(request) = batch.close {
+                        return Ended::Closed(request);
+                    }
+                }
+                _ = &mut expiry, if reading && self.expires.is_some() => {
+                    reading = false;
+                    self.outbox.close(TOKEN_EXPIRED);
+                }
+                _ = &mut ping_timer, if reading => {
+                    if liveness.is_overdue() {
+                        ctx.metrics.pings_timed_out.inc();
+                        log::debug!("connection {}: no answer to ping", self.connection_id());
+                        return Ended::Dropped;
+                    }
+                    liveness.pinged();
+                    ping_timer.as_mut().reset(liveness.next_deadline());
+                    if self.guarded(link.heartbeat(), liveness.write_deadline()).await.is_err() {
+                        return Ended::Dropped;
+                    }
+                }
+                incoming = link.next(), if reading => {
+                    if liveness.heard() {
+                        ping_timer.as_mut().reset(liveness.next_deadline());
+                    }
+                    let flow = match incoming {
+                        Incoming::Text(text) => {
+                            let verdict = lock(&self.rate).check(tokio::time::Instant::now());
+                            let reply = ReplyTo::Outbox(self.outbox.clone());
+                            handle(ctx, &self.sender, verdict, text.as_str(), reply).await
+                        }
+                        Incoming::Alive => Flow::Continue,
+                        Incoming::Violation(code, reason) => Flow::Close(code, reason),
+                        Incoming::Gone => return Ended::Peer,
+                    };
+                    if let Flow::Close(code, reason) = flow {
+                        // Replies already queued go first (SPEC §5: "replies
+                        // already queued are sent first").
+                        self.outbox.close(CloseRequest { code, reason });
+                        reading = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Takes what is queued, counting what an overflow threw away.
+    fn take(&self, ctx: &Core) -> crate::core::hub::Batch {
+        let batch = self.outbox.take();
+        if batch.dropped > 0 {
+            ctx.metrics.dropped_frames.inc_by(batch.dropped as u64);
+            ctx.metrics.slow_consumer_closes.inc();
+        }
+        batch
+    }
+
+    /// Leaves out broadcasts the `connected` snapshot already included.
+    fn unseen(&mut self, mut frames: VecDeque<Outgoing>) -> VecDeque<Outgoing> {
+        let last_version = &mut self.last_version;
+        frames.retain(|frame| {
+            if frame.version == 0 {
+                return true;
+            }
+            let new = frame.version > *last_version;
+            if new {
+                *last_version = frame.version;
+            }
+            new
+        });
+        frames
+    }
+
+    /// Runs a write, giving up when the outbox overflows meanwhile (the peer is
+    /// not reading, so not even a close would get through) or when it outlasts
+    /// the liveness deadline (a dead peer whose TCP window is full never answers
+    /// a ping either).
+    async fn guarded(
+        &self,
+        write: impl Future<Output = Result<(), ()>>,
+        deadline: tokio::time::Instant,
+    ) -> Result<(), ()> {
+        tokio::select! {
+            result = write => result,
+            _ = self.outbox.overflowed() => Err(()),
+            _ = tokio::time::sleep_until(deadline) => Err(()),
+        }
+    }
+}
