@@ -32,7 +32,7 @@ pub async fn open_store(config: &Config) -> Result<Storage, Error> {
 }
 
 /// Opens the engines and starts the live server on them.
-pub async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Core, Error> {
+pub(crate) async fn start(config: Config, shutdown: watch::Receiver<bool>) -> Result<Core, Error> {
     let store = open_store(&config).await?;
     let parts = Core::prepare(config, store, shutdown)?;
     let broker: Arc<dyn Broker> = match &parts.config.redis_url {

@@ -8,10 +8,10 @@
 //! The binary (`src/main.rs`) is a thin caller of [`cli::main`]; tests and examples
 //! use the library the same way: bind a listener, call [`server::run`].
 
-pub mod broker;
+pub(crate) mod broker;
 pub mod cli;
 pub mod config;
-pub mod core;
+pub(crate) mod core;
 pub mod domain;
 pub mod engines;
 pub mod http;

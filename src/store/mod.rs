@@ -6,7 +6,7 @@
 //! An engine renders nothing: a change's broadcast text comes ready to be
 //! stored through [`EventTemplate::render`], which the write path builds.
 
-pub mod sqlite;
+pub(crate) mod sqlite;
 mod storage;
 
 use std::sync::Arc;

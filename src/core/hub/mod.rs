@@ -30,7 +30,7 @@ use serde_json::value::RawValue;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
-pub use outbox::{Batch, CloseRequest, Outbox, Outgoing, ACCESS_REVOKED, SLOW_CONSUMER};
+pub use outbox::{Batch, CloseRequest, Outbox, Outgoing, ACCESS_REVOKED};
 pub use remote::Summary;
 pub use sync::{DueSync, SyncAsked};
 
@@ -510,5 +510,10 @@ impl Hub {
 /// everything that piled up as one event per controller. A crowd of any size
 /// costs each controller at most one presence event per window.
 pub async fn flush_every(hub: Arc<Hub>, metrics: Arc<Metrics>, window: Duration) {
-    hub.dirty.flush_every(&metrics, window).await
+    loop {
+        hub.dirty.changed().await;
+        tokio::time::sleep(window).await;
+        let sent = hub.flush_presence();
+        metrics.presence_events.inc_by(sent as u64);
+    }
 }

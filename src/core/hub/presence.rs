@@ -3,13 +3,11 @@
 //! has something new. Each room records its own news (`RoomInner::record`).
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::Notify;
 
 use crate::core::hub::room::{Room, RoomInner};
 use crate::core::lock::lock;
-use crate::core::metrics::Metrics;
 use crate::domain::model::Role;
 use crate::protocol;
 
@@ -70,15 +68,8 @@ impl Dirty {
         sent
     }
 
-    /// SPEC §3.3's batching: after the first change, wait one window and send
-    /// everything that piled up as one event per controller. A crowd of any
-    /// size costs each controller at most one presence event per window.
-    pub async fn flush_every(&self, metrics: &Metrics, window: Duration) {
-        loop {
-            self.changed.notified().await;
-            tokio::time::sleep(window).await;
-            let sent = self.flush();
-            metrics.presence_events.inc_by(sent as u64);
-        }
+    /// Resolves when some room has presence news.
+    pub async fn changed(&self) {
+        self.changed.notified().await
     }
 }

@@ -45,6 +45,7 @@ mod rooms {
 
     use super::{join, joiner, out};
     use crate::core::delivery::{Broadcast, Offered};
+    use crate::core::hub::outbox::SLOW_CONSUMER;
     use crate::core::hub::*;
     use crate::core::lock::lock;
     use crate::domain::model::{Presence, Role};

@@ -20,7 +20,6 @@ use std::sync::{Arc, Mutex};
 
 pub use admit::Params;
 pub(crate) use admit::{new_connection_id, open};
-pub use handle::now_ms;
 pub(crate) use handle::{handle, Flow};
 pub(crate) use rate::{RateLimit, Verdict};
 pub(crate) use serve::{Ended, Incoming, Link};
