@@ -78,6 +78,9 @@ pub struct Hub {
     /// Bumped by every revocation, so a handshake that looked up its access
     /// before one and joined after it knows to look again.
     revocations: AtomicU64,
+    /// Rooms created so far, bumped under `rooms`: a handshake compares it
+    /// with its room's `created` to know whether its read predates the room.
+    rooms_created: AtomicU64,
     /// Other nodes' connections.
     remote: Mutex<remote::Remote>,
     /// Views whose local connections changed since this node last told the
@@ -101,9 +104,11 @@ pub struct Joined {
     pub presence: Presence,
     /// The last version delivered to the room before this connection was in it.
     pub last_version: i64,
-    /// This connection created the room: broadcasts committed before the join
-    /// reached no one here, so the snapshot must be read after the join.
-    pub new_room: bool,
+    /// The room is younger than the joiner's read of the view (this connection
+    /// created it, or another did after that read began): broadcasts committed
+    /// before the room existed reached no one here, so the snapshot must be
+    /// read again, after the join.
+    pub reread: bool,
 }
 
 /// A join refused by a connection limit.
@@ -120,6 +125,8 @@ pub struct Joiner {
     /// The view's version as read before joining: where a new room's ordered
     /// delivery starts (with other nodes, the sequencer fills from there).
     pub base_version: i64,
+    /// [`Hub::rooms_created`] taken before that read.
+    pub rooms_seen: u64,
 }
 
 impl Hub {
@@ -131,6 +138,7 @@ impl Hub {
             connections: AtomicU64::new(0),
             dirty: presence::Dirty::default(),
             revocations: AtomicU64::new(0),
+            rooms_created: AtomicU64::new(0),
             remote: Mutex::new(remote::Remote::default()),
             shared: remote::Shared::default(),
             sync_timing: SyncTiming::default(),
@@ -159,6 +167,7 @@ impl Hub {
             role,
             outbox,
             base_version,
+            rooms_seen,
         } = joiner;
         let mut rooms = lock(&self.rooms);
         let new_room = !rooms.by_view.contains_key(&view_id);
@@ -181,6 +190,7 @@ impl Hub {
                 Arc::new(Room {
                     view_id,
                     library_id,
+                    created: self.rooms_created.fetch_add(1, Ordering::AcqRel) + 1,
                     inner: Mutex::new(RoomInner::new(base_version, remote_share)),
                 })
             })
@@ -232,7 +242,7 @@ impl Hub {
             key,
             presence,
             last_version: inner.last_version,
-            new_room,
+            reread: room.created > rooms_seen,
         })
     }
 
@@ -348,6 +358,12 @@ impl Hub {
             member.outbox.close(request.clone());
         }
         inner.members.len()
+    }
+
+    /// How many rooms have been created; a handshake takes this before it
+    /// reads the view (see [`Joined::reread`]).
+    pub fn rooms_created(&self) -> u64 {
+        self.rooms_created.load(Ordering::Acquire)
     }
 
     /// How many revocations have happened; see [`Hub::revoke`].

@@ -41,6 +41,8 @@ pub(super) struct Member {
 pub(super) struct Room {
     pub view_id: Arc<str>,
     pub library_id: Arc<str>,
+    /// Its number in [`Hub::rooms_created`](super::Hub::rooms_created)'s count.
+    pub created: u64,
     pub inner: Mutex<RoomInner>,
 }
 

@@ -18,6 +18,7 @@ fn joiner(view: &str, user: &str, role: Role, outbox: Arc<Outbox>) -> Joiner {
         role,
         outbox,
         base_version: 0,
+        rooms_seen: 0,
     }
 }
 
@@ -49,6 +50,34 @@ mod rooms {
     use crate::core::hub::*;
     use crate::core::lock::lock;
     use crate::domain::model::{Presence, Role};
+
+    /// Two handshakes read version 5 while a commit of version 6 reaches no
+    /// room (none exists yet). The first creates the room and re-reads; the
+    /// second joins that room, which has delivered nothing, so only the room
+    /// being younger than its read tells it to re-read too. A handshake that
+    /// began after the room existed read every commit made before it.
+    #[test]
+    fn a_room_younger_than_a_joiners_read_makes_it_read_again() {
+        let hub = Hub::default();
+        let at = |user: &str, rooms_seen: u64| {
+            hub.join(Joiner {
+                base_version: 5,
+                rooms_seen,
+                ..joiner("v", user, Role::Viewer, out())
+            })
+            .expect("join")
+        };
+        let before = hub.rooms_created();
+        assert!(at("first", before).reread, "the room's creator");
+        assert!(
+            at("second", before).reread,
+            "read before the room existed: a commit may have reached no one"
+        );
+        let after = hub.rooms_created();
+        let third = at("third", after);
+        assert!(!third.reread, "read after the room existed");
+        assert_eq!(third.last_version, 5);
+    }
 
     #[test]
     fn presence_counts_people_and_rooms_vanish() {

@@ -19,7 +19,8 @@ pub struct Params {
     pub token: Option<String>,
 }
 
-/// Who was admitted, and the revocation count when their access was read.
+/// Who was admitted, and the hub's revocation and room counts when their
+/// access was read.
 struct Admitted {
     user_id: String,
     access: Access,
@@ -27,6 +28,7 @@ struct Admitted {
     /// The same expiry in seconds since the epoch, for the writer's check.
     token_expires: u64,
     revocations: u64,
+    rooms_seen: u64,
 }
 
 /// SPEC §3's checks, then the join: a session ready to run, or the refusal
@@ -52,6 +54,7 @@ async fn admit(ctx: &Core, params: &Params) -> Result<Admitted, Error> {
     let token = params.token.as_deref().ok_or(Error::InvalidToken)?;
     let verified = ctx.tokens.verify(token)?;
     let revocations = ctx.hub.revocations();
+    let rooms_seen = ctx.hub.rooms_created();
     let access = ctx.store.access(&verified.user_id, &params.view_id).await?;
     let token_expires = verified.exp.saturating_add(ctx.config.jwt_leeway);
     Ok(Admitted {
@@ -60,6 +63,7 @@ async fn admit(ctx: &Core, params: &Params) -> Result<Admitted, Error> {
         expires: expiry_instant(token_expires),
         token_expires,
         revocations,
+        rooms_seen,
     })
 }
 
@@ -83,6 +87,7 @@ impl Session {
             expires,
             token_expires,
             revocations,
+            rooms_seen,
         } = admitted;
         let user_id: Arc<str> = user_id.into();
         let view_id: Arc<str> = view_id.into();
@@ -96,6 +101,7 @@ impl Session {
                 role,
                 outbox: outbox.clone(),
                 base_version: view.version,
+                rooms_seen,
             })
             .map_err(|_| Error::TooManyConnections)?;
         let membership = Membership {
@@ -111,7 +117,7 @@ impl Session {
                 return Err(Error::AccessRevoked);
             }
             view = fresh.view;
-        } else if joined.last_version > view.version || joined.new_room {
+        } else if joined.last_version > view.version || joined.reread {
             // A change was broadcast between our read and our join, or may have
             // been before the room existed (reaching no one): re-read.
             view = ctx.store.view(&view_id).await?.ok_or(Error::ViewNotFound)?;
