@@ -6,7 +6,7 @@ use serde_json::value::RawValue;
 
 use crate::domain::access::{self, LibraryRole, Standing};
 use crate::domain::error::Error;
-use crate::domain::model::is_valid_id;
+use crate::domain::model::{is_valid_id, Role};
 use crate::store::{Access, Grant, MembershipChange, StoredEvent, ViewRow};
 
 pub(super) fn user_exists(conn: &Connection, user_id: &str) -> Result<bool, Error> {
@@ -17,18 +17,44 @@ pub(super) fn user_exists(conn: &Connection, user_id: &str) -> Result<bool, Erro
     Ok(stmt.exists([user_id])?)
 }
 
+/// A view's columns `$columns` with its library's owner and the user's
+/// member row (`?1` the user, `?2` the view): the one lookup behind
+/// [`access`] and [`grant`], which differ only in the columns they read.
+macro_rules! view_with_role {
+    ($columns:literal) => {
+        concat!(
+            "SELECT ",
+            $columns,
+            " FROM portal_views v
+               LEFT JOIN libraries l ON l.id = v.library_id
+               LEFT JOIN library_members m ON m.library_id = v.library_id AND m.user_id = ?1
+              WHERE v.id = ?2"
+        )
+    };
+}
+
+/// The user's role from the view's library row and their member row, as
+/// `domain::access` rules it; no role is `ACCESS_DENIED`.
+fn role_of(
+    user_id: &str,
+    owner_id: Option<String>,
+    member_role: Option<String>,
+) -> Result<Role, Error> {
+    access::required_role(
+        user_id,
+        owner_id.as_deref(),
+        member_role.as_deref().and_then(LibraryRole::parse),
+    )
+}
+
 /// The checks of SPEC §3 that need storage, in its order: unknown user, view not
 /// found, access denied. Reads the current rows, so access changes made by other
 /// tools are seen at the next handshake.
 pub(super) fn access(conn: &Connection, user_id: &str, view_id: &str) -> Result<Access, Error> {
     known_user_and_view_id(conn, user_id, view_id)?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT v.library_id, v.name, v.state, v.version, v.updated_at, l.owner_id, m.role
-           FROM portal_views v
-           LEFT JOIN libraries l ON l.id = v.library_id
-           LEFT JOIN library_members m ON m.library_id = v.library_id AND m.user_id = ?1
-          WHERE v.id = ?2",
-    )?;
+    let mut stmt = conn.prepare_cached(view_with_role!(
+        "v.library_id, v.name, v.state, v.version, v.updated_at, l.owner_id, m.role"
+    ))?;
     let row = stmt
         .query_row(params![user_id, view_id], |r| {
             Ok((
@@ -45,11 +71,7 @@ pub(super) fn access(conn: &Connection, user_id: &str, view_id: &str) -> Result<
     let Some((library_id, name, state, version, updated_at, owner_id, member_role)) = row else {
         return Err(Error::ViewNotFound);
     };
-    let role = access::required_role(
-        user_id,
-        owner_id.as_deref(),
-        member_role.as_deref().and_then(LibraryRole::parse),
-    )?;
+    let role = role_of(user_id, owner_id, member_role)?;
     Ok(Access {
         role,
         view: ViewRow::from_columns(view_id, (library_id, name, state, version, updated_at))?,
@@ -75,13 +97,9 @@ pub(super) fn known_user_and_view_id(
 /// [`access`] without reading the `state` column: same checks, same order.
 pub(super) fn grant(conn: &Connection, user_id: &str, view_id: &str) -> Result<Grant, Error> {
     known_user_and_view_id(conn, user_id, view_id)?;
-    let mut stmt = conn.prepare_cached(
-        "SELECT v.library_id, v.version, l.owner_id, m.role
-           FROM portal_views v
-           LEFT JOIN libraries l ON l.id = v.library_id
-           LEFT JOIN library_members m ON m.library_id = v.library_id AND m.user_id = ?1
-          WHERE v.id = ?2",
-    )?;
+    let mut stmt = conn.prepare_cached(view_with_role!(
+        "v.library_id, v.version, l.owner_id, m.role"
+    ))?;
     let row = stmt
         .query_row(params![user_id, view_id], |r| {
             Ok((
@@ -95,11 +113,7 @@ pub(super) fn grant(conn: &Connection, user_id: &str, view_id: &str) -> Result<G
     let Some((library_id, version, owner_id, member_role)) = row else {
         return Err(Error::ViewNotFound);
     };
-    let role = access::required_role(
-        user_id,
-        owner_id.as_deref(),
-        member_role.as_deref().and_then(LibraryRole::parse),
-    )?;
+    let role = role_of(user_id, owner_id, member_role)?;
     Ok(Grant {
         role,
         library_id,
