@@ -327,7 +327,9 @@ async fn the_binary_takes_token_warning_from_its_flag_and_environment() {
     let db = db.to_str().expect("utf-8");
     let secret = "0123456789abcdef0123456789abcdef";
     let tokens = Tokens::new(secret.as_bytes(), 0);
-    let cases: [(&[&str], &[(&str, &str)], u64, bool); 3] = [
+    /// (flags, environment, the token's lifetime, warned at once).
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], u64, bool);
+    let cases: [Case; 3] = [
         (&[], &[], 30, true),
         (&[], &[("PORTAL_TOKEN_WARNING", "0")], 30, false),
         (&["--token-warning", "3600"], &[], 600, true),
