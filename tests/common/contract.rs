@@ -99,7 +99,9 @@ fn percent_encode(uri: &str) -> String {
 
 /// A test that panicked elsewhere does not spoil the cache for the others.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Every error of `instance` against the schema at `uri`, as text.
@@ -122,11 +124,43 @@ fn assert_valid(uri: &str, instance: &Value, context: &str) {
 /// Any message the server sends (WebSocket frame, SSE event data, a POST's
 /// reply) matches `messages.schema.json#/$defs/ServerMessage`.
 pub fn check_server_message(message: &Value) {
-    assert_valid(
-        "messages.schema.json#/$defs/ServerMessage",
-        message,
-        "a server message",
+    const ANY: &str = "messages.schema.json#/$defs/ServerMessage";
+    if validator(ANY).is_valid(message) {
+        return;
+    }
+    // `oneOf` says only "no branch matched": name the errors of the
+    // branches whose `type` this message has.
+    let defs = &messages_schema()["$defs"];
+    let mut detail = Vec::new();
+    for branch in defs["ServerMessage"]["oneOf"]
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        let Some(name) = branch["$ref"]
+            .as_str()
+            .and_then(|r| r.strip_prefix("#/$defs/"))
+        else {
+            continue;
+        };
+        if defs[name]["properties"]["type"]["const"] == message["type"] {
+            let uri = format!("messages.schema.json#/$defs/{name}");
+            detail.push(format!("as {name}: {}", errors(&uri, message).join("; ")));
+        }
+    }
+    if detail.is_empty() {
+        detail.push(format!("no server message has type {}", message["type"]));
+    }
+    panic!(
+        "contract: a server message does not match {ANY}:\n  {}\n  sent: {message}",
+        detail.join("\n  ")
     );
+}
+
+/// The parsed message schema.
+pub fn messages_schema() -> &'static Value {
+    static SCHEMA: OnceLock<Value> = OnceLock::new();
+    SCHEMA.get_or_init(|| serde_json::from_str(MESSAGES_TEXT).expect("messages.schema.json"))
 }
 
 /// Whether `message` is a client message of the schema (for the tests of the
@@ -171,7 +205,6 @@ fn segments(path: &str) -> Vec<&str> {
         path.split('/').collect()
     }
 }
-
 
 /// The methods a path item documents, upper case (`options` included).
 pub fn documented_methods(template: &str) -> BTreeSet<String> {
@@ -228,7 +261,11 @@ fn is_json(media: &str) -> bool {
 fn assert_error_body(body: &[u8], code: &str, message: Option<&str>, context: &str) {
     let value: Value = serde_json::from_slice(body)
         .unwrap_or_else(|e| panic!("contract: {context}: the body is not JSON ({e})"));
-    assert_valid("openapi.json#/components/schemas/ErrorBody", &value, context);
+    assert_valid(
+        "openapi.json#/components/schemas/ErrorBody",
+        &value,
+        context,
+    );
     assert_eq!(value["error"]["code"], code, "contract: {context}: {value}");
     if let Some(message) = message {
         assert_eq!(value["error"]["message"], message, "contract: {context}");
@@ -312,8 +349,7 @@ pub fn check_response(
     // Headers the document requires, and their values.
     if let Some(documented_headers) = response["headers"].as_object() {
         for (name, header) in documented_headers {
-            let (hpointer, header) =
-                resolve(format!("{pointer}/headers/{}", escape(name)), header);
+            let (hpointer, header) = resolve(format!("{pointer}/headers/{}", escape(name)), header);
             let value = headers.get(name.as_str()).and_then(|v| v.to_str().ok());
             match value {
                 None => assert!(
@@ -378,9 +414,7 @@ pub fn all_schema_uris() -> Vec<String> {
             Value::Object(map) => {
                 for (k, v) in map {
                     let p = format!("{pointer}/{}", escape(k));
-                    if k == "schema" && v.is_object() {
-                        out.push(format!("openapi.json#{p}"));
-                    } else if k == "x-portal-sync-events" {
+                    if (k == "schema" && v.is_object()) || k == "x-portal-sync-events" {
                         out.push(format!("openapi.json#{p}"));
                     } else {
                         walk(v, &p, out);
@@ -397,9 +431,21 @@ pub fn all_schema_uris() -> Vec<String> {
     }
     let mut out = Vec::new();
     walk(&openapi()["paths"], "/paths", &mut out);
-    walk(&openapi()["components"]["responses"], "/components/responses", &mut out);
-    walk(&openapi()["components"]["headers"], "/components/headers", &mut out);
-    walk(&openapi()["components"]["parameters"], "/components/parameters", &mut out);
+    walk(
+        &openapi()["components"]["responses"],
+        "/components/responses",
+        &mut out,
+    );
+    walk(
+        &openapi()["components"]["headers"],
+        "/components/headers",
+        &mut out,
+    );
+    walk(
+        &openapi()["components"]["parameters"],
+        "/components/parameters",
+        &mut out,
+    );
     if let Some(schemas) = openapi()["components"]["schemas"].as_object() {
         for name in schemas.keys() {
             out.push(format!("openapi.json#/components/schemas/{}", escape(name)));

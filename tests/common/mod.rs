@@ -499,7 +499,13 @@ impl TestApp {
             .await
             .expect("SSE request");
         let path = format!("/sse/portal-view/{view}");
-        contract::check_response("GET", &path, response.status().as_u16(), response.headers(), None);
+        contract::check_response(
+            "GET",
+            &path,
+            response.status().as_u16(),
+            response.headers(),
+            None,
+        );
         assert_eq!(response.status(), 200);
         assert_eq!(
             response.headers()["content-type"],
