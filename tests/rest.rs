@@ -73,10 +73,12 @@ impl Answer {
 /// Sends `request` and reads its whole answer, all within the harness's WAIT.
 async fn call(request: RequestBuilder) -> Answer {
     tokio::time::timeout(WAIT, async move {
-        let response = request.send().await.expect("request sent");
-        let status = response.status();
-        let headers = response.headers().clone();
-        let bytes = response.bytes().await.expect("body read");
+        // Every answer is checked against docs/openapi.json on the way.
+        let contract::Answered {
+            status,
+            headers,
+            body: bytes,
+        } = contract::send_checked(request).await;
         let body = if bytes.is_empty() {
             Value::Null
         } else {

@@ -3,6 +3,7 @@
 //! rest is the crate's own.
 
 mod context;
+mod contract;
 mod error;
 mod fdlimit;
 mod filters;
@@ -10,7 +11,7 @@ mod frames;
 mod origin;
 mod pending;
 mod rest;
-mod router;
+pub mod router;
 pub mod server;
 mod sse;
 mod streams;

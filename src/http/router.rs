@@ -13,7 +13,7 @@ use crate::http::error::recover;
 use crate::http::filters::with_ctx;
 use crate::http::origin;
 use crate::http::rest::{self, no_content};
-use crate::http::{sse, web, ws};
+use crate::http::{contract, sse, web, ws};
 
 /// Every route the server answers, with logging and JSON errors.
 pub(crate) fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
@@ -39,6 +39,9 @@ pub(crate) fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .or(sse::post_message(ctx.clone()))
         .unify()
         .or(preflight(ctx.clone()))
+        .unify()
+        // docs/openapi.json and docs/messages.schema.json (contract.rs).
+        .or(contract::routes())
         .unify()
         // The browser pages and their assets (web.rs).
         .or(web::routes())
@@ -78,10 +81,13 @@ pub(crate) fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
 /// The methods of every route above, for the `Allow` header of a 405 (RFC
 /// 9110 §15.5.6): path segments (`*` one of any, `**` the rest), the methods,
 /// and whether CORS preflights (`OPTIONS`, [`preflight`]) are answered there.
-/// A route added to [`routes`] needs its line here.
-const ROUTE_METHODS: &[(&[&str], &str, bool)] = &[
+/// A route added to [`routes`] needs its line here, and its path in
+/// docs/openapi.json (tests/contract.rs compares the two).
+pub const ROUTE_METHODS: &[(&[&str], &str, bool)] = &[
     (&["health"], "GET", false),
     (&["metrics"], "GET", false),
+    (&["api", "openapi.json"], "GET", false),
+    (&["api", "messages.schema.json"], "GET", false),
     (&["api", "portal-views", "*"], "GET, PATCH", true),
     (&["api", "portal-views", "*", "messages"], "POST", true),
     (

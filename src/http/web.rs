@@ -62,7 +62,7 @@ pub const CONTENT_SECURITY_POLICY: &str = "default-src 'self'; script-src 'self'
      style-src 'self'; img-src 'self' data:; connect-src 'self' ws: wss:; \
      object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'";
 
-const fn fnv1a(bytes: &[u8]) -> u64 {
+pub(crate) const fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     let mut i = 0;
     while i < bytes.len() {
@@ -135,7 +135,7 @@ fn get_or_head() -> impl Filter<Extract = (), Error = warp::Rejection> + Clone {
     warp::get().or(warp::head()).unify()
 }
 
-fn if_none_match(
+pub(crate) fn if_none_match(
 ) -> impl Filter<Extract = (Option<String>,), Error = std::convert::Infallible> + Clone {
     warp::header::optional::<String>(header::IF_NONE_MATCH.as_str())
         .or(warp::any().map(|| None))
@@ -143,7 +143,7 @@ fn if_none_match(
 }
 
 /// The asset, or 304 when the browser's copy (`If-None-Match`) is current.
-fn serve(asset: &Asset, if_none_match: Option<&str>) -> Response {
+pub(crate) fn serve(asset: &Asset, if_none_match: Option<&str>) -> Response {
     let etag = format!("\"{:016x}\"", asset.hash);
     let fresh = if_none_match.is_some_and(|value| {
         value

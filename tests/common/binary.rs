@@ -145,10 +145,9 @@ pub async fn wait_for_text(text: &Arc<Mutex<String>>, needle: &str) -> String {
 
 pub async fn http_json(request: reqwest::RequestBuilder) -> (u16, Value) {
     tokio::time::timeout(WAIT, async move {
-        let response = request.send().await.expect("request");
-        let status = response.status().as_u16();
-        let body = response.json::<Value>().await.unwrap_or(Value::Null);
-        (status, body)
+        let answer = super::contract::send_checked(request).await;
+        let body = serde_json::from_slice(&answer.body).unwrap_or(Value::Null);
+        (answer.status.as_u16(), body)
     })
     .await
     .expect("answer in time")

@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod binary;
+pub mod contract;
 pub mod foreign;
 pub mod frames;
 
@@ -354,7 +355,11 @@ where
             .expect("socket open")
             .expect("frame");
         match frame {
-            Message::Text(text) => return serde_json::from_str(text.as_str()).expect("JSON"),
+            Message::Text(text) => {
+                let message = serde_json::from_str(text.as_str()).expect("JSON");
+                contract::check_server_message(&message);
+                return message;
+            }
             Message::Ping(_) | Message::Pong(_) => continue,
             other => panic!("expected a text message, got {other:?}"),
         }
@@ -426,6 +431,7 @@ impl SseClient {
                 }
                 if let Some(data) = data {
                     let data = serde_json::from_str(&data).expect("event data is JSON");
+                    contract::check_server_message(&data);
                     return Some(SseEvent { data, id });
                 }
             }
@@ -492,6 +498,14 @@ impl TestApp {
             .send()
             .await
             .expect("SSE request");
+        let path = format!("/sse/portal-view/{view}");
+        contract::check_response(
+            "GET",
+            &path,
+            response.status().as_u16(),
+            response.headers(),
+            None,
+        );
         assert_eq!(response.status(), 200);
         assert_eq!(
             response.headers()["content-type"],
@@ -528,22 +542,17 @@ impl TestApp {
         if let Some(id) = stream {
             request = request.header("x-connection-id", id);
         }
-        let response = request.send().await.expect("POST");
-        let status = response.status().as_u16();
-        (status, response.json().await.expect("JSON answer"))
+        let answer = contract::send_checked(request).await;
+        let body = serde_json::from_slice(&answer.body).expect("JSON answer");
+        (answer.status.as_u16(), body)
     }
 }
 
 /// `GET /health`: the status and the JSON body.
 pub async fn health(app: &TestApp) -> (u16, Value) {
-    let response = app
-        .http()
-        .get(app.http_url("/health"))
-        .send()
-        .await
-        .expect("health");
-    let status = response.status().as_u16();
-    (status, response.json().await.expect("json"))
+    let answer = contract::send_checked(app.http().get(app.http_url("/health"))).await;
+    let body = serde_json::from_slice(&answer.body).expect("json");
+    (answer.status.as_u16(), body)
 }
 
 /// Polls `/health` until it reports `n` connections (bounded by WAIT).
@@ -565,12 +574,6 @@ pub async fn wait_connections(app: &TestApp, n: u64) {
 
 /// `GET /metrics` as text.
 pub async fn metrics(app: &TestApp) -> String {
-    app.http()
-        .get(app.http_url("/metrics"))
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
+    let answer = contract::send_checked(app.http().get(app.http_url("/metrics"))).await;
+    String::from_utf8(answer.body.to_vec()).expect("text")
 }
