@@ -151,8 +151,9 @@ export class Server {
     return run([...args, '--db', this.db]);
   }
 
-  async token(user) {
-    return (await run(['token', '--user', user])).trim();
+  /** A token for `user` signed with this server's secret; `ttl` as `portal-sync token --ttl` takes it. */
+  async token(user, ttl) {
+    return (await run(['token', '--user', user, ...(ttl ? ['--ttl', ttl] : [])])).trim();
   }
 
   async addViewer(user) {
