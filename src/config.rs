@@ -10,6 +10,9 @@ pub struct Config {
     pub jwt_secret: String,
     /// Seconds of clock leeway on `exp` (SPEC §2: 0 by default).
     pub jwt_leeway: u64,
+    /// How long before a session's token expires it is sent `token-expiring`
+    /// (SPEC §9); zero sends none.
+    pub token_warning: Duration,
     /// Largest WebSocket message or REST body (SPEC §5).
     pub max_message_bytes: usize,
     /// Largest serialized state a view may reach (SPEC §5); a change past it
@@ -63,6 +66,7 @@ impl Config {
             db_path: db_path.into(),
             jwt_secret: jwt_secret.into(),
             jwt_leeway: 0,
+            token_warning: Duration::from_secs(60),
             max_message_bytes: 65536,
             max_state_bytes: 512 * 1024,
             sync_timeout: Duration::from_secs(2),

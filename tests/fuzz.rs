@@ -38,12 +38,13 @@ const ROLES: [Role; 2] = [Role::Controller, Role::Viewer];
 
 /// SPEC §3.1's permission table, written out again here on purpose (the test
 /// must not read it from the code under test): (type, controller, viewer).
-const PERMISSIONS: [(&str, bool, bool); 5] = [
+const PERMISSIONS: [(&str, bool, bool); 6] = [
     ("ping", true, true),
     ("portal-view-update", true, false),
     ("item-update", true, false),
     ("request-sync", false, true),
     ("sync-response", true, false),
+    ("refresh-token", true, true),
 ];
 
 // ---------------------------------------------------------------------------
@@ -166,7 +167,7 @@ fn payload() -> impl Strategy<Value = Option<Value>> {
 /// extra keys, sometimes anything at all.
 fn message() -> impl Strategy<Value = Value> {
     prop_oneof![
-        6 => (message_type(), payload(), message_id(), prop::collection::btree_map("x[a-z]{0,3}", value(), 0..2))
+        6 => (message_type(), payload(), message_id(), prop::collection::btree_map(prop_oneof!["x[a-z]{0,3}", Just("token".to_string())], value(), 0..2))
             .prop_map(|(ty, payload, id, extra)| {
                 let mut m: Map<String, Value> = extra.into_iter().collect();
                 if let Some(ty) = ty {
@@ -239,6 +240,11 @@ enum Outcome {
         patch: Map<String, Value>,
         payload: String,
     },
+    /// SPEC §9: the top-level `token`, a string.
+    Refresh {
+        id: Option<String>,
+        token: String,
+    },
 }
 
 fn actual(text: &str, role: Role) -> Outcome {
@@ -253,6 +259,10 @@ fn actual(text: &str, role: Role) -> Outcome {
             match command {
                 Command::Ping => Outcome::Ping { id },
                 Command::RequestSync => Outcome::RequestSync { id },
+                Command::RefreshToken(token) => Outcome::Refresh {
+                    id,
+                    token: token.as_str().to_string(),
+                },
                 Command::Change { change, payload } => {
                     let payload = payload.get().to_string();
                     match change {
@@ -309,6 +319,13 @@ fn model(message: &Value, role: Role) -> Outcome {
     match (ty, as_object, raw) {
         ("ping", ..) => Outcome::Ping { id },
         ("request-sync", ..) => Outcome::RequestSync { id },
+        ("refresh-token", ..) => match object.get("token") {
+            Some(Value::String(token)) => Outcome::Refresh {
+                id,
+                token: token.clone(),
+            },
+            _ => refused("BAD_REQUEST"),
+        },
         ("portal-view-update", Some(patch), Some(payload)) => Outcome::Merge { id, patch, payload },
         ("sync-response", Some(state), Some(payload)) => Outcome::Replace { id, state, payload },
         ("item-update", Some(mut patch), Some(payload)) => {
@@ -470,7 +487,7 @@ proptest! {
         let (ty, controller, viewer) = PERMISSIONS[index];
         let mut payload = patch;
         payload.insert("itemId".into(), json!(item));
-        let mut message = json!({"type": ty, "payload": payload});
+        let mut message = json!({"type": ty, "payload": payload, "token": "a.b.c"});
         if let Some(id) = &id {
             message["id"] = id.clone();
         }

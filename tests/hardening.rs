@@ -192,6 +192,11 @@ async fn a_session_is_closed_when_its_token_expires() {
     let token = app.token_with(SECRET, json!({"sub": "v1", "exp": exp}));
     let mut client = app.open(&app.ws_url("pv1", Some(&token))).await;
     assert_eq!(client.recv().await["type"], "connected");
+    // Less than --token-warning (60 s) left: warned at once (SPEC §9).
+    assert_eq!(
+        client.recv().await,
+        json!({"type": "token-expiring", "exp": exp})
+    );
     client.assert_alive().await;
     client.assert_closed(1008, "token expired").await;
     let closed_at = now_secs();

@@ -340,6 +340,11 @@ async fn a_stream_ends_with_closed_when_its_token_expires() {
         .await;
     let mut client = SseClient::new(response.expect("SSE"));
     assert_eq!(client.recv().await["type"], "connected");
+    // Less than --token-warning (60 s) left: warned at once (SPEC §9).
+    assert_eq!(
+        client.recv().await,
+        json!({"type": "token-expiring", "exp": exp})
+    );
     client.assert_closed(1008, "token expired").await;
     let closed_at = now_secs();
     assert!(

@@ -18,6 +18,10 @@ pub(super) struct ServeArgs {
     /// Seconds of clock leeway when checking a token's `exp`
     #[arg(long, env = "PORTAL_JWT_LEEWAY", default_value_t = 0)]
     jwt_leeway: u64,
+    /// Seconds before a session's token expires that it is sent
+    /// `token-expiring` (0: never)
+    #[arg(long, env = "PORTAL_TOKEN_WARNING", default_value_t = 60)]
+    token_warning: u64,
     /// Largest WebSocket message or REST body, in bytes (1009 / 413 above it)
     #[arg(long, env = "PORTAL_MAX_MESSAGE_BYTES", default_value_t = 65536)]
     max_message_bytes: usize,
@@ -88,6 +92,7 @@ pub(super) struct ServeArgs {
 pub(super) fn config(args: &ServeArgs, db_path: PathBuf, secret: String) -> Config {
     Config {
         jwt_leeway: args.jwt_leeway,
+        token_warning: Duration::from_secs(args.token_warning),
         max_message_bytes: args.max_message_bytes,
         max_state_bytes: args.max_state_bytes,
         sync_timeout: Duration::from_secs(args.sync_timeout),

@@ -75,16 +75,18 @@ pub(crate) enum Kind {
     ItemUpdate,
     RequestSync,
     SyncResponse,
+    RefreshToken,
 }
 
 /// SPEC §3.1's permission table, the only place it is written down:
 /// (type, its wire name, controller may send, viewer may send).
-const PERMISSIONS: [(Kind, &str, bool, bool); 5] = [
+const PERMISSIONS: [(Kind, &str, bool, bool); 6] = [
     (Kind::Ping, "ping", true, true),
     (Kind::PortalViewUpdate, "portal-view-update", true, false),
     (Kind::ItemUpdate, "item-update", true, false),
     (Kind::RequestSync, "request-sync", false, true),
     (Kind::SyncResponse, "sync-response", true, false),
+    (Kind::RefreshToken, "refresh-token", true, true),
 ];
 
 impl Kind {
@@ -251,6 +253,7 @@ mod tests {
             ("item-update", true, false),
             ("request-sync", false, true),
             ("sync-response", true, false),
+            ("refresh-token", true, true),
         ];
         for (name, c, v) in table {
             let kind = Kind::from_name(name).expect("known");

@@ -305,14 +305,15 @@ where
     let text = std::str::from_utf8(&body)
         .map_err(|_| Error::BadRequest("the body is not valid UTF-8".into()))?;
     let now = tokio::time::Instant::now();
-    let (verdict, connection, outbox) = match stream {
+    let (verdict, connection, outbox, expiry) = match stream {
         Some(stream) => (
             lock(&stream.rate).check(now),
             stream.sender.connection,
             Some(stream.outbox),
+            stream.sender.expiry,
         ),
         // The user's REST bucket, shared with PATCH.
-        None => (ctx.user_rates.check(user_id, now), None, None),
+        None => (ctx.user_rates.check(user_id, now), None, None, None),
     };
     // The role is read afresh: a stream's may be a revocation behind. The
     // token is this request's, whatever the stream's was.
@@ -322,6 +323,8 @@ where
         role: grant.role,
         connection,
         token_expires: token_expires(ctx, &verified),
+        // A `refresh-token` moves the stream's expiry, not this request's.
+        expiry,
     };
     let (tx, rx) = oneshot::channel();
     let reply = ReplyTo::Post {

@@ -26,6 +26,25 @@ pub enum Command {
     /// it is never forwarded (SPEC §3.1), so a flood of 64 KB requests costs
     /// no copies.
     RequestSync,
+    /// SPEC §9: a new token for the session (checked by the session, which
+    /// knows whose it must be).
+    RefreshToken(Token),
+}
+
+/// A JWT a client sent in a message. Its `Debug` shows no part of it: tokens
+/// never reach a log (SPEC §6), not even through a `{:?}` of a command.
+pub struct Token(String);
+
+impl Token {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Token {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Token(…)")
+    }
 }
 
 /// A parsed message and the `id` to echo on its reply.
@@ -89,7 +108,7 @@ pub fn parse(text: &str, role: Role) -> Result<Inbound, Refusal> {
         return Err(refuse(Error::UnknownType));
     };
     kind.check(role).map_err(refuse)?;
-    let command = command(kind, envelope.payload).map_err(refuse)?;
+    let command = command(kind, envelope.payload, text).map_err(refuse)?;
     Ok(Inbound { id, command })
 }
 
@@ -125,6 +144,7 @@ impl Command {
             Command::Ping => "ping",
             Command::Change { change, .. } => change.message_type(),
             Command::RequestSync => "request-sync",
+            Command::RefreshToken(_) => "refresh-token",
         }
     }
 }
@@ -137,10 +157,11 @@ fn is_string_or_number(raw: &RawValue) -> bool {
 }
 
 /// Checks the payload's shape for `kind` and builds the command.
-fn command(kind: Kind, payload: Option<&RawValue>) -> Result<Command, Error> {
+fn command(kind: Kind, payload: Option<&RawValue>, text: &str) -> Result<Command, Error> {
     let change = match kind {
         Kind::Ping => return Ok(Command::Ping),
         Kind::RequestSync => return Ok(Command::RequestSync),
+        Kind::RefreshToken => return refresh_token(payload, text).map(Command::RefreshToken),
         Kind::PortalViewUpdate => Change::Merge(object_payload(payload)?),
         Kind::SyncResponse => Change::Replace(object_payload(payload)?),
         Kind::ItemUpdate => {
@@ -164,6 +185,38 @@ fn command(kind: Kind, payload: Option<&RawValue>) -> Result<Command, Error> {
         .map(RawValue::to_owned)
         .ok_or_else(|| Error::Internal("payload checked above".into()))?;
     Ok(Command::Change { change, payload })
+}
+
+/// SPEC §9 puts the token at the top level of the message, beside `type`,
+/// and only there: a `payload.token` is not read (one place for it, as SPEC
+/// writes it), but the refusal says where it goes. The envelope leaves
+/// `token` out so that the other types parse as they did; this second read
+/// happens for this rare message only.
+fn refresh_token(payload: Option<&RawValue>, text: &str) -> Result<Token, Error> {
+    #[derive(Deserialize)]
+    struct Body {
+        /// `null` is present, and not a string.
+        #[serde(default, deserialize_with = "present_value")]
+        token: Option<Value>,
+    }
+    fn present_value<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Value>, D::Error> {
+        Value::deserialize(d).map(Some)
+    }
+    let in_payload = |p: &RawValue| {
+        serde_json::from_str::<Map<String, Value>>(p.get()).is_ok_and(|m| m.contains_key("token"))
+    };
+    let body: Body = serde_json::from_str(text)
+        .map_err(|_| Error::BadRequest("token must be a string".into()))?;
+    match body.token {
+        Some(Value::String(token)) => Ok(Token(token)),
+        Some(_) => Err(Error::BadRequest("token must be a string".into())),
+        None if payload.is_some_and(in_payload) => Err(Error::BadRequest(
+            "token goes at the top level of the message, not in payload".into(),
+        )),
+        None => Err(Error::BadRequest(
+            "refresh-token needs a string token at the top level of the message".into(),
+        )),
+    }
 }
 
 fn object_payload(payload: Option<&RawValue>) -> Result<Map<String, Value>, Error> {
@@ -238,6 +291,45 @@ mod tests {
             refusal_code(r#"{"type":"request-sync","id":"a"}"#, Viewer),
             None
         );
+    }
+
+    #[test]
+    fn refresh_token_shapes() {
+        let parsed = |text: &str| match parse(text, Role::Viewer) {
+            Ok(Inbound {
+                command: Command::RefreshToken(token),
+                ..
+            }) => Ok(token.as_str().to_string()),
+            Ok(other) => panic!("{other:?}"),
+            Err(Refusal::Reply { error, .. }) => Err(error.client_message()),
+            Err(Refusal::Unsupported) => Err("1003".into()),
+        };
+        assert_eq!(
+            parsed(r#"{"type":"refresh-token","token":"a.b.c","id":1}"#),
+            Ok("a.b.c".into())
+        );
+        assert_eq!(
+            parsed(r#"{"type":"refresh-token","token":7}"#),
+            Err("token must be a string".into())
+        );
+        assert_eq!(
+            parsed(r#"{"type":"refresh-token","token":null}"#),
+            Err("token must be a string".into())
+        );
+        assert_eq!(
+            parsed(r#"{"type":"refresh-token","payload":{"token":"a.b.c"}}"#),
+            Err("token goes at the top level of the message, not in payload".into())
+        );
+        assert_eq!(
+            parsed(r#"{"type":"refresh-token"}"#),
+            Err("refresh-token needs a string token at the top level of the message".into())
+        );
+        let token = parse(
+            r#"{"type":"refresh-token","token":"secret.jwt"}"#,
+            Role::Controller,
+        )
+        .expect("valid");
+        assert!(!format!("{token:?}").contains("secret"));
     }
 
     #[test]

@@ -9,7 +9,7 @@ mod inbound;
 mod outbound;
 
 pub use broadcast::{Author, Via};
-pub use inbound::{parse, Command, Inbound, Refusal};
+pub use inbound::{parse, Command, Inbound, Refusal, Token};
 pub(crate) use inbound::{rate_limited, type_label};
 /// Broadcasts are rendered through [`Author::broadcast`]; tests build one
 /// directly.
@@ -18,5 +18,5 @@ pub(crate) use outbound::change_broadcast;
 pub use outbound::error;
 pub(crate) use outbound::{
     ack, answers_sync_requests, closed, connected, pong, presence_event, request_sync_forward,
-    server_sync_response, Connected, From, Person,
+    server_sync_response, token_expiring, token_refreshed, Connected, From, Person,
 };

@@ -187,6 +187,38 @@ pub(crate) fn request_sync_forward(from: &From) -> Message {
     })
 }
 
+/// SPEC §9: the session's token now expires at `exp` (the new token's claim).
+pub(crate) fn token_refreshed(exp: u64, id: Option<&RawValue>) -> Message {
+    #[derive(Serialize)]
+    struct Wire<'a> {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        exp: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        id: Option<&'a RawValue>,
+    }
+    to_message(&Wire {
+        ty: "token-refreshed",
+        exp,
+        id,
+    })
+}
+
+/// SPEC §9: the session will be closed 1008 `token expired` at `exp` unless
+/// it is sent a `refresh-token` first.
+pub(crate) fn token_expiring(exp: u64) -> Message {
+    #[derive(Serialize)]
+    struct Wire {
+        #[serde(rename = "type")]
+        ty: &'static str,
+        exp: u64,
+    }
+    to_message(&Wire {
+        ty: "token-expiring",
+        exp,
+    })
+}
+
 /// SSE's last event where a WebSocket would get a close frame (SPEC §7).
 pub(crate) fn closed(code: u16, reason: &str) -> Message {
     #[derive(Serialize)]

@@ -2,8 +2,8 @@
 //! then the join and the `connected` snapshot.
 
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use super::expiry::Expiry;
 use super::rate::RateLimit;
 use super::{Membership, Sender, Session};
 use crate::core::context::Core;
@@ -24,9 +24,8 @@ pub struct Params {
 struct Admitted {
     user_id: String,
     access: Access,
-    expires: Option<tokio::time::Instant>,
-    /// The same expiry in seconds since the epoch, for the writer's check.
-    token_expires: u64,
+    /// The token's `exp` claim.
+    exp: u64,
     revocations: u64,
     rooms_seen: u64,
 }
@@ -56,25 +55,13 @@ async fn admit(ctx: &Core, params: &Params) -> Result<Admitted, Error> {
     let revocations = ctx.hub.revocations();
     let rooms_seen = ctx.hub.rooms_created();
     let access = ctx.store.access(&verified.user_id, &params.view_id).await?;
-    let token_expires = verified.exp.saturating_add(ctx.config.jwt_leeway);
     Ok(Admitted {
         user_id: verified.user_id,
         access,
-        expires: expiry_instant(token_expires),
-        token_expires,
+        exp: verified.exp,
         revocations,
         rooms_seen,
     })
-}
-
-/// When a token whose `exp` (plus leeway) is `secs` expires, on tokio's clock;
-/// `None` when it is too far away to matter.
-fn expiry_instant(secs: u64) -> Option<tokio::time::Instant> {
-    let at = UNIX_EPOCH.checked_add(Duration::from_secs(secs))?;
-    let left = at
-        .duration_since(SystemTime::now())
-        .unwrap_or(Duration::ZERO);
-    tokio::time::Instant::now().checked_add(left)
 }
 
 impl Session {
@@ -84,8 +71,7 @@ impl Session {
         let Admitted {
             user_id,
             access: Access { role, mut view },
-            expires,
-            token_expires,
+            exp,
             revocations,
             rooms_seen,
         } = admitted;
@@ -133,18 +119,20 @@ impl Session {
             presence: joined.presence,
         }));
         log::debug!("connection {connection_id}: user {user_id} joined {view_id} as {role:?}");
+        let expiry = Arc::new(Expiry::new(exp, ctx.config.jwt_leeway));
         Ok(Session {
             sender: Sender {
                 user_id,
                 view_id,
                 role,
                 connection: Some((joined.key, connection_id)),
-                token_expires,
+                token_expires: expiry.closes_at(),
+                expiry: Some(expiry.clone()),
             },
             _membership: membership,
             outbox,
             last_version: view.version,
-            expires,
+            expiry,
             rate: Arc::new(Mutex::new(RateLimit::new(
                 ctx.config.rate_per_sec,
                 ctx.config.rate_burst,

@@ -8,8 +8,9 @@ use super::Sender;
 use crate::core::context::Core;
 use crate::core::hub::SyncAsked;
 use crate::core::writer::{Job, Reply, ReplyTo, Snapshot};
+use crate::domain::clock::now_secs;
 use crate::domain::error::Error;
-use crate::protocol::{self, Command, Inbound, Refusal};
+use crate::protocol::{self, Command, Inbound, Refusal, Token};
 use crate::protocol::{Author, Via};
 use crate::store::{Needs, Requester};
 
@@ -72,9 +73,24 @@ pub(crate) async fn handle(
             return Flow::Continue;
         }
     };
+    if let Command::RefreshToken(token) = &command {
+        match refresh(ctx, sender, token) {
+            Ok(exp) => {
+                count(command.name(), "accepted");
+                reply.reply(Some(protocol::token_refreshed(exp, id.as_deref())));
+            }
+            Err(error) => {
+                count(command.name(), "bad_request");
+                reply.refuse(error, id);
+            }
+        }
+        return Flow::Continue;
+    }
     count(command.name(), "accepted");
     let view_id = &sender.view_id;
     match command {
+        // Answered above.
+        Command::RefreshToken(_) => {}
         Command::Ping => {
             reply.reply(Some(protocol::pong(id.as_deref(), now_ms())));
         }
@@ -131,6 +147,30 @@ pub(crate) async fn handle(
         }
     }
     Flow::Continue
+}
+
+/// SPEC §9: a token valid by SPEC §2's rules (the same leeway), for the
+/// session's own user, moves its expiry; returns the new `exp`. Whether the
+/// user still has access is not asked again: a change of access closes the
+/// session by revocation (SPEC §3.4), so a live session's user had it.
+/// Nothing here logs the token.
+fn refresh(ctx: &Core, sender: &Sender, token: &Token) -> Result<u64, Error> {
+    let Some(expiry) = &sender.expiry else {
+        return Err(Error::BadRequest(
+            "refresh-token needs X-Connection-Id naming your SSE stream: \
+             a POST of its own has no session to refresh"
+                .into(),
+        ));
+    };
+    let verified = ctx.tokens.verify(token.as_str()).map_err(|e| match e {
+        Error::TokenExpired => Error::BadRequest("token expired".into()),
+        _ => Error::BadRequest("invalid token".into()),
+    })?;
+    if *verified.user_id != *sender.user_id {
+        return Err(Error::BadRequest("token is for another user".into()));
+    }
+    expiry.refresh(verified.exp, ctx.config.jwt_leeway, now_secs())?;
+    Ok(verified.exp)
 }
 
 pub fn now_ms() -> u64 {

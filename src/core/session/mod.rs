@@ -8,9 +8,11 @@
 //!
 //! Here the session itself; `admit.rs` opens one (token, access, join),
 //! `serve.rs` runs it over a [`Link`], `handle.rs` handles one inbound
-//! message, `liveness.rs` keeps the heartbeats and `rate.rs` the rate.
+//! message, `liveness.rs` keeps the heartbeats, `rate.rs` the rate and
+//! `expiry.rs` the token's expiry (`refresh-token`, `token-expiring`).
 
 mod admit;
+mod expiry;
 mod handle;
 mod liveness;
 mod rate;
@@ -20,6 +22,7 @@ use std::sync::{Arc, Mutex};
 
 pub use admit::Params;
 pub(crate) use admit::{new_connection_id, open};
+pub(crate) use expiry::Expiry;
 pub(crate) use handle::{handle, Flow};
 pub(crate) use rate::{RateLimit, Verdict};
 pub(crate) use serve::{Ended, Incoming, Link};
@@ -54,8 +57,12 @@ pub(crate) struct Sender {
     pub connection: Option<(u64, Arc<str>)>,
     /// When the token that authorised the message expires (its `exp` plus
     /// `--jwt-leeway`, seconds since the epoch): its change is refused from
-    /// then on, however long it waited for the writer.
+    /// then on, however long it waited for the writer. A session's loop keeps
+    /// it at its [`Expiry`]'s, which `refresh-token` moves.
     pub token_expires: u64,
+    /// The session whose token a `refresh-token` replaces; `None` for a POST
+    /// that names no stream of its own (there is no session to refresh).
+    pub expiry: Option<Arc<Expiry>>,
 }
 
 pub(crate) struct Session {
@@ -66,7 +73,8 @@ pub(crate) struct Session {
     /// The last state version written to this connection; older broadcasts
     /// (already in the `connected` snapshot) are dropped.
     last_version: i64,
-    expires: Option<tokio::time::Instant>,
+    /// When the session is warned and closed; `refresh-token` moves it.
+    expiry: Arc<Expiry>,
     /// Shared with SSE's POST route, which counts its messages here.
     pub rate: Arc<Mutex<RateLimit>>,
 }

@@ -5,14 +5,15 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::time::Duration;
 
+use super::expiry::Due;
 use super::handle::{handle, Flow};
 use super::liveness::Liveness;
-use super::rate::FAR_FUTURE;
 use super::Session;
 use crate::core::context::Core;
 use crate::core::hub::{CloseRequest, Outgoing};
 use crate::core::lock::lock;
 use crate::core::writer::ReplyTo;
+use crate::protocol;
 
 const SHUTTING_DOWN: CloseRequest = CloseRequest {
     code: 1001,
@@ -105,11 +106,16 @@ impl Session {
     async fn serve<L: Link>(&mut self, ctx: &Core, link: &mut L, heartbeat: Duration) -> Ended {
         let mut reading = true;
         let mut liveness = Liveness::new(heartbeat, ctx.config.ping_timeout, L::ANSWERS_HEARTBEATS);
-        let expiry = tokio::time::sleep_until(
-            self.expires
-                .unwrap_or_else(|| tokio::time::Instant::now() + FAR_FUTURE),
-        );
-        tokio::pin!(expiry);
+        // The token's expiry: one timer for its warning, then its close,
+        // re-armed whenever a `refresh-token` moves it (the `moved` wake-up is
+        // taken before each plan, so no move falls between).
+        let expiry = self.expiry.clone();
+        let warning = ctx.config.token_warning;
+        let moved = expiry.moved();
+        tokio::pin!(moved);
+        let mut armed = expiry.plan(warning);
+        let expiry_timer = tokio::time::sleep_until(armed.at);
+        tokio::pin!(expiry_timer);
         // The shutdown future and the ping timer are made once, not per loop
         // turn: a fresh shutdown future registers on the watch's one shared
         // waiter list, which every session contended for at every delivery
@@ -140,9 +146,25 @@ impl Session {
                         return Ended::Closed(request);
                     }
                 }
-                _ = &mut expiry, if reading && self.expires.is_some() => {
-                    reading = false;
-                    self.outbox.close(TOKEN_EXPIRED);
+                _ = &mut expiry_timer, if reading => {
+                    match expiry.fire(&armed) {
+                        Some(Due::Close) => {
+                            reading = false;
+                            self.outbox.close(TOKEN_EXPIRED);
+                        }
+                        Some(Due::Warn(exp)) => {
+                            self.outbox.push(protocol::token_expiring(exp), 0);
+                        }
+                        // Moved meanwhile: `moved` re-arms, or this does.
+                        None => {}
+                    }
+                    armed = expiry.plan(warning);
+                    expiry_timer.as_mut().reset(armed.at);
+                }
+                _ = &mut moved, if reading => {
+                    moved.set(expiry.moved());
+                    armed = expiry.plan(warning);
+                    expiry_timer.as_mut().reset(armed.at);
                 }
                 _ = &mut ping_timer, if reading => {
                     if liveness.is_overdue() {
@@ -163,6 +185,9 @@ impl Session {
                     let flow = match incoming {
                         Incoming::Text(text) => {
                             let verdict = lock(&self.rate).check(tokio::time::Instant::now());
+                            // Its change must find the token valid when applied,
+                            // and the token is whichever was refreshed last.
+                            self.sender.token_expires = expiry.closes_at();
                             let reply = ReplyTo::Outbox(self.outbox.clone());
                             handle(ctx, &self.sender, verdict, text.as_str(), reply).await
                         }
