@@ -11,6 +11,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
+import { PortalClient } from '../../web/client.js';
 import { byTestId, eventually, routeSocket, run, sharedBrowser, text, waitStatus, waitText, withServer } from './harness.js';
 
 const TEST = { timeout: 90_000 };
@@ -106,19 +107,26 @@ test("the viewer page shows the banner on the server's token-expiring and hides 
 );
 
 test(
-  'against the real server: a presenter on a 5 s token pastes a new one into the banner and stays live past the first expiry',
+  'against the real server: a presenter on a 6 s token is refused a bad token, pastes a good one and stays live past the first expiry',
   { ...TEST, skip: SERVER_HAS_REFRESH ? false : 'the binary has no --token-warning yet (SPEC §9 server side, branch h-refresh)' },
   () =>
     withServer(
       async (server, pages) => {
         const viewer = await open(pages, server.users.carol.viewer);
-        const short = await server.token('alice', '5s');
+        const short = await server.token('alice', '6s');
         const presenter = await open(pages, `${server.base}/presenter#token=${short}&view=demo`);
         const p = presenter.page;
         await waitStatus(p, 'live');
         await waitStatus(viewer.page, 'live');
-        // token-expiring comes about 3 s before the end (the page's own warning, 60 s ahead, is already up).
+        // The page's own warning (60 s ahead) is up at once; the server's refusal of a bad token shows in it.
         await byTestId(p, 'token-banner').waitFor({ state: 'visible', timeout: 5000 });
+        await byTestId(p, 'token-banner-input').fill(await server.token('bob', '1h'));
+        await byTestId(p, 'token-banner-submit').click();
+        await eventually(async () => /^The server refused that token: .+\. The session keeps its old token\.$/.test(await text(p, 'token-banner-note')), {
+          what: 'the refusal of a token for another user',
+        });
+        assert.equal(presenter.received.find((m) => m.type === 'error')?.code, 'BAD_REQUEST');
+        // token-expiring comes 3 s before the end.
         await eventually(() => presenter.received.some((m) => m.type === 'token-expiring' && m.exp === expOf(short)), { timeout: 5000, what: "the server's token-expiring" });
         const fresh = await server.token('alice', '1h');
         await byTestId(p, 'token-banner-input').fill(fresh);
@@ -137,5 +145,47 @@ test(
         assert.equal((await server.view()).state.currentItem, '2');
       },
       { args: ['--token-warning', '3'] },
+    ),
+);
+
+test(
+  "against the real server: client.js on SSE + POST refreshes through its getToken hook on token-expiring and outlives the first token",
+  { ...TEST, skip: SERVER_HAS_REFRESH ? false : 'the binary has no --token-warning yet (SPEC §9 server side, branch h-refresh)' },
+  () =>
+    withServer(
+      async (server, pages, clients) => {
+        const short = await server.token('carol', '4s');
+        const fresh = await server.token('carol', '1h');
+        let asked = 0;
+        const client = new PortalClient({
+          view: 'demo',
+          token: short,
+          origin: server.base,
+          transport: 'sse',
+          getToken: async () => {
+            asked += 1;
+            return fresh;
+          },
+        });
+        const events = [];
+        client.addEventListener('token', (e) => events.push(e.detail.status));
+        clients.push(client);
+        client.start();
+        await eventually(() => client.status === 'live', { what: 'live on SSE' });
+        const link = client.socket;
+        await eventually(() => client.token === fresh, { timeout: 5000, what: 'the refreshed token' });
+        assert.equal(asked, 1);
+        assert.deepEqual(events, ['expiring', 'refreshing', 'refreshed']);
+        assert.equal(client.tokenExp, expOf(fresh));
+        assert.equal(link.token, fresh, 'the POSTs carry the new token');
+        await eventually(() => Date.now() / 1000 > expOf(short) + 1, { timeout: 8000, what: 'the first token expired' });
+        assert.equal(client.status, 'live');
+        assert.equal(client.socket, link, 'the same stream');
+        // A viewer's message still goes through on the old stream with the new token.
+        await client.send('ping');
+        const stored = await server.patch({ currentItem: '2' });
+        await eventually(() => client.version === stored.version, { what: 'the update on the stream' });
+      },
+      { args: ['--token-warning', '2'] },
     ),
 );
