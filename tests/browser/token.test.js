@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import { test } from 'node:test';
 
 import { PortalClient } from '../../web/client.js';
-import { byTestId, eventually, routeSocket, run, sharedBrowser, text, waitStatus, waitText, withServer } from './harness.js';
+import { byTestId, eventually, routeSocket, run, screenshot, sharedBrowser, text, waitStatus, waitText, withServer } from './harness.js';
 
 const TEST = { timeout: 90_000 };
 const { open } = sharedBrowser();
@@ -50,6 +50,7 @@ test('the presenter shows the banner when its token is near its end, shows a ref
     await banner.waitFor({ state: 'visible', timeout: 5000 });
     assert.match(await text(page, 'token-banner-ends'), /^Your session ends at .+ \(in \d+ s\)\.$/);
     assert.match(await banner.textContent(), /Make one on the server with portal-sync token --user alice\./);
+    await screenshot(page, 'presenter-token-banner.png');
 
     // A refused token: shown, the old one kept.
     await byTestId(page, 'token-banner-input').fill('not-a-token');
