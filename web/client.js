@@ -12,6 +12,8 @@
  * HTTP fallback of SPEC §7 (`sse.js`): an SSE stream for what the server sends
  * and one POST per message the other way (`SseLink`, which looks like a
  * WebSocket to the rest of the client). See `WS_FAILURES_BEFORE_FALLBACK`.
+ * The rules that need no connection (merge patch, backoff, when to
+ * reconnect, a token's expiry) are in `rules.js`.
  *
  * Events (CustomEvent, details in brackets):
  *   status    the connection changed   {status, code, reason, delayMs, transport}
@@ -26,13 +28,11 @@
  */
 
 import { SseLink, parseMessage } from './sse.js';
+import { applyChange, backoffMs, changeOf, isObject, shouldReconnect, tokenExp } from './rules.js';
 
 export { SseLink, SseParser, closeOfStatus } from './sse.js';
+export { RECONNECT_BASE_MS, RECONNECT_CAP_MS, backoffMs, changeOf, mergePatch, shouldReconnect, tokenExp } from './rules.js';
 
-/** First reconnect delay (ms); doubles per failed attempt up to `RECONNECT_CAP_MS`. */
-export const RECONNECT_BASE_MS = 500;
-/** The longest reconnect delay (ms), before jitter halves part of it. */
-export const RECONNECT_CAP_MS = 15000;
 /** How long (ms) a re-sync may take before the client reconnects instead. */
 export const RESYNC_TIMEOUT_MS = 5000;
 /** Controllers wait this long (ms) before answering `request-sync`, so that a burst
@@ -53,108 +53,6 @@ export const WS_FAILURES_BEFORE_FALLBACK = 2;
 export const WS_FAILURES_AFTER_LIVE = 4;
 /** How often (ms) a client on the fallback tries a WebSocket again. */
 export const PROBE_INTERVAL_MS = 30_000;
-
-/**
- * Whether a close is worth reconnecting after. 1008 is the server saying no
- * (bad or expired token, no access, too many connections, rate limit):
- * retrying would fail the same way, so the client stops and shows the reason.
- * The one 1008 that asks for a reconnect is `access revoked` on a live
- * connection (SPEC §4: the user "reconnect[s] with the new role"); if access
- * is gone for good, that reconnect gets `access denied` and stops there.
- * (A `token expired` is retried too when the client has a `getToken` hook
- * that can give it a new token: `PortalClient` decides that, not this.)
- * 1000 is a normal close (ours). Everything else (1001 shutdown, 1006 network,
- * 1011 server error, 1013 slow consumer, …) is temporary.
- * @param {number} code the close code
- * @param {string} reason the close reason
- * @param {boolean} wasLive whether the connection had reached `connected`
- * @returns {boolean}
- */
-export function shouldReconnect(code, reason, wasLive) {
-  if (code === 1000) return false;
-  if (code === 1008) return wasLive && String(reason).startsWith('access revoked');
-  return true;
-}
-
-/**
- * Exponential backoff with "equal jitter": half the delay fixed, half random,
- * so a room of clients dropped by one restart does not return in one wave.
- * @param {number} attempt failed attempts so far (0 for the first retry)
- * @param {() => number} [random] a number in [0, 1)
- * @returns {number} the delay in ms
- */
-export function backoffMs(attempt, random = Math.random) {
-  const ceiling = Math.min(RECONNECT_CAP_MS, RECONNECT_BASE_MS * 2 ** attempt);
-  return Math.round(ceiling / 2 + random() * (ceiling / 2));
-}
-
-/**
- * The `exp` claim of a JWT (seconds since the epoch), read without checking
- * the signature: the client only uses it to know when to ask for a new
- * token; the server decides whether a token is valid. Null when the token
- * is not a JWT or has no numeric `exp`.
- * @param {string} token
- * @returns {number | null}
- */
-export function tokenExp(token) {
-  const part = typeof token === 'string' ? token.split('.')[1] : undefined;
-  if (!part) return null;
-  try {
-    const base64 = part.replaceAll('-', '+').replaceAll('_', '/').padEnd(Math.ceil(part.length / 4) * 4, '=');
-    const claims = JSON.parse(atob(base64));
-    return isObject(claims) && Number.isFinite(claims.exp) ? claims.exp : null;
-  } catch {
-    return null;
-  }
-}
-
-function isObject(value) {
-  return value !== null && typeof value === 'object' && !Array.isArray(value);
-}
-
-/**
- * RFC 7386 JSON Merge Patch, as the server applies it.
- * @param {unknown} target
- * @param {unknown} patch
- * @returns {unknown} a new value; `target` is not changed
- */
-export function mergePatch(target, patch) {
-  if (!isObject(patch)) return structuredClone(patch);
-  const result = isObject(target) ? { ...target } : {};
-  for (const [key, value] of Object.entries(patch)) {
-    if (value === null) delete result[key];
-    else result[key] = mergePatch(result[key], value);
-  }
-  return result;
-}
-
-/**
- * What a message of `type` with `payload` does to the state, or null when it
- * changes nothing. An item-update is the merge patch {items: {[id]: rest}}:
- * that is what "merge the rest into state.items[id]" means under RFC 7386.
- * @param {string} type
- * @param {unknown} payload
- * @returns {{kind: 'merge', patch: object} | {kind: 'replace', state: object} | null}
- */
-export function changeOf(type, payload) {
-  switch (type) {
-    case 'portal-view-update':
-      return isObject(payload) ? { kind: 'merge', patch: payload } : null;
-    case 'item-update': {
-      if (!isObject(payload) || payload.itemId === undefined) return null;
-      const { itemId, ...rest } = payload;
-      return { kind: 'merge', patch: { items: { [String(itemId)]: rest } } };
-    }
-    case 'sync-response':
-      return isObject(payload) ? { kind: 'replace', state: payload } : null;
-    default:
-      return null;
-  }
-}
-
-function applyChange(state, change) {
-  return change.kind === 'replace' ? structuredClone(change.state) : mergePatch(state, change.patch);
-}
 
 /**
  * A connection to one portal view that stays in sync: `state` and `version`

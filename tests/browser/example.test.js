@@ -15,7 +15,7 @@ import { ROOT, byTestId, eventually, sharedBrowser, withServer } from './harness
 const TEST = { timeout: 90_000 };
 const { open } = sharedBrowser();
 /** What the package holds (web/package.json `files`), served under node_modules/ as npm would install it. */
-const PACKAGE_FILES = ['client.js', 'sse.js', 'client.d.ts', 'package.json'];
+const PACKAGE_FILES = ['client.js', 'rules.js', 'sse.js', 'client.d.ts', 'package.json'];
 
 /** The first ```html block after the heading, exactly as the README has it. */
 async function readmeExample() {

@@ -17,7 +17,7 @@ import { ROOT } from './harness.js';
 const run = promisify(execFile);
 const WEB = path.join(ROOT, 'web');
 const TEST = { timeout: 60_000 };
-const PACKED = ['client.d.ts', 'client.js', 'package.json', 'sse.js'];
+const PACKED = ['client.d.ts', 'client.js', 'package.json', 'rules.js', 'sse.js'];
 
 async function runtimeExports() {
   return Object.keys(await import(path.join(WEB, 'client.js'))).sort();
