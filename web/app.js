@@ -274,9 +274,10 @@ export class TokenBanner {
     this._warnTimer = setTimeout(() => this.show(), Math.max(0, due));
   }
 
-  _onToken({ status, message }) {
+  _onToken({ status, code, message }) {
     if (status === 'expiring') this.show();
     else if (status === 'refreshing') this._note('Checking the new token…');
+    else if (status === 'refused' && code === 'OFFLINE') this.show('Not connected: the token was not sent. Paste it again once the page is live.');
     else if (status === 'refused') this.show(`The server refused that token: ${message}. The session keeps its old token.`);
     else if (status === 'refreshed') {
       saveCredentials({ token: this.client.token, view: this.view });
