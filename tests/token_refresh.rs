@@ -294,3 +294,83 @@ async fn refreshes_count_against_the_rate() {
     assert_eq!(refused["code"], "RATE_LIMITED", "{refused}");
     assert_eq!(refused["id"], "c");
 }
+
+/// A token that expires sooner than the session's is accepted too (the
+/// client asked for it): the session then closes at the earlier expiry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refresh_to_an_earlier_expiry_closes_the_session_sooner() {
+    let app = spawn_app_with(|c| c.token_warning = Duration::ZERO).await;
+    let mut client = connect_until(&app, "v1", now_secs() + 600).await;
+    let sooner = now_secs() + 2;
+    client
+        .send(json!({"type": "refresh-token", "token": token(&app, "v1", sooner), "id": "s"}))
+        .await;
+    assert_eq!(
+        client.recv().await,
+        json!({"type": "token-refreshed", "exp": sooner, "id": "s"})
+    );
+    client.assert_closed(1008, "token expired").await;
+    assert_now_near(sooner, "closed");
+}
+
+/// The binary's `--token-warning` and `PORTAL_TOKEN_WARNING` (default 60, 0
+/// off): a 30-second token is warned at once by default, never with 0, and a
+/// 10-minute one at once with `--token-warning 3600`. The token is never
+/// logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_takes_token_warning_from_its_flag_and_environment() {
+    use common::binary::start_serve;
+    use portal_sync::protocol::auth::Tokens;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("warning.db");
+    seed(&*open_store(&db));
+    let db = db.to_str().expect("utf-8");
+    let secret = "0123456789abcdef0123456789abcdef";
+    let tokens = Tokens::new(secret.as_bytes(), 0);
+    /// (flags, environment, the token's lifetime, warned at once).
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], u64, bool);
+    let cases: [Case; 3] = [
+        (&[], &[], 30, true),
+        (&[], &[("PORTAL_TOKEN_WARNING", "0")], 30, false),
+        (&["--token-warning", "3600"], &[], 600, true),
+    ];
+    for (flags, envs, ttl, warned) in cases {
+        let mut args = vec!["serve", "--addr", "127.0.0.1:0", "--db", db];
+        args.extend(["--jwt-secret", secret]);
+        args.extend(flags);
+        let served = start_serve(dir.path(), &args, envs).await;
+        let token = tokens.issue("v1", ttl).expect("token");
+        let url = format!(
+            "{}/ws/portal-view/pv1?token={token}",
+            served.base.replacen("http", "ws", 1)
+        );
+        let mut client = open_ws(
+            tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(url)
+                .expect("request"),
+        )
+        .await;
+        assert_eq!(client.recv().await["type"], "connected");
+        let exp = tokens.verify(&token).expect("valid").exp;
+        if warned {
+            assert_eq!(
+                client.recv().await,
+                json!({"type": "token-expiring", "exp": exp}),
+                "{flags:?} {envs:?}"
+            );
+        }
+        // Not warned: the answer to this is the next message.
+        let refresh = tokens.issue("v1", ttl + 60).expect("token");
+        client
+            .send(json!({"type": "refresh-token", "token": refresh, "id": 1}))
+            .await;
+        assert_eq!(
+            client.recv().await["type"],
+            "token-refreshed",
+            "{flags:?} {envs:?}"
+        );
+        drop(client);
+        let (code, logs) = served.stop().await;
+        assert_eq!(code, Some(0));
+        assert!(!logs.contains(&token) && !logs.contains(&refresh), "{logs}");
+    }
+}
