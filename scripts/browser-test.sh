@@ -48,7 +48,7 @@ status=0
   timeout --kill-after=10 900 node --disable-warning=ExperimentalWarning --test \
     --test-reporter=spec --test-reporter-destination=stdout \
     --test-reporter=tap --test-reporter-destination="$tap" \
-    client.test.js pages.test.js fallback.test.js
+    client.test.js package.test.js pages.test.js layout.test.js presenter.test.js viewer.test.js example.test.js token.test.js fallback.test.js
 ) || status=$?
 
 passed=$(awk '/^# pass / { n = $3 } END { print n + 0 }' "$tap")

@@ -145,6 +145,8 @@ async fn every_referenced_asset_is_served_with_its_content_type() {
         "icon.svg",
         "index.js",
         "presenter.js",
+        "rules.js",
+        "sse.js",
         "style.css",
         "viewer.js",
     ]

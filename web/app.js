@@ -34,6 +34,11 @@ export function forgetCredentials() {
   sessionStorage.removeItem(STORAGE_KEY);
 }
 
+/** Keeps a refreshed token for this tab, so that a reload signs in with it. */
+export function saveCredentials({ token, view }) {
+  sessionStorage.setItem(STORAGE_KEY, JSON.stringify({ token, view }));
+}
+
 /** `h('p', {class: 'x', dataset: {testid: 'y'}}, 'text', child)`: a small element builder. */
 export function h(tag, attributes = {}, ...children) {
   const element = document.createElement(tag);
@@ -187,4 +192,150 @@ export function renderStage(stage, state, { preview = false } = {}) {
     h('p', { class: 'stage-body', dataset: { testid: 'item-body' } }, field(item, 'body')),
     h('p', { class: 'stage-position', dataset: { testid: 'item-position' } }, position >= 0 ? `${position + 1} / ${ids.length}` : ''),
   );
+}
+
+/**
+ * Dims the stage while the connection is down after having been live, and
+ * says so: what it shows is the last state received, which may be stale.
+ */
+export function bindStale(client, stage, notice) {
+  client.addEventListener('status', ({ detail }) => {
+    const stale = detail.status === 'reconnecting' && client.version !== null;
+    stage.dataset.stale = String(stale);
+    notice.hidden = !stale;
+    if (stale) notice.textContent = 'Reconnecting… showing the last slide received';
+  });
+}
+
+/** How long before the token's `exp` the pages warn when the server has not (SPEC §9's default). */
+export const TOKEN_WARNING_S = 60;
+
+const clock = (seconds) => new Date(seconds * 1000).toLocaleTimeString([], { hour: '2-digit', minute: '2-digit', second: '2-digit' });
+
+/**
+ * The "your session ends soon" banner: shown on the server's
+ * `token-expiring`, when the token's own `exp` is near, or when a reconnect
+ * needs a new token; a pasted token is sent as `refresh-token` (or used for
+ * the reconnect) and the banner hides once the server took it. `ask` is the
+ * client's `getToken` hook: a promise of the next token pasted.
+ */
+export class TokenBanner {
+  constructor() {
+    this.client = null;
+    this.element = null;
+    this._waiting = null;
+    this._warnTimer = null;
+    this._tick = null;
+    this.ask = this.ask.bind(this);
+  }
+
+  /** Follows `client`'s token; `view` is kept with a refreshed token for reloads. */
+  bind(client, view) {
+    this.client = client;
+    this.view = view;
+    client.addEventListener('token', ({ detail }) => this._onToken(detail));
+    client.addEventListener('status', ({ detail }) => {
+      if (detail.status === 'live') this._armWarning();
+      if (detail.status === 'closed') this.hide();
+    });
+  }
+
+  /** The getToken hook: shows the banner and resolves with the next token pasted. */
+  ask() {
+    this.show();
+    if (!this._waiting) {
+      let resolve;
+      const promise = new Promise((r) => (resolve = r));
+      this._waiting = { promise, resolve };
+    }
+    return this._waiting.promise;
+  }
+
+  show(note = '') {
+    if (!this.element) this._build();
+    this.element.hidden = false;
+    this._note(note);
+    this._render();
+    clearInterval(this._tick);
+    this._tick = setInterval(() => this._render(), 1000);
+  }
+
+  hide() {
+    clearInterval(this._tick);
+    if (this.element) this.element.hidden = true;
+  }
+
+  _armWarning() {
+    clearTimeout(this._warnTimer);
+    const exp = this.client.tokenExp;
+    if (exp === null) return;
+    // setTimeout holds at most ~24.8 days; a later warning is re-armed on the next connect.
+    const due = Math.min(exp * 1000 - TOKEN_WARNING_S * 1000 - Date.now(), 2 ** 31 - 1);
+    this._warnTimer = setTimeout(() => this.show(), Math.max(0, due));
+  }
+
+  _onToken({ status, code, message }) {
+    if (status === 'expiring') this.show();
+    else if (status === 'refreshing') this._note('Checking the new token…');
+    else if (status === 'refused' && code === 'OFFLINE') this.show('Not connected: the token was not sent. Paste it again once the page is live.');
+    else if (status === 'refused') this.show(`The server refused that token: ${message}. The session keeps its old token.`);
+    else if (status === 'refreshed') {
+      saveCredentials({ token: this.client.token, view: this.view });
+      this.element?.querySelector('input')?.form?.reset();
+      this.hide();
+      this._armWarning();
+    }
+  }
+
+  _submit(event) {
+    event.preventDefault();
+    const input = this.element.querySelector('input');
+    const token = input.value.trim();
+    if (!token) return;
+    if (this._waiting) {
+      // The client asked (token-expiring, or a reconnect): it sends or uses it.
+      const { resolve } = this._waiting;
+      this._waiting = null;
+      this._note('Checking the new token…');
+      resolve(token);
+    } else {
+      this.client.refreshToken(token).catch(() => {}); // a refusal comes as a `token` event
+    }
+  }
+
+  _render() {
+    const exp = this.client?.tokenExp ?? null;
+    const left = exp === null ? null : Math.ceil(exp - Date.now() / 1000);
+    const text = this.element.querySelector('.session-ends');
+    if (left === null) text.textContent = 'Your session needs a new token.';
+    else if (left > 0) text.textContent = `Your session ends at ${clock(exp)} (in ${left} s).`;
+    else text.textContent = 'Your session has ended: its token expired.';
+    const user = this.client?.userId ?? 'ID';
+    this.element.querySelector('code').textContent = `portal-sync token --user ${user}`;
+  }
+
+  _note(text) {
+    const note = this.element.querySelector('.session-note');
+    note.textContent = text;
+    note.hidden = text === '';
+  }
+
+  _build() {
+    const form = h(
+      'form',
+      { class: 'session-banner', role: 'alert', dataset: { testid: 'token-banner' }, onsubmit: (event) => this._submit(event) },
+      h('span', { class: 'session-ends', dataset: { testid: 'token-banner-ends' } }),
+      h(
+        'label',
+        {},
+        'Paste a new token to carry on',
+        h('input', { name: 'token', type: 'password', autocomplete: 'off', dataset: { testid: 'token-banner-input' } }),
+      ),
+      h('button', { type: 'submit', dataset: { testid: 'token-banner-submit' } }, 'Use this token'),
+      h('span', { class: 'hint' }, 'Make one on the server with ', h('code', {}), '.'),
+      h('span', { class: 'session-note', dataset: { testid: 'token-banner-note' }, hidden: true }),
+    );
+    this.element = form;
+    document.body.insertBefore(form, document.querySelector('main'));
+  }
 }

@@ -1,26 +1,41 @@
-// The portal-sync browser client: one connection to one portal view, kept in
-// sync across disconnects, gaps and restarts. Pages read `client.state`,
-// `client.version`, `client.role`, `client.transport` and listen for events;
-// they never touch the socket or the wire format themselves.
-//
-// The connection is a WebSocket, or, where a network breaks WebSockets, the
-// HTTP fallback of SPEC §7: an SSE stream for what the server sends and one
-// POST per message the other way (`SseLink`, which looks like a WebSocket to
-// the rest of the client). See `WS_FAILURES_BEFORE_FALLBACK` for when.
-//
-// Events (CustomEvent, details in brackets):
-//   status    the connection changed   {status, code, reason, delayMs, transport}
-//   state     the state or version changed {cause, from}
-//   presence  who is watching changed  {joined, left}
-//   reply     the server refused a message {code, message, id}
-//   request   a viewer asked for a sync (controllers only) {from}
+/**
+ * @module portal-sync-client
+ *
+ * The portal-sync browser client: one connection to one portal view, kept in
+ * sync across disconnects, gaps and restarts. Pages read `client.state`,
+ * `client.version`, `client.role`, `client.transport` and listen for events;
+ * they never touch the socket or the wire format themselves. The pages the
+ * server ships use it, and so can any page (`web/package.json` makes it the
+ * `portal-sync-client` package; `client.d.ts` has its types).
+ *
+ * The connection is a WebSocket, or, where a network breaks WebSockets, the
+ * HTTP fallback of SPEC §7 (`sse.js`): an SSE stream for what the server sends
+ * and one POST per message the other way (`SseLink`, which looks like a
+ * WebSocket to the rest of the client). See `WS_FAILURES_BEFORE_FALLBACK`.
+ * The rules that need no connection (merge patch, backoff, when to
+ * reconnect, a token's expiry) are in `rules.js`.
+ *
+ * Events (CustomEvent, details in brackets):
+ *   status    the connection changed   {status, code, reason, delayMs, transport}
+ *   state     the state or version changed {cause, from}
+ *   presence  who is watching changed  {joined, left}
+ *   reply     the server refused a message {code, message, id}
+ *   request   a viewer asked for a sync (controllers only) {from}
+ *   resync    a gap was seen and is being filled {via}
+ *   token     the session's token (SPEC §9) {status, exp, code, message}, status one of
+ *             `expiring` (the server's token-expiring), `refreshing`, `refreshed`,
+ *             `refused` (the server's BAD_REQUEST, or getToken failed; the old token is kept)
+ */
 
-/** First reconnect delay; doubles per failed attempt up to RECONNECT_CAP_MS. */
-export const RECONNECT_BASE_MS = 500;
-export const RECONNECT_CAP_MS = 15000;
-/** How long a re-sync may take before the client reconnects instead. */
+import { SseLink, parseMessage } from './sse.js';
+import { applyChange, backoffMs, changeOf, isObject, shouldReconnect, tokenExp } from './rules.js';
+
+export { SseLink, SseParser, closeOfStatus } from './sse.js';
+export { RECONNECT_BASE_MS, RECONNECT_CAP_MS, backoffMs, changeOf, mergePatch, shouldReconnect, tokenExp } from './rules.js';
+
+/** How long (ms) a re-sync may take before the client reconnects instead. */
 export const RESYNC_TIMEOUT_MS = 5000;
-/** Controllers wait this long before answering `request-sync`, so that a burst
+/** Controllers wait this long (ms) before answering `request-sync`, so that a burst
  * of requests (a room of viewers noticing the same gap) costs one answer. */
 export const SYNC_ANSWER_DELAY_MS = 100;
 /** Our own close code for "re-sync took too long: reconnect now". */
@@ -34,292 +49,26 @@ const RESYNC_CLOSE = 4000;
  * before it concludes the network changed.
  */
 export const WS_FAILURES_BEFORE_FALLBACK = 2;
+/** `WS_FAILURES_BEFORE_FALLBACK` once a WebSocket has reached `connected` on this page. */
 export const WS_FAILURES_AFTER_LIVE = 4;
-/** How often a client on the fallback tries a WebSocket again. */
+/** How often (ms) a client on the fallback tries a WebSocket again. */
 export const PROBE_INTERVAL_MS = 30_000;
 
 /**
- * Whether a close is worth reconnecting after. 1008 is the server saying no
- * (bad or expired token, no access, too many connections, rate limit):
- * retrying would fail the same way, so the client stops and shows the reason.
- * The one 1008 that asks for a reconnect is `access revoked` on a live
- * connection (SPEC §4: the user "reconnect[s] with the new role"); if access
- * is gone for good, that reconnect gets `access denied` and stops there.
- * 1000 is a normal close (ours). Everything else (1001 shutdown, 1006 network,
- * 1011 server error, 1013 slow consumer, …) is temporary.
+ * A connection to one portal view that stays in sync: `state` and `version`
+ * follow the server's, through reconnects and gaps, with this client's own
+ * unacknowledged changes applied on top. Events are listed in the module's
+ * doc; `start()` opens it, `stop()` ends it.
  */
-export function shouldReconnect(code, reason, wasLive) {
-  if (code === 1000) return false;
-  if (code === 1008) return wasLive && String(reason).startsWith('access revoked');
-  return true;
-}
-
-/** Exponential backoff with "equal jitter": half the delay fixed, half random,
- * so a room of clients dropped by one restart does not return in one wave. */
-export function backoffMs(attempt, random = Math.random) {
-  const ceiling = Math.min(RECONNECT_CAP_MS, RECONNECT_BASE_MS * 2 ** attempt);
-  return Math.round(ceiling / 2 + random() * (ceiling / 2));
-}
-
-function isObject(value) {
-  return value !== null && typeof value === 'object' && !Array.isArray(value);
-}
-
-/** RFC 7386 JSON Merge Patch, as the server applies it; returns a new value. */
-export function mergePatch(target, patch) {
-  if (!isObject(patch)) return structuredClone(patch);
-  const result = isObject(target) ? { ...target } : {};
-  for (const [key, value] of Object.entries(patch)) {
-    if (value === null) delete result[key];
-    else result[key] = mergePatch(result[key], value);
-  }
-  return result;
-}
-
-/**
- * What a message of `type` with `payload` does to the state, or null when it
- * changes nothing. An item-update is the merge patch {items: {[id]: rest}}:
- * that is what "merge the rest into state.items[id]" means under RFC 7386.
- */
-export function changeOf(type, payload) {
-  switch (type) {
-    case 'portal-view-update':
-      return isObject(payload) ? { kind: 'merge', patch: payload } : null;
-    case 'item-update': {
-      if (!isObject(payload) || payload.itemId === undefined) return null;
-      const { itemId, ...rest } = payload;
-      return { kind: 'merge', patch: { items: { [String(itemId)]: rest } } };
-    }
-    case 'sync-response':
-      return isObject(payload) ? { kind: 'replace', state: payload } : null;
-    default:
-      return null;
-  }
-}
-
-/** A server message, or null for anything that is not a JSON object. */
-function parseMessage(data) {
-  try {
-    const message = JSON.parse(data);
-    return isObject(message) ? message : null;
-  } catch {
-    return null;
-  }
-}
-
-function applyChange(state, change) {
-  return change.kind === 'replace' ? structuredClone(change.state) : mergePatch(state, change.patch);
-}
-
-/**
- * Server-Sent Events, incrementally: `feed` takes the stream's text as it
- * arrives, in chunks cut anywhere, and returns the events it completed, as
- * `{data, id, event}` (the WHATWG rules: CR, LF or CRLF line ends, comments
- * start with a colon, one optional space after a field's colon).
- */
-export class SseParser {
-  constructor() {
-    this._line = '';
-    this._data = null;
-    this._id = null;
-    this._event = null;
-    this._afterCr = false;
-    /** Comment lines seen (the server's keep-alives). */
-    this.comments = 0;
-  }
-
-  feed(chunk) {
-    const events = [];
-    let start = 0;
-    for (let i = 0; i < chunk.length; i++) {
-      const c = chunk.charCodeAt(i);
-      if (c !== 10 && c !== 13) continue;
-      if (c === 10 && this._afterCr && i === start) {
-        // The LF of a CRLF, its CR having ended the line already.
-        this._afterCr = false;
-        start = i + 1;
-        continue;
-      }
-      this._line += chunk.slice(start, i);
-      this._afterCr = c === 13;
-      start = i + 1;
-      const event = this._takeLine();
-      if (event) events.push(event);
-    }
-    if (start < chunk.length) {
-      this._line += chunk.slice(start);
-      this._afterCr = false;
-    }
-    return events;
-  }
-
-  _takeLine() {
-    const line = this._line;
-    this._line = '';
-    if (line === '') {
-      if (this._data === null) return null;
-      const event = { data: this._data.endsWith('\n') ? this._data.slice(0, -1) : this._data, id: this._id, event: this._event ?? 'message' };
-      this._data = null;
-      this._event = null;
-      return event;
-    }
-    if (line.startsWith(':')) {
-      this.comments += 1;
-      return null;
-    }
-    const colon = line.indexOf(':');
-    const name = colon < 0 ? line : line.slice(0, colon);
-    let value = colon < 0 ? '' : line.slice(colon + 1);
-    if (value.startsWith(' ')) value = value.slice(1);
-    if (name === 'data') this._data = (this._data ?? '') + value + '\n';
-    else if (name === 'id') this._id = value;
-    else if (name === 'event') this._event = value;
-    return null;
-  }
-}
-
-/**
- * What a refused SSE request (SPEC §7: the checks of §3 as HTTP statuses)
- * would have been on a WebSocket: a refusal is 1008 and stops the client, a
- * shutdown is 1001, anything else (a 500, a proxy's 502) is worth a retry.
- */
-export function closeOfStatus(status, message) {
-  if ([401, 403, 404, 429].includes(status)) return { code: 1008, reason: message || `HTTP ${status}` };
-  if (status === 503) return { code: 1001, reason: message || 'shutting down' };
-  return { code: 1011, reason: message || `HTTP ${status}` };
-}
-
-/**
- * The HTTP fallback of SPEC §7 behind the WebSocket interface the client
- * uses (`send`, `close`, `onmessage`, `onclose`): the stream is read with
- * `fetch`, not `EventSource`, so the token travels in an Authorization
- * header rather than the URL, the client sees the HTTP status of a refusal,
- * and nothing reconnects behind the client's back. Messages go out one POST
- * at a time, in order, as frames would, each naming this stream in
- * `X-Connection-Id`; the POST's answer (an `ack`, an `error`, …) is handed
- * to `onmessage` as if the stream had carried it. Its message events carry
- * the parsed object as `message` rather than the text as `data`.
- */
-export class SseLink {
-  constructor({ streamUrl, messagesUrl, token, fetch: fetchImpl }) {
-    this.url = streamUrl;
-    this.messagesUrl = messagesUrl;
-    this.token = token;
-    this.fetch = fetchImpl;
-    this.transport = 'sse';
-    /** Ours, from the stream's `connected`. */
-    this.connectionId = null;
-    this.onmessage = null;
-    this.onclose = null;
-    this._abort = new AbortController();
-    this._ended = false;
-    this._posts = Promise.resolve();
-    this._read();
-  }
-
-  send(text) {
-    if (this._ended) return;
-    this._posts = this._posts.then(() => this._post(text));
-  }
-
-  close(code = 1000, reason = '') {
-    this._end(code, reason);
-  }
-
-  async _read() {
-    let response;
-    try {
-      response = await this.fetch(this.url, {
-        headers: { Authorization: `Bearer ${this.token}`, Accept: 'text/event-stream' },
-        cache: 'no-store',
-        signal: this._abort.signal,
-      });
-    } catch {
-      return this._end(1006, '');
-    }
-    if (!response.ok) {
-      const { code, reason } = closeOfStatus(response.status, errorMessage(await readJson(response)));
-      return this._end(code, reason);
-    }
-    const parser = new SseParser();
-    const decoder = new TextDecoder();
-    let last = null;
-    try {
-      const reader = response.body.getReader();
-      while (!this._ended) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        for (const event of parser.feed(decoder.decode(value, { stream: true }))) {
-          const message = parseMessage(event.data);
-          if (message?.type === 'closed') last = message;
-          else if (message) {
-            if (message.type === 'connected') this.connectionId = message.connectionId ?? null;
-            this._deliver(message);
-          }
-        }
-      }
-    } catch {
-      // Aborted by `close`, or the network dropped the stream.
-    }
-    // A stream that ends without `closed` was cut, as a WebSocket's 1006.
-    this._end(last?.code ?? 1006, last?.reason ?? '');
-  }
-
-  async _post(text) {
-    if (this._ended) return;
-    const headers = { Authorization: `Bearer ${this.token}`, 'Content-Type': 'application/json', Accept: 'application/json' };
-    if (this.connectionId) headers['X-Connection-Id'] = this.connectionId;
-    let response;
-    let body;
-    try {
-      response = await this.fetch(this.messagesUrl, { method: 'POST', headers, body: text, cache: 'no-store' });
-      body = await readJson(response);
-    } catch {
-      // Whether the server got it is unknown: end the link, so unacked
-      // changes are rejected and the next `connected` tells the truth.
-      return this._end(1006, 'a message could not be sent');
-    }
-    if (isObject(body) && typeof body.type === 'string') return this._deliver(body);
-    if (response.ok) return; // `{}`: a WebSocket would have been sent nothing
-    // Not a protocol answer: the request itself was refused (the token, the
-    // view, a stream this node does not hold) or the server failed.
-    const { code, reason } = closeOfStatus(response.status, errorMessage(body));
-    this._end(code, reason);
-  }
-
-  /** Hands on a message already parsed (as `event.message`), so it is parsed once. */
-  _deliver(message) {
-    if (!this._ended) this.onmessage?.({ message });
-  }
-
-  _end(code, reason) {
-    if (this._ended) return;
-    this._ended = true;
-    this._abort.abort();
-    // Like a WebSocket's close event: after the call that caused it returns.
-    queueMicrotask(() => this.onclose?.({ code, reason }));
-  }
-}
-
-async function readJson(response) {
-  try {
-    return JSON.parse(await response.text());
-  } catch {
-    return null;
-  }
-}
-
-/** The message of a REST error body (`{"error":{"code","message"}}`). */
-function errorMessage(body) {
-  return isObject(body) && isObject(body.error) && typeof body.error.message === 'string' ? body.error.message : '';
-}
-
 export class PortalClient extends EventTarget {
   /**
    * @param {object} options
    * @param {string} options.view   the portal view id
    * @param {string} options.token  a JWT; sent as `?token=` on a WebSocket (browsers cannot set its
    *   headers), as `Authorization: Bearer` on everything else
+   * @param {() => string | Promise<string>} [options.getToken]  gives a fresh token: called on the
+   *   server's `token-expiring` (the client then sends `refresh-token`), and before a (re)connect
+   *   whose token has expired, which also makes a `token expired` close worth a reconnect
    * @param {string} [options.origin]  http(s)://host:port of the server; defaults to the page's
    * @param {'auto'|'websocket'|'sse'} [options.transport]  `auto` (the default): a WebSocket, SSE +
    *   POST when WebSockets keep failing, and back when one works again; the others stick to one
@@ -327,16 +76,23 @@ export class PortalClient extends EventTarget {
    * @param {typeof WebSocket} [options.WebSocket]  for tests outside a browser
    * @param {typeof fetch} [options.fetch]
    * @param {() => number} [options.random]
+   * @param {() => number} [options.now]  the clock (ms since the epoch), for tests
    */
-  constructor({ view, token, origin, transport, probeIntervalMs, WebSocket: WS, fetch: fetchImpl, random } = {}) {
+  constructor({ view, token, getToken, origin, transport, probeIntervalMs, WebSocket: WS, fetch: fetchImpl, random, now } = {}) {
     super();
     this.view = view;
-    this.token = token;
     const base = new URL(origin ?? globalThis.location.origin);
-    const wsScheme = base.protocol === 'https:' ? 'wss:' : 'ws:';
-    this.wsUrl = `${wsScheme}//${base.host}/ws/portal-view/${encodeURIComponent(view)}?token=${encodeURIComponent(token)}`;
+    this._wsBase = `${base.protocol === 'https:' ? 'wss:' : 'ws:'}//${base.host}/ws/portal-view/${encodeURIComponent(view)}`;
     this.apiUrl = `${base.origin}/api/portal-views/${encodeURIComponent(view)}`;
     this.sseUrl = `${base.origin}/sse/portal-view/${encodeURIComponent(view)}`;
+    /** The token in use, and the WebSocket URL that carries it (both change on a refresh). */
+    this.token = null;
+    this.wsUrl = null;
+    /** The token's `exp` (seconds since the epoch): decoded from it, then as the server's `token-refreshed` says. */
+    this.tokenExp = null;
+    this._useToken(token, tokenExp(token));
+    this.getToken = typeof getToken === 'function' ? getToken : null;
+    this.now = now ?? Date.now;
     this.WebSocket = WS ?? globalThis.WebSocket;
     this.fetch = fetchImpl ?? globalThis.fetch.bind(globalThis);
     this.random = random ?? Math.random;
@@ -368,9 +124,15 @@ export class PortalClient extends EventTarget {
     this._stopped = false;
     this._wasLive = false;
     this._reconnectTimer = null;
+    /** The token the server last closed a session for as expired (with a getToken hook). */
+    this._expiredToken = null;
+    /** A (re)connect waiting for `getToken` first. */
+    this._opening = false;
     this._nextId = 1;
     /** id -> {change, resolve, reject}, in the order sent. */
     this._pending = new Map();
+    /** id -> {token, promise, resolve, reject}: refresh-token messages awaiting their answer. */
+    this._refreshes = new Map();
     /** version -> change received after a gap, applied once the gap is filled. */
     this._buffer = new Map();
     /** The re-sync under way: {timer}, or null. */
@@ -386,13 +148,17 @@ export class PortalClient extends EventTarget {
     this._probeTimer = null;
   }
 
-  /** Opens the connection; it then stays open until `stop()` or a 1008. */
+  /**
+   * Opens the connection; it then stays open until `stop()` or a refusal (1008).
+   * @returns {this}
+   */
   start() {
     this._stopped = false;
-    if (!this.socket && !this._reconnectTimer) this._open();
+    if (!this.socket && !this._reconnectTimer && !this._opening) this._open();
     return this;
   }
 
+  /** Closes the connection (1000) and stops reconnecting; `status` becomes `closed`. */
   stop() {
     this._stopped = true;
     clearTimeout(this._reconnectTimer);
@@ -406,6 +172,9 @@ export class PortalClient extends EventTarget {
    * Sends a client message. State changes resolve with `{version}` when the
    * server acks them and reject with the server's `error` (`err.code`), or
    * when the connection drops first; other types resolve once sent.
+   * @param {string} type
+   * @param {unknown} [payload]
+   * @returns {Promise<{version?: number}>}
    */
   send(type, payload) {
     if (this.status !== 'live' || !this.socket) {
@@ -425,24 +194,111 @@ export class PortalClient extends EventTarget {
     });
   }
 
+  /**
+   * Merge-patches the view's state (`portal-view-update`); controllers only.
+   * @param {object} patch
+   * @returns {Promise<{version: number}>}
+   */
   updateView(patch) {
     return this.send('portal-view-update', patch);
   }
 
+  /**
+   * Merge-patches `state.items[itemId]` (`item-update`); controllers only.
+   * @param {string | number} itemId
+   * @param {object} fields
+   * @returns {Promise<{version: number}>}
+   */
   updateItem(itemId, fields) {
     return this.send('item-update', { ...fields, itemId });
   }
 
-  /** Replaces the stored state with what this presenter shows (`sync-response`). */
+  /**
+   * Replaces the stored state with what this presenter shows (`sync-response`).
+   * @returns {Promise<{version: number}>}
+   */
   sendFullSync() {
     return this.send('sync-response', this.state);
   }
 
+  /**
+   * Moves this session onto `token` (SPEC §9 `refresh-token`): resolves with
+   * the new `{exp}` once the server answers `token-refreshed`, after which
+   * reconnects and requests use the new token; rejects with the server's
+   * `error` (`err.code` `BAD_REQUEST`: not a valid token for this user), or
+   * `OFFLINE`, and the old token stays in use. Sending the same token again
+   * while it is in flight returns the same promise.
+   * @param {string} token
+   * @returns {Promise<{exp: number}>}
+   */
+  refreshToken(token) {
+    for (const refresh of this._refreshes.values()) if (refresh.token === token) return refresh.promise;
+    if (this.status !== 'live' || !this.socket) {
+      const error = Object.assign(new Error('not connected'), { code: 'OFFLINE' });
+      this._emit('token', { status: 'refused', exp: this.tokenExp, code: error.code, message: error.message });
+      return Promise.reject(error);
+    }
+    const id = this._nextId++;
+    const refresh = { token };
+    refresh.promise = new Promise((resolve, reject) => Object.assign(refresh, { resolve, reject }));
+    this._refreshes.set(id, refresh);
+    this._emit('token', { status: 'refreshing', exp: this.tokenExp, code: null, message: '' });
+    this.socket.send(JSON.stringify({ type: 'refresh-token', token, id }));
+    return refresh.promise;
+  }
+
   // -------------------------------------------------------------------------
+
+  _useToken(token, exp) {
+    this.token = token;
+    this.tokenExp = exp;
+    this.wsUrl = `${this._wsBase}?token=${encodeURIComponent(token)}`;
+    // The SSE link sends the token with every POST.
+    if (this.socket instanceof SseLink) this.socket.token = token;
+  }
+
+  /** Whether the token's known `exp` is now or past (the server's rule, SPEC §2). */
+  _tokenExpired() {
+    return this.tokenExp !== null && this.tokenExp * 1000 <= this.now();
+  }
+
+  /** Asks `getToken` for a new token; the error it gives or throws is emitted, not thrown. */
+  async _freshToken() {
+    try {
+      const token = await this.getToken();
+      if (typeof token !== 'string' || token === '') throw new Error('getToken gave no token');
+      return token;
+    } catch (error) {
+      this._emit('token', { status: 'refused', exp: this.tokenExp, code: 'NO_TOKEN', message: String(error?.message ?? error) });
+      return null;
+    }
+  }
 
   _open() {
     this._reconnectTimer = null;
     this._setStatus(this._wasLive || this._attempt > 0 ? 'reconnecting' : 'connecting', {});
+    if (this.getToken && (this._expiredToken === this.token || this._tokenExpired())) return this._openWithFreshToken();
+    this._connect();
+  }
+
+  /** A (re)connect whose token has expired: a new one from `getToken` first, else stop. */
+  async _openWithFreshToken() {
+    this._opening = true;
+    const token = await this._freshToken();
+    this._opening = false;
+    if (this._stopped) return; // stop() has said `closed`
+    const exp = token === null ? null : tokenExp(token);
+    if (token === null || token === this._expiredToken || (exp !== null && exp * 1000 <= this.now())) {
+      this.lastClose = { code: 1008, reason: 'token expired' };
+      this._dropProbe();
+      return this._setStatus('closed', this.lastClose);
+    }
+    this._expiredToken = null;
+    this._useToken(token, exp);
+    this._connect();
+  }
+
+  _connect() {
     const socket =
       this.transport === 'sse'
         ? new SseLink({ streamUrl: this.sseUrl, messagesUrl: `${this.apiUrl}/messages`, token: this.token, fetch: this.fetch })
@@ -450,7 +306,6 @@ export class PortalClient extends EventTarget {
     this._attach(socket);
     if (this.transport === 'sse') this._scheduleProbe();
   }
-
   /** Makes `socket` the connection; messages and closes of any other are ignored. */
   _attach(socket) {
     this.socket = socket;
@@ -480,12 +335,21 @@ export class PortalClient extends EventTarget {
       p.reject(Object.assign(new Error('connection lost before the server confirmed'), { code: 'OFFLINE' }));
     }
     if (lost.length) this._publish('revert');
+    const refreshes = [...this._refreshes.values()];
+    this._refreshes.clear();
+    for (const r of refreshes) r.reject(Object.assign(new Error('connection lost before the server answered'), { code: 'OFFLINE' }));
+    if (refreshes.length) this._emit('token', { status: 'refused', exp: this.tokenExp, code: 'OFFLINE', message: 'connection lost before the server answered' });
     if (this._stopped) return this._setStatus('closed', { code, reason });
-    if (!resyncRestart && !shouldReconnect(code, reason, wasLive)) {
+    // The server ended the session at its token's expiry (or refused a
+    // handshake for it): with a hook that can give a new token, that is worth
+    // a reconnect, which asks the hook first whatever this clock says.
+    const expired = code === 1008 && String(reason).startsWith('token expired');
+    if (expired && this.getToken) this._expiredToken = this.token;
+    else if (!resyncRestart && !shouldReconnect(code, reason, wasLive)) {
       this._dropProbe();
       return this._setStatus('closed', { code, reason });
     }
-    if (!wasLive && !resyncRestart) this._countFailure();
+    if (!wasLive && !resyncRestart && !expired) this._countFailure();
     const delayMs = resyncRestart ? 0 : backoffMs(this._attempt++, this.random);
     this._reconnectTimer = setTimeout(() => this._open(), delayMs);
     this._setStatus('reconnecting', { code, reason, delayMs });
@@ -579,6 +443,12 @@ export class PortalClient extends EventTarget {
         return;
       }
       case 'error': {
+        const refresh = this._refreshes.get(message.id);
+        if (refresh) {
+          this._refreshes.delete(message.id);
+          refresh.reject(Object.assign(new Error(message.message), { code: message.code }));
+          return this._emit('token', { status: 'refused', exp: this.tokenExp, code: message.code, message: message.message });
+        }
         const pending = this._pending.get(message.id);
         if (pending) {
           this._pending.delete(message.id);
@@ -600,9 +470,32 @@ export class PortalClient extends EventTarget {
         return this._emit('request', { from: message.from ?? null });
       case 'presence':
         return this._onPresence(message);
+      case 'token-expiring':
+        this._emit('token', { status: 'expiring', exp: Number.isFinite(message.exp) ? message.exp : this.tokenExp, code: null, message: '' });
+        if (this.getToken) this._renewBeforeExpiry();
+        return undefined;
+      case 'token-refreshed': {
+        const refresh = this._refreshes.get(message.id);
+        if (!refresh) return undefined;
+        this._refreshes.delete(message.id);
+        const exp = Number.isFinite(message.exp) ? message.exp : tokenExp(refresh.token);
+        this._useToken(refresh.token, exp);
+        this._expiredToken = null;
+        refresh.resolve({ exp });
+        return this._emit('token', { status: 'refreshed', exp, code: null, message: '' });
+      }
       default:
         return undefined; // pong, and whatever later versions add
     }
+  }
+
+  /** The server's `token-expiring`: a token from the hook, sent as `refresh-token`
+   * (or, if the connection dropped meanwhile, used for the next one). */
+  async _renewBeforeExpiry() {
+    const token = await this._freshToken();
+    if (token === null || this._stopped) return;
+    if (this.status === 'live') this.refreshToken(token).catch(() => {});
+    else this._useToken(token, tokenExp(token));
   }
 
   _onConnected(message) {

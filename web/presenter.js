@@ -1,13 +1,29 @@
-// The presenter page: the items, next/previous, show/hide, editing an item,
-// "send full sync", and the live audience. The role comes from the server's
+// The presenter page: the items, next/previous (buttons and keys), show/hide,
+// editing an item, "send full sync", the live audience and an activity log
+// of who came, who left and what this presenter did. The role comes from the server's
 // `connected` message: a viewer who opens this page gets the viewer's stage
 // and a note, never controls the server would refuse anyway.
 
 import { PortalClient } from './client.js';
-import { bindStatus, connectionOptions, field, forgetCredentials, h, itemIds, readCredentials, renderStage, signInForm } from './app.js';
+import {
+  TokenBanner,
+  bindStale,
+  bindStatus,
+  connectionOptions,
+  field,
+  forgetCredentials,
+  h,
+  itemIds,
+  readCredentials,
+  renderStage,
+  signInForm,
+} from './app.js';
 
 const $ = (testid) => document.querySelector(`[data-testid="${testid}"]`);
 const ACTIVITY_LINES = 20;
+/** Keys that step through the items, as presentation clickers and slide apps use them. */
+const NEXT_KEYS = new Set(['ArrowRight', 'ArrowDown', ' ', 'PageDown']);
+const PREVIOUS_KEYS = new Set(['ArrowLeft', 'ArrowUp', 'PageUp']);
 
 const credentials = readCredentials();
 if (credentials) present(credentials);
@@ -21,10 +37,13 @@ function showSignIn(note, view) {
 }
 
 function present({ view, token }) {
-  const client = new PortalClient({ view, token, ...connectionOptions() });
+  const banner = new TokenBanner();
+  const client = new PortalClient({ view, token, ...connectionOptions(), getToken: banner.ask });
+  banner.bind(client, view);
   // A debugging handle (the console can reach the socket anyway).
   window.portal = { client };
   bindStatus(client, $('status'), $('version'));
+  bindStale(client, $('stage'), $('stale-notice'));
 
   const editor = { itemId: null, dirty: false };
   let messageTimer = null;
@@ -65,21 +84,49 @@ function present({ view, token }) {
 
   // --- controls ------------------------------------------------------------
 
+  /** This presenter's own changes, in the activity log once the server stored them. */
+  const mine = (what) => ({ version }) => activity(`you ${what} (version ${version})`);
+  const titleOf = (id) => field(client.state.items?.[id], 'title');
+  const show = (id) => {
+    const title = titleOf(id);
+    client
+      .updateView({ currentItem: id })
+      .then(mine(`showed item ${id}${title ? ` “${title}”` : ''}`))
+      .catch(failed('Changing the item'));
+  };
   const step = (delta) => {
     const ids = itemIds(client.state);
     const index = ids.indexOf(currentId());
     const target = index === -1 ? ids[0] : ids[index + delta];
-    if (target !== undefined) client.updateView({ currentItem: target }).catch(failed('Changing the item'));
+    if (target !== undefined) show(target);
   };
   $('prev').addEventListener('click', () => step(-1));
   $('next').addEventListener('click', () => step(1));
+  document.addEventListener('keydown', (event) => {
+    const delta = NEXT_KEYS.has(event.key) ? 1 : PREVIOUS_KEYS.has(event.key) ? -1 : 0;
+    if (delta === 0 || event.altKey || event.ctrlKey || event.metaKey || event.shiftKey || event.repeat) return;
+    const target = event.target;
+    // Typing stays typing; Space on a focused button or link presses it.
+    if (target.closest?.('input, textarea, select, [contenteditable]')) return;
+    if (event.key === ' ' && target.closest?.('button, a')) return;
+    if (!isController() || client.status !== 'live') return;
+    event.preventDefault();
+    step(delta);
+  });
   $('toggle-visible').addEventListener('click', () => {
-    client.updateView({ visible: client.state.visible === false }).catch(failed('Show/hide'));
+    const visible = client.state.visible === false;
+    client
+      .updateView({ visible })
+      .then(mine(visible ? 'showed the screen to viewers' : 'hid the screen from viewers'))
+      .catch(failed('Show/hide'));
   });
   $('full-sync').addEventListener('click', () => {
     client
       .sendFullSync()
-      .then(({ version }) => showMessage(`Full state sent: stored as version ${version}.`))
+      .then(({ version }) => {
+        showMessage(`Full state sent: stored as version ${version}.`);
+        mine('sent a full sync')({ version });
+      })
       .catch(failed('Full sync'));
   });
 
@@ -89,12 +136,14 @@ function present({ view, token }) {
     event.preventDefault();
     if (editor.itemId === null) return;
     const fields = { title: $('edit-title').value, body: $('edit-body').value };
+    const itemId = editor.itemId;
     $('save-state').textContent = 'Saving…';
     client
-      .updateItem(editor.itemId, fields)
+      .updateItem(itemId, fields)
       .then(({ version }) => {
         editor.dirty = false;
         $('save-state').textContent = `Saved as version ${version}`;
+        mine(`saved item ${itemId}`)({ version });
       })
       .catch((error) => {
         $('save-state').textContent = '';
@@ -132,7 +181,7 @@ function present({ view, token }) {
               'aria-current': id === current ? 'true' : null,
               disabled: client.status !== 'live',
               dataset: { testid: `item-${id}` },
-              onclick: () => client.updateView({ currentItem: id }).catch(failed('Changing the item')),
+              onclick: () => show(id),
             },
             h('span', { class: 'item-id' }, id),
             h('span', { class: 'item-title' }, field(items[id], 'title') || '(untitled)'),

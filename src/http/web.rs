@@ -44,8 +44,10 @@ pub(crate) const PRESENTER: Asset = asset!("presenter.html", HTML);
 pub(crate) const VIEWER: Asset = asset!("viewer.html", HTML);
 
 /// Everything under `/assets/`, by exact name.
-pub(crate) const ASSETS: [Asset; 7] = [
+pub(crate) const ASSETS: [Asset; 9] = [
     asset!("client.js", JS),
+    asset!("sse.js", JS),
+    asset!("rules.js", JS),
     asset!("app.js", JS),
     asset!("index.js", JS),
     asset!("presenter.js", JS),

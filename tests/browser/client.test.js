@@ -16,6 +16,7 @@ import {
   closeOfStatus,
   mergePatch,
   shouldReconnect,
+  tokenExp,
 } from '../../web/client.js';
 
 class FakeSocket {
@@ -575,5 +576,118 @@ describe('the HTTP fallback (SSE + POST)', () => {
     assert.equal(client.version, 8);
     t.mock.timers.tick(10_000);
     assert.equal(FakeSocket.all.length, 4, 'no probes once back on a WebSocket');
+  });
+});
+
+/** A JWT-shaped token with `exp` (its signature is not checked by the client). */
+function jwt(claims) {
+  const part = (value) => Buffer.from(JSON.stringify(value)).toString('base64url');
+  return `${part({ alg: 'HS256', typ: 'JWT' })}.${part(claims)}.c2ln`;
+}
+
+describe('token refresh (SPEC §9)', () => {
+  const NOW = 1_800_000_000_000;
+  const OLD = jwt({ sub: 'carol', exp: NOW / 1000 + 30 });
+  const NEW = jwt({ sub: 'carol', exp: NOW / 1000 + 3600 });
+
+  /** A live viewer whose token is OLD, with `getToken` giving `next`. */
+  function refreshingClient(getToken, now = () => NOW) {
+    const { client, statuses } = newClient({ token: OLD, getToken, now });
+    const tokens = [];
+    client.addEventListener('token', (e) => tokens.push(e.detail));
+    client.start();
+    const socket = FakeSocket.all[0];
+    socket.deliver(CONNECTED('c1'));
+    return { client, socket, statuses, tokens };
+  }
+
+  test('tokenExp reads exp from the payload without checking the signature', () => {
+    assert.equal(tokenExp(OLD), NOW / 1000 + 30);
+    assert.equal(tokenExp(jwt({ sub: 'x', exp: 1.5e9, name: 'é?>' })), 1.5e9);
+    for (const bad of ['', 'abc', 'a.b.c', jwt({ sub: 'x' }), jwt({ exp: '12' }), null, 42]) assert.equal(tokenExp(bad), null, String(bad));
+  });
+
+  test('token-expiring calls getToken and sends refresh-token; token-refreshed moves the client onto the new token', async () => {
+    let calls = 0;
+    const { client, socket, tokens } = refreshingClient(() => {
+      calls += 1;
+      return Promise.resolve(NEW);
+    });
+    assert.equal(client.tokenExp, NOW / 1000 + 30);
+    socket.deliver({ type: 'token-expiring', exp: NOW / 1000 + 30 });
+    await settle();
+    assert.equal(calls, 1);
+    const sent = socket.sent.at(-1);
+    assert.deepEqual(sent, { type: 'refresh-token', token: NEW, id: sent.id });
+    assert.equal(client.token, OLD, 'the old token until the server agrees');
+    socket.deliver({ type: 'token-refreshed', exp: NOW / 1000 + 3599, id: sent.id });
+    assert.equal(client.token, NEW);
+    assert.equal(client.tokenExp, NOW / 1000 + 3599, "the server's exp wins");
+    assert.equal(client.wsUrl, `ws://127.0.0.1:3000/ws/portal-view/demo?token=${NEW}`);
+    assert.deepEqual(tokens.map((t) => t.status), ['expiring', 'refreshing', 'refreshed']);
+    assert.equal(tokens[2].exp, NOW / 1000 + 3599);
+  });
+
+  test('a BAD_REQUEST answer to refresh-token is surfaced and the old token kept', async () => {
+    const { client, socket, tokens } = refreshingClient(() => NEW);
+    const replies = [];
+    client.addEventListener('reply', (e) => replies.push(e.detail));
+    const refresh = client.refreshToken(NEW);
+    assert.equal(client.refreshToken(NEW), refresh, 'the same token in flight is one message');
+    const sent = socket.sent.filter((m) => m.type === 'refresh-token');
+    assert.equal(sent.length, 1);
+    socket.deliver({ type: 'error', code: 'BAD_REQUEST', message: 'token is for another user', id: sent[0].id });
+    await assert.rejects(refresh, { code: 'BAD_REQUEST', message: 'token is for another user' });
+    assert.equal(client.token, OLD);
+    assert.equal(client.tokenExp, NOW / 1000 + 30);
+    assert.deepEqual(tokens.at(-1), { status: 'refused', exp: NOW / 1000 + 30, code: 'BAD_REQUEST', message: 'token is for another user' });
+    assert.deepEqual(replies, [], 'told as a token event, not as a refused message');
+    assert.equal(client.status, 'live');
+  });
+
+  test('a reconnect whose token has expired asks getToken first and connects with its token', async (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    let now = NOW;
+    let calls = 0;
+    const { socket } = refreshingClient(() => {
+      calls += 1;
+      return NEW;
+    }, () => now);
+    socket.drop(1006);
+    t.mock.timers.tick(RECONNECT_BASE_MS);
+    assert.equal(FakeSocket.all.length, 2);
+    assert.equal(calls, 0, 'a token still valid is used as it is');
+    assert.equal(FakeSocket.all[1].url, `ws://127.0.0.1:3000/ws/portal-view/demo?token=${OLD}`);
+    FakeSocket.all[1].deliver(CONNECTED('c2'));
+
+    now = NOW + 30_000; // exp is now: expired (SPEC §2, no leeway)
+    FakeSocket.all[1].drop(1006);
+    t.mock.timers.tick(RECONNECT_BASE_MS);
+    await settle();
+    assert.equal(calls, 1);
+    assert.equal(FakeSocket.all.length, 3);
+    assert.equal(FakeSocket.all[2].url, `ws://127.0.0.1:3000/ws/portal-view/demo?token=${NEW}`);
+  });
+
+  test('a session closed for token expired reconnects with a token from getToken; without a new one it stops', async (t) => {
+    t.mock.timers.enable({ apis: ['setTimeout'] });
+    const given = [NEW, NEW];
+    const { client, socket, statuses } = refreshingClient(() => given.shift());
+    socket.drop(1008, 'token expired');
+    assert.equal(client.status, 'reconnecting');
+    t.mock.timers.tick(RECONNECT_BASE_MS);
+    await settle();
+    assert.equal(FakeSocket.all.length, 2);
+    assert.equal(FakeSocket.all[1].url, `ws://127.0.0.1:3000/ws/portal-view/demo?token=${NEW}`);
+    FakeSocket.all[1].deliver(CONNECTED('c2'));
+    assert.equal(client.status, 'live');
+
+    // The hook has nothing better than the token the server just called expired.
+    FakeSocket.all[1].drop(1008, 'token expired');
+    t.mock.timers.tick(60_000);
+    await settle();
+    assert.equal(FakeSocket.all.length, 2, 'no attempt with a token the server called expired');
+    assert.equal(client.status, 'closed');
+    assert.deepEqual(statuses.at(-1), { status: 'closed', code: 1008, reason: 'token expired', delayMs: null, transport: 'websocket' });
   });
 });

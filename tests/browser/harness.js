@@ -60,9 +60,11 @@ export function run(args, { timeoutMs = SERVER_WAIT_MS } = {}) {
  * links (which is what the tests open, so the printed links are tested too).
  */
 export class Server {
-  static async start() {
+  /** `args`: more flags for `portal-sync demo` (e.g. `--allowed-origins`), kept for restarts. */
+  static async start({ args = [] } = {}) {
     const dir = await mkdtemp(path.join(tmpdir(), 'portal-sync-browser-'));
     const server = new Server(dir);
+    server.args = args;
     await server.start(0);
     return server;
   }
@@ -76,11 +78,12 @@ export class Server {
     this.users = {};
     this.child = null;
     this.log = '';
+    this.args = [];
   }
 
   /** Starts the demo on `port` (0: any free port, then kept for restarts). */
   async start(port = this.port) {
-    const child = spawn(BIN, ['demo', '--db', this.db, '--addr', `127.0.0.1:${port}`, '--shutdown-timeout', '5'], {
+    const child = spawn(BIN, ['demo', '--db', this.db, '--addr', `127.0.0.1:${port}`, '--shutdown-timeout', '5', ...this.args], {
       env: env(),
       stdio: ['ignore', 'pipe', 'pipe'],
     });
@@ -148,8 +151,9 @@ export class Server {
     return run([...args, '--db', this.db]);
   }
 
-  async token(user) {
-    return (await run(['token', '--user', user])).trim();
+  /** A token for `user` signed with this server's secret; `ttl` as `portal-sync token --ttl` takes it. */
+  async token(user, ttl) {
+    return (await run(['token', '--user', user, ...(ttl ? ['--ttl', ttl] : [])])).trim();
   }
 
   async addViewer(user) {
@@ -208,13 +212,13 @@ export function sharedBrowser() {
 }
 
 /**
- * Starts a server, runs `body(server, pages, clients)`, and always cleans up:
+ * Starts a server (`options` as `Server.start`'s), runs `body(server, pages, clients)`, and always cleans up:
  * the PortalClients in `clients` are stopped, the pages' contexts closed, the
  * server stopped and its files removed. A page that threw or hit the CSP
  * fails the test.
  */
-export async function withServer(body) {
-  const server = await Server.start();
+export async function withServer(body, options) {
+  const server = await Server.start(options);
   const pages = [];
   const clients = [];
   try {
