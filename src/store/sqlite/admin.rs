@@ -58,7 +58,9 @@ pub(super) fn add_user(conn: &Connection, id: &str, email: &str, name: &str) -> 
         return Err(Error::Conflicting(format!("user {id} already exists")));
     }
     let holder: Option<String> = tx
-        .query_row("SELECT id FROM users WHERE email = ?1", [email], |r| r.get(0))
+        .query_row("SELECT id FROM users WHERE email = ?1", [email], |r| {
+            r.get(0)
+        })
         .optional()?;
     if let Some(holder) = holder {
         return Err(Error::Conflicting(format!(
@@ -170,7 +172,9 @@ pub(super) fn add_view(
         .map_err(|e| Error::Internal(format!("serializing state: {e}")))?;
     let tx = immediate(conn)?;
     if view_exists(&tx, id)? {
-        return Err(Error::Conflicting(format!("portal view {id} already exists")));
+        return Err(Error::Conflicting(format!(
+            "portal view {id} already exists"
+        )));
     }
     if !library_exists(&tx, library_id)? {
         return Err(missing("library", library_id));

@@ -103,7 +103,12 @@ impl SqliteStore {
 /// at once with one line, instead of after the pool's 5 s of retries, each
 /// logged by r2d2.
 fn probe(path: &Path, init: &str) -> Result<(), Error> {
-    let fail = |why: String| Error::Storage(format!("cannot open the database {}: {why}", path.display()));
+    let fail = |why: String| {
+        Error::Storage(format!(
+            "cannot open the database {}: {why}",
+            path.display()
+        ))
+    };
     if path.is_dir() {
         return Err(fail("it is a directory".into()));
     }

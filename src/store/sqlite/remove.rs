@@ -150,10 +150,7 @@ pub(super) fn remove_user(
         removed.views += gone.views;
         removed.members += gone.members;
     }
-    removed.members += tx.execute(
-        "DELETE FROM library_members WHERE user_id = ?1",
-        [user_id],
-    )?;
+    removed.members += tx.execute("DELETE FROM library_members WHERE user_id = ?1", [user_id])?;
     tx.execute("DELETE FROM users WHERE id = ?1", params![user_id])?;
     tx.commit()?;
     Ok(removed)
