@@ -190,9 +190,9 @@ async fn token_prints_a_jwt_for_the_user() {
     let by_flag = run(
         dir.path(),
         &[
+            "token",
             "--jwt-secret",
             secret,
-            "token",
             "--user",
             "alice",
             "--ttl",

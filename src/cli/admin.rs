@@ -8,7 +8,7 @@ use clap::{Args, Subcommand};
 use serde::Serialize;
 use serde_json::{json, Map, Value};
 
-use super::failure::Failure;
+use super::failure::{Failure, NOT_FOUND};
 use crate::config::Synchronous;
 use crate::domain::access::{self, LibraryRole};
 use crate::domain::error::Error;
@@ -358,7 +358,7 @@ pub(super) fn member(path: &Path, cmd: MemberCmd) -> Result<(), Failure> {
             ))
         })
     };
-    admin(path, |c| match cmd {
+    admin_with(path, |c| match cmd {
         MemberCmd::Set {
             library,
             user,
@@ -379,24 +379,24 @@ pub(super) fn member(path: &Path, cmd: MemberCmd) -> Result<(), Failure> {
         MemberCmd::Remove { library, user } => {
             let row = library_row(c, &library)?;
             if !c.user_exists(&user)? {
-                return Err(missing("user", &user));
+                return Err(missing("user", &user).into());
             }
             owner_rule(&user, &row)?;
             if c.remove_member(&library, &user)? {
                 println!("removed {user} from {library}");
                 Ok(())
             } else {
-                Err(Error::Missing {
-                    what: "member",
-                    id: format!("{user} of library {library}"),
-                })
+                Err(Failure::new(
+                    NOT_FOUND,
+                    format!("{user} is not a member of {library}"),
+                ))
             }
         }
         MemberCmd::List { library, format } => {
             library_row(c, &library)?;
-            list(&c.members(&library)?, format, |m| {
+            Ok(list(&c.members(&library)?, format, |m| {
                 vec![m.user_id.clone(), m.role.clone()]
-            })
+            })?)
         }
     })
 }
@@ -439,7 +439,15 @@ pub(super) fn view(path: &Path, cmd: ViewCmd) -> Result<(), Failure> {
 }
 
 fn admin(path: &Path, f: impl FnOnce(&dyn Admin) -> Result<(), Error>) -> Result<(), Failure> {
-    admin_store(path, |s| f(s.admin()))
+    admin_with(path, |c| Ok(f(c)?))
+}
+
+fn admin_with(
+    path: &Path,
+    f: impl FnOnce(&dyn Admin) -> Result<(), Failure>,
+) -> Result<(), Failure> {
+    let store = engines::open(path, Synchronous::Full)?;
+    f(store.admin())
 }
 
 /// Runs an administration command on the store at `path`.
