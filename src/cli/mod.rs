@@ -88,7 +88,7 @@ enum ConfigCmd {
         file: PathBuf,
     },
     /// Print the settings `serve` would run with, as TOML, secrets as ***
-    Print(ServeArgs),
+    Print(Box<ServeArgs>),
     /// Write a config file with every setting, commented out, at its default
     Init {
         /// Where to write it

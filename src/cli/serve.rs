@@ -146,12 +146,11 @@ pub(super) fn resolve(addr: &str) -> Result<SocketAddr, String> {
     Ok(first)
 }
 
+/// What `demo` prints once the address is bound.
+pub(super) type Banner = Box<dyn FnOnce(&Config, SocketAddr)>;
+
 /// Runs the server until SIGINT or SIGTERM.
-pub(super) fn serve(
-    config: Config,
-    addr: &str,
-    banner: Option<Box<dyn FnOnce(&Config, SocketAddr)>>,
-) -> Result<(), String> {
+pub(super) fn serve(config: Config, addr: &str, banner: Option<Banner>) -> Result<(), String> {
     let addr = resolve(addr)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

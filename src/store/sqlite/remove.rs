@@ -122,7 +122,8 @@ pub(super) fn remove_user(
         "SELECT library_id FROM library_members WHERE user_id = ?1 ORDER BY library_id",
         user_id,
     )?;
-    if !cascade && !(owned.is_empty() && memberships.is_empty()) {
+    let depended_on = !owned.is_empty() || !memberships.is_empty();
+    if depended_on && !cascade {
         let mut what = Vec::new();
         if !owned.is_empty() {
             what.push(format!(
