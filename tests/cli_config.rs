@@ -271,6 +271,19 @@ async fn config_print_redacts_secrets() {
         );
     }
     assert_eq!(table["jwt-secret"].as_str(), Some("***"));
+    // A secret in a file others may read is warned about (not shown).
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let warning = "holds jwt-secret and is readable by others (mode 644)";
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        let out = run(d, &["config", "print", "--config", text(&file)], &[]).await;
+        assert!(out.stderr.contains(warning), "{}", out.stderr);
+        assert!(!out.stderr.contains("file-secret-value"), "{}", out.stderr);
+        std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        let out = run(d, &["config", "print", "--config", text(&file)], &[]).await;
+        assert!(!out.stderr.contains("readable by others"), "{}", out.stderr);
+    }
     assert_eq!(
         table["redis-url"].as_str(),
         Some("redis://:***@127.0.0.1:6379")

@@ -35,6 +35,28 @@ pub(super) fn read(path: &Path) -> Result<Table, String> {
         .map_err(|e| format!("{shown}: {}", e.to_string().trim_end()))
 }
 
+/// A file holding `jwt-secret` that others may read: anyone who can read it
+/// can sign tokens for every user.
+pub(super) fn readable_secret(path: &Path, table: &Table) -> Option<String> {
+    if !SECRET_KEYS.iter().any(|k| table.contains_key(*k)) {
+        return None;
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(path).ok()?.permissions().mode();
+        if mode & 0o077 != 0 {
+            return Some(format!(
+                "the config file {} holds jwt-secret and is readable by others \
+                 (mode {:o}): chmod 600 it, or use jwt-secret-file",
+                path.display(),
+                mode & 0o777
+            ));
+        }
+    }
+    None
+}
+
 /// What a flag's value parser takes, as a TOML type.
 #[derive(Debug, Clone, Copy, PartialEq)]
 enum Kind {

@@ -106,6 +106,8 @@ struct Parsed {
     matches: ArgMatches,
     /// Keys whose value came from the config file.
     from_file: Vec<String>,
+    /// Said once logging is set up.
+    warnings: Vec<String>,
 }
 
 enum ParseFailure {
@@ -127,6 +129,9 @@ pub fn main() -> ExitCode {
         Err(ParseFailure::Failed(f)) => return f.report(),
     };
     init_logging();
+    for warning in &parsed.warnings {
+        log::warn!("{warning}");
+    }
     match run(parsed) {
         Ok(()) => ExitCode::SUCCESS,
         Err(failure) => failure.report(),
@@ -154,6 +159,7 @@ fn parse(mut argv: Vec<OsString>) -> Result<Parsed, ParseFailure> {
     cmd.build();
     let mut matches = cmd.try_get_matches_from_mut(argv.clone())?;
     let mut from_file = Vec::new();
+    let mut warnings = Vec::new();
     let found = WITH_SETTINGS.iter().find_map(|path| {
         let sub = settings_of(&matches, path)?;
         Some((path, sub.get_one::<PathBuf>("config")?.clone()))
@@ -161,6 +167,7 @@ fn parse(mut argv: Vec<OsString>) -> Result<Parsed, ParseFailure> {
     if let Some((path, file)) = found {
         let fail = |e: String| ParseFailure::Failed(Failure::new(FAILURE, e));
         let table = config_file::read(&file).map_err(fail)?;
+        warnings.extend(config_file::readable_secret(&file, &table));
         let (sub_cmd, sub) = settings_command(&cmd, path)
             .zip(settings_of(&matches, path))
             .ok_or_else(|| fail("internal: no such subcommand".into()))?;
@@ -175,6 +182,7 @@ fn parse(mut argv: Vec<OsString>) -> Result<Parsed, ParseFailure> {
         cli,
         matches,
         from_file,
+        warnings,
     })
 }
 
@@ -213,6 +221,7 @@ fn run(parsed: Parsed) -> Result<(), Failure> {
         cli,
         matches,
         from_file,
+        ..
     } = parsed;
     let db_path = |default: &str| cli.db.clone().unwrap_or_else(|| PathBuf::from(default));
     match cli.command {
