@@ -190,9 +190,9 @@ async fn token_prints_a_jwt_for_the_user() {
     let by_flag = run(
         dir.path(),
         &[
+            "token",
             "--jwt-secret",
             secret,
-            "token",
             "--user",
             "alice",
             "--ttl",
@@ -1008,6 +1008,73 @@ async fn demo_twice_on_the_same_database_keeps_the_data() {
     assert_eq!(library_count(&*db), 1);
     assert_eq!(member_count(&*db), 3);
     assert_eq!(view_count(&*db), 1);
+}
+
+/// `demo` without a configured secret keeps the one it makes in
+/// `<db>.secret` (mode 0600) and says so: a token printed by the first run
+/// opens a WebSocket on the second. With PORTAL_JWT_SECRET set, that secret
+/// is used and the kept file is neither read nor changed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_keeps_its_secret_across_restarts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_path = dir.path().join("kept.db");
+    let kept = dir.path().join("kept.db.secret");
+
+    let first = start_demo(dir.path(), &db_path, &[]).await;
+    let says = format!(
+        "(secret kept in {} so these links stay valid across restarts)",
+        kept.display()
+    );
+    assert!(first.stdout.contains(&says), "{}", first.stdout);
+    let stored = std::fs::read_to_string(&kept).expect("secret file");
+    assert_eq!(stored.trim(), first.secret);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&kept).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{mode:o}");
+    }
+    let carol_url = first.ws_urls[2].clone();
+    let (code, logs) = first.stop().await;
+    assert_eq!(code, Some(0), "{logs}");
+
+    let second = start_demo(dir.path(), &db_path, &[]).await;
+    assert_eq!(second.secret, stored.trim(), "the same secret");
+    assert!(second.stdout.contains(&says), "{}", second.stdout);
+    // The first run's URL, pointed at the second run's port.
+    let port = |base: &str| base.rsplit(':').next().unwrap_or_default().to_string();
+    let old_port = carol_url
+        .trim_start_matches("ws://127.0.0.1:")
+        .split('/')
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let url = carol_url.replacen(
+        &format!("127.0.0.1:{old_port}"),
+        &format!("127.0.0.1:{}", port(&second.base)),
+        1,
+    );
+    let mut carol = open_ws(url.as_str().into_client_request().expect("url")).await;
+    let connected = carol.recv().await;
+    assert_eq!(connected["type"], "connected", "{connected}");
+    assert_eq!(connected["userId"], "carol");
+    drop(carol);
+    let (code, logs) = second.stop().await;
+    assert_eq!(code, Some(0), "{logs}");
+
+    let given = "given-demo-secret-0123456789abcdef";
+    let third = start_demo(dir.path(), &db_path, &[("PORTAL_JWT_SECRET", given)]).await;
+    assert_eq!(third.secret, given);
+    assert!(
+        third
+            .stdout
+            .contains("(secret from --jwt-secret, --jwt-secret-file or their PORTAL_ variables"),
+        "{}",
+        third.stdout
+    );
+    let (code, logs) = third.stop().await;
+    assert_eq!(code, Some(0), "{logs}");
+    assert_eq!(std::fs::read_to_string(&kept).expect("still there"), stored);
 }
 
 // ---------------------------------------------------------------------------

@@ -185,7 +185,7 @@ async fn serve_and_token_take_the_secret_from_a_file() {
 
     let printed = run(
         dir.path(),
-        &["--jwt-secret-file", file, "token", "--user", "owner"],
+        &["token", "--user", "owner", "--jwt-secret-file", file],
         &[],
     )
     .await;
@@ -249,13 +249,13 @@ async fn two_sources_of_the_secret_are_a_usage_error() {
     let both = run(
         dir.path(),
         &[
+            "token",
+            "--user",
+            "a",
             "--jwt-secret",
             "x",
             "--jwt-secret-file",
             file,
-            "token",
-            "--user",
-            "a",
         ],
         &[],
     )
@@ -269,7 +269,7 @@ async fn two_sources_of_the_secret_are_a_usage_error() {
     assert!(both.stdout.is_empty(), "no token: {}", both.stdout);
     let env = run(
         dir.path(),
-        &["--jwt-secret-file", file, "token", "--user", "a"],
+        &["token", "--user", "a", "--jwt-secret-file", file],
         &[("PORTAL_JWT_SECRET", "x")],
     )
     .await;
@@ -310,8 +310,8 @@ async fn a_bad_secret_file_stops_serve_with_a_clear_line() {
             &["serve", "--addr", "127.0.0.1:0", "--db", &db][..],
             &["token", "--user", "owner"][..],
         ] {
-            let mut all = vec!["--jwt-secret-file", path];
-            all.extend_from_slice(args);
+            let mut all = args.to_vec();
+            all.extend_from_slice(&["--jwt-secret-file", path]);
             let out = run(dir.path(), &all, &[]).await;
             out.assert_failed(Some(says));
             let line = format!("error: {}", out.stderr.trim());
@@ -328,8 +328,8 @@ async fn a_bad_secret_file_stops_serve_with_a_clear_line() {
     let missing = missing.to_str().expect("utf-8");
     run(
         dir.path(),
-        &["--jwt-secret-file", missing, "--db", &db, "user", "list"],
-        &[],
+        &["--db", &db, "user", "list"],
+        &[("PORTAL_JWT_SECRET_FILE", missing)],
     )
     .await
     .assert_ok();

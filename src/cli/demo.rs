@@ -52,7 +52,9 @@ pub fn seed_demo(path: &Path) -> Result<(), Error> {
     Ok(())
 }
 
-pub(super) fn print_demo(config: &Config, addr: SocketAddr) {
+/// The banner; `origin` says where the secret comes from and whether the
+/// links outlive this run.
+pub(super) fn print_demo(config: &Config, addr: SocketAddr, origin: &str) {
     let host = if addr.ip().is_unspecified() {
         SocketAddr::new([127, 0, 0, 1].into(), addr.port())
     } else {
@@ -64,6 +66,7 @@ pub(super) fn print_demo(config: &Config, addr: SocketAddr) {
         config.db_path.display()
     );
     println!("JWT secret for this run: {}", config.jwt_secret);
+    println!("({origin})");
     println!("(tokens below are valid for 24 hours; Ctrl-C stops the server)\n");
     for (id, name, what) in DEMO_USERS {
         let Ok(token) = tokens.issue(id, 24 * 3600) else {

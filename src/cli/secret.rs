@@ -1,7 +1,74 @@
-//! The JWT secret: where it comes from (`--jwt-secret`, `--jwt-secret-file`,
-//! a random one for `demo`) and the warning about a short one.
+//! The JWT secret: its flags (on `serve`, `demo`, `token` and `config print`
+//! only: the admin commands never need it), where it comes from
+//! (`--jwt-secret`, `--jwt-secret-file`, the demo's kept one) and the warning
+//! about a short one.
 
-use std::path::Path;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+#[derive(Args, Debug, Clone)]
+pub(super) struct SecretArgs {
+    /// HS256 secret for tokens (`ps` shows it: prefer --jwt-secret-file)
+    #[arg(long, env = "PORTAL_JWT_SECRET", hide_env_values = true)]
+    pub(super) jwt_secret: Option<String>,
+
+    /// File holding the HS256 secret (instead of --jwt-secret, which `ps` shows);
+    /// surrounding whitespace is ignored
+    #[arg(long, env = "PORTAL_JWT_SECRET_FILE", conflicts_with = "jwt_secret")]
+    pub(super) jwt_secret_file: Option<PathBuf>,
+}
+
+impl SecretArgs {
+    /// The configured secret, if any (see [`configured_secret`]).
+    pub(super) fn configured(&self) -> Result<Option<String>, String> {
+        configured_secret(self.jwt_secret.as_deref(), self.jwt_secret_file.as_deref())
+    }
+
+    /// The configured secret, required.
+    pub(super) fn required(&self) -> Result<String, String> {
+        self.configured()?.ok_or_else(|| {
+            "no JWT secret: set --jwt-secret, --jwt-secret-file or PORTAL_JWT_SECRET \
+             (or try `portal-sync demo`)"
+                .to_string()
+        })
+    }
+}
+
+/// Where the demo keeps its secret: beside its database, so that the links
+/// a run printed still work after a restart.
+pub(super) fn demo_secret_path(db: &Path) -> PathBuf {
+    let mut name = db.as_os_str().to_owned();
+    name.push(".secret");
+    PathBuf::from(name)
+}
+
+/// The demo's kept secret: read from `path`, or made once and written there
+/// 0600 (created exclusively, so two demos starting at once agree on one).
+pub(super) fn kept_secret(path: &Path) -> Result<String, String> {
+    let shown = path.display();
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(mut file) => {
+            let secret = random_secret()?;
+            file.write_all(format!("{secret}\n").as_bytes())
+                .and_then(|()| file.sync_all())
+                .map_err(|e| format!("cannot write the demo secret to {shown}: {e}"))?;
+            Ok(secret)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            match configured_secret(None, Some(path))? {
+                Some(secret) => Ok(secret),
+                None => Err(format!("the demo secret file {shown} is empty")),
+            }
+        }
+        Err(e) => Err(format!("cannot create the demo secret file {shown}: {e}")),
+    }
+}
 
 /// The secret from `--jwt-secret-file` or `--jwt-secret` (clap refuses both).
 /// An empty `--jwt-secret` is none (so `PORTAL_JWT_SECRET=` unsets it); a file

@@ -1,20 +1,28 @@
 //! `serve` and `demo`'s server: its flags (SPEC §5), the `Config` they make,
 //! and the runtime that runs it until a signal.
 
-use std::net::SocketAddr;
+use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
 
+use super::secret::SecretArgs;
 use crate::config::Config;
 use crate::config::Synchronous;
 
 #[derive(Args, Debug, Clone)]
 pub(super) struct ServeArgs {
-    /// Address to listen on
+    /// TOML file with any of these flags as keys (`max-conns = 1000`);
+    /// flags and environment variables win over it
+    #[arg(long, env = "PORTAL_CONFIG")]
+    pub(super) config: Option<PathBuf>,
+    #[command(flatten)]
+    pub(super) secret: SecretArgs,
+    /// Address to listen on: IP:port or host:port (a host name is resolved and
+    /// its first address bound)
     #[arg(long, env = "PORTAL_ADDR", default_value = "127.0.0.1:3000")]
-    pub(super) addr: SocketAddr,
+    pub(super) addr: String,
     /// Seconds of clock leeway when checking a token's `exp`
     #[arg(long, env = "PORTAL_JWT_LEEWAY", default_value_t = 0)]
     jwt_leeway: u64,
@@ -120,12 +128,35 @@ pub(super) fn config(args: &ServeArgs, db_path: PathBuf, secret: String) -> Conf
     }
 }
 
+/// `--addr`: an IP address and port as is; a host name through the resolver.
+/// Several addresses (`localhost` may be 127.0.0.1 and ::1): the first is
+/// bound and the rest are named in the log, since one listener binds one.
+pub(super) fn resolve(addr: &str) -> Result<SocketAddr, String> {
+    if let Ok(addr) = addr.parse() {
+        return Ok(addr);
+    }
+    let mut found = addr
+        .to_socket_addrs()
+        .map_err(|e| format!("--addr {addr}: {e} (use HOST:PORT, e.g. 127.0.0.1:3000)"))?;
+    let first = found
+        .next()
+        .ok_or_else(|| format!("--addr {addr}: the host name has no address"))?;
+    let rest: Vec<String> = found.map(|a| a.to_string()).collect();
+    if !rest.is_empty() {
+        log::info!(
+            "{addr} resolves to {first} and {}; listening on {first} only",
+            rest.join(", ")
+        );
+    }
+    Ok(first)
+}
+
+/// What `demo` prints once the address is bound.
+pub(super) type Banner = Box<dyn FnOnce(&Config, SocketAddr)>;
+
 /// Runs the server until SIGINT or SIGTERM.
-pub(super) fn serve(
-    config: Config,
-    addr: SocketAddr,
-    banner: Option<fn(&Config, SocketAddr)>,
-) -> Result<(), String> {
+pub(super) fn serve(config: Config, addr: &str, banner: Option<Banner>) -> Result<(), String> {
+    let addr = resolve(addr)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

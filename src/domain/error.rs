@@ -35,7 +35,16 @@ pub enum Error {
     },
     UnsupportedMediaType,
     NotFound(&'static str),
+    /// A named row that does not exist (`user ghost not found`): what the
+    /// admin CLI tells an operator, a 404 elsewhere.
+    Missing {
+        what: &'static str,
+        id: String,
+    },
     Conflict(&'static str),
+    /// A refusal because of what is stored, explained with its ids (`user
+    /// alice already exists`, `library lib has 2 portal views`).
+    Conflicting(String),
     /// The connection's inbound message rate was exceeded.
     RateLimited,
     /// A connection limit (per user, per view, server-wide) would be exceeded.
@@ -73,7 +82,7 @@ impl Error {
             Error::InvalidToken => "INVALID_TOKEN",
             Error::TokenExpired => "TOKEN_EXPIRED",
             Error::UnknownUser => "UNKNOWN_USER",
-            Error::ViewNotFound | Error::NotFound(_) => "NOT_FOUND",
+            Error::ViewNotFound | Error::NotFound(_) | Error::Missing { .. } => "NOT_FOUND",
             Error::AccessDenied => "ACCESS_DENIED",
             Error::Forbidden(_) => "FORBIDDEN",
             Error::UnknownType => "UNKNOWN_TYPE",
@@ -82,7 +91,7 @@ impl Error {
             Error::PayloadTooLarge => "PAYLOAD_TOO_LARGE",
             Error::StateTooLarge { .. } => "STATE_TOO_LARGE",
             Error::UnsupportedMediaType => "UNSUPPORTED_MEDIA_TYPE",
-            Error::Conflict(_) => "CONFLICT",
+            Error::Conflict(_) | Error::Conflicting(_) => "CONFLICT",
             Error::TooManyConnections => "TOO_MANY_CONNECTIONS",
             Error::RateLimited => "RATE_LIMITED",
             Error::AccessRevoked => "ACCESS_REVOKED",
@@ -109,7 +118,8 @@ impl Error {
             Error::ShuttingDown => "server shutting down".into(),
             Error::Forbidden(m) | Error::NotFound(m) | Error::Conflict(m) => (*m).into(),
             Error::UnknownType => "unknown message type".into(),
-            Error::BadRequest(m) => m.clone(),
+            Error::BadRequest(m) | Error::Conflicting(m) => m.clone(),
+            Error::Missing { what, id } => format!("{what} {id} not found"),
             Error::PreconditionFailed { current } => {
                 format!("version mismatch: the current version is {current}")
             }

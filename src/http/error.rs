@@ -17,7 +17,7 @@ impl warp::reject::Reject for Error {}
 pub(crate) fn status(e: &Error) -> StatusCode {
     match e {
         Error::InvalidToken | Error::TokenExpired | Error::UnknownUser => StatusCode::UNAUTHORIZED,
-        Error::ViewNotFound | Error::NotFound(_) => StatusCode::NOT_FOUND,
+        Error::ViewNotFound | Error::NotFound(_) | Error::Missing { .. } => StatusCode::NOT_FOUND,
         Error::AccessDenied
         | Error::AccessRevoked
         | Error::Forbidden(_)
@@ -27,7 +27,7 @@ pub(crate) fn status(e: &Error) -> StatusCode {
         Error::PreconditionFailed { .. } => StatusCode::PRECONDITION_FAILED,
         Error::PayloadTooLarge | Error::StateTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-        Error::Conflict(_) => StatusCode::CONFLICT,
+        Error::Conflict(_) | Error::Conflicting(_) => StatusCode::CONFLICT,
         Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
         Error::Storage(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Error::DatabaseMissing => StatusCode::INTERNAL_SERVER_ERROR,

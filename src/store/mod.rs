@@ -88,9 +88,13 @@ pub trait Store: Send + Sync + 'static {
 /// Administration: the CLI's `user`, `library`, `member`, `view` commands
 /// and the tests' fixtures.
 pub trait Admin {
+    /// A taken id or email is [`Error::Conflicting`], naming it.
     fn add_user(&self, id: &str, email: &str, name: &str) -> Result<(), Error>;
+    /// A taken id is [`Error::Conflicting`]; an unknown owner [`Error::Missing`].
     fn add_library(&self, id: &str, name: &str, owner_id: &str) -> Result<(), Error>;
     /// Adds a member or changes their role; returns the previous role text.
+    /// An unknown library or user is [`Error::Missing`]. No owner rule here
+    /// (the seed gives the owner a row); the CLI applies `domain::access`'s.
     fn set_member(
         &self,
         library_id: &str,
@@ -101,6 +105,7 @@ pub trait Admin {
     fn member_role(&self, library_id: &str, user_id: &str) -> Result<Option<String>, Error>;
     /// Returns whether a membership was removed.
     fn remove_member(&self, library_id: &str, user_id: &str) -> Result<bool, Error>;
+    /// A taken id is [`Error::Conflicting`]; an unknown library [`Error::Missing`].
     fn add_view(
         &self,
         id: &str,
@@ -109,12 +114,32 @@ pub trait Admin {
         state: &Map<String, Value>,
     ) -> Result<(), Error>;
     fn user_exists(&self, user_id: &str) -> Result<bool, Error>;
+    fn user(&self, user_id: &str) -> Result<Option<UserRow>, Error>;
+    fn library(&self, library_id: &str) -> Result<Option<LibraryRow>, Error>;
+    /// Removes a user. One who owns libraries or is a member is refused
+    /// ([`Error::Conflicting`], naming them) unless `cascade`: then their
+    /// libraries (with their views and members) and member rows go too, in
+    /// one transaction. Unknown: [`Error::Missing`].
+    fn remove_user(&self, user_id: &str, cascade: bool) -> Result<Removed, Error>;
+    /// Removes a library; one with views or members only when `cascade`.
+    fn remove_library(&self, library_id: &str, cascade: bool) -> Result<Removed, Error>;
+    /// Removes a portal view and its stored events; the library's users get a
+    /// membership change entry, so servers close their connections to it.
+    fn remove_view(&self, view_id: &str) -> Result<Removed, Error>;
     fn users(&self) -> Result<Vec<UserRow>, Error>;
     fn libraries(&self) -> Result<Vec<LibraryRow>, Error>;
     /// A library's member rows, by user id.
     fn members(&self, library_id: &str) -> Result<Vec<MemberRow>, Error>;
     /// Every view, by id, without its state.
     fn views(&self) -> Result<Vec<ViewSummary>, Error>;
+}
+
+/// What a removal deleted, dependents included.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Removed {
+    pub libraries: usize,
+    pub views: usize,
+    pub members: usize,
 }
 
 /// A portal view as stored. `state` is kept as validated JSON text so it can be
@@ -147,27 +172,35 @@ pub struct Grant {
     pub version: i64,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `--json` names its fields as REST does (camelCase).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct UserRow {
     pub id: String,
     pub email: String,
     pub name: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `--json` names its fields as REST does (camelCase).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct LibraryRow {
     pub id: String,
     pub name: String,
     pub owner_id: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `--json` names its fields as REST does (camelCase).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct MemberRow {
     pub user_id: String,
     pub role: String,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// `--json` names its fields as REST does (camelCase).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
 pub struct ViewSummary {
     pub id: String,
     pub library_id: String,

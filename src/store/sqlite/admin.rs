@@ -1,7 +1,7 @@
 //! Administration (CLI `user`, `library`, `member`, `view`; fixtures) and
 //! SPEC §4's membership routes.
 
-use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 use serde_json::{Map, Value};
 
 use super::reads::user_exists;
@@ -23,12 +23,55 @@ pub(super) fn require_id(what: &str, id: &str) -> Result<(), Error> {
     }
 }
 
+/// An IMMEDIATE transaction on a shared connection: the checks that name
+/// what is missing and the write they guard see the same rows.
+pub(super) fn immediate(conn: &Connection) -> Result<Transaction<'_>, Error> {
+    Ok(Transaction::new_unchecked(
+        conn,
+        TransactionBehavior::Immediate,
+    )?)
+}
+
+pub(super) fn library_exists(conn: &Connection, library_id: &str) -> Result<bool, Error> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM libraries WHERE id = ?1")?;
+    Ok(stmt.exists([library_id])?)
+}
+
+pub(super) fn view_exists(conn: &Connection, view_id: &str) -> Result<bool, Error> {
+    let mut stmt = conn.prepare_cached("SELECT 1 FROM portal_views WHERE id = ?1")?;
+    Ok(stmt.exists([view_id])?)
+}
+
+pub(super) fn missing(what: &'static str, id: &str) -> Error {
+    Error::Missing {
+        what,
+        id: id.to_string(),
+    }
+}
+
+/// Refuses a taken id or email by name, rather than SQLite's `UNIQUE
+/// constraint failed`.
 pub(super) fn add_user(conn: &Connection, id: &str, email: &str, name: &str) -> Result<(), Error> {
     require_id("user", id)?;
-    conn.execute(
+    let tx = immediate(conn)?;
+    if user_exists(&tx, id)? {
+        return Err(Error::Conflicting(format!("user {id} already exists")));
+    }
+    let holder: Option<String> = tx
+        .query_row("SELECT id FROM users WHERE email = ?1", [email], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    if let Some(holder) = holder {
+        return Err(Error::Conflicting(format!(
+            "email {email} is already used by user {holder}"
+        )));
+    }
+    tx.execute(
         "INSERT INTO users (id, email, name) VALUES (?1, ?2, ?3)",
         params![id, email, name],
     )?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -39,15 +82,44 @@ pub(super) fn add_library(
     owner_id: &str,
 ) -> Result<(), Error> {
     require_id("library", id)?;
-    conn.execute(
+    let tx = immediate(conn)?;
+    if library_exists(&tx, id)? {
+        return Err(Error::Conflicting(format!("library {id} already exists")));
+    }
+    if !user_exists(&tx, owner_id)? {
+        return Err(missing("user", owner_id));
+    }
+    tx.execute(
         "INSERT INTO libraries (id, name, owner_id) VALUES (?1, ?2, ?3)",
         params![id, name, owner_id],
     )?;
+    tx.commit()?;
     Ok(())
 }
 
 /// Adds a member or changes their role; returns the previous role, if any.
+/// An unknown library or user is named (not SQLite's `FOREIGN KEY
+/// constraint failed`). The owner rule is the caller's (`domain::access`):
+/// fixtures and the demo seed give the owner a member row on purpose.
 pub(super) fn set_member(
+    conn: &Connection,
+    library_id: &str,
+    user_id: &str,
+    role: &str,
+) -> Result<Option<String>, Error> {
+    let tx = immediate(conn)?;
+    if !library_exists(&tx, library_id)? {
+        return Err(missing("library", library_id));
+    }
+    if !user_exists(&tx, user_id)? {
+        return Err(missing("user", user_id));
+    }
+    let previous = upsert_member(&tx, library_id, user_id, role)?;
+    tx.commit()?;
+    Ok(previous)
+}
+
+fn upsert_member(
     conn: &Connection,
     library_id: &str,
     user_id: &str,
@@ -98,11 +170,21 @@ pub(super) fn add_view(
     require_id("portal view", id)?;
     let state = serde_json::to_string(state)
         .map_err(|e| Error::Internal(format!("serializing state: {e}")))?;
-    conn.execute(
+    let tx = immediate(conn)?;
+    if view_exists(&tx, id)? {
+        return Err(Error::Conflicting(format!(
+            "portal view {id} already exists"
+        )));
+    }
+    if !library_exists(&tx, library_id)? {
+        return Err(missing("library", library_id));
+    }
+    tx.execute(
         "INSERT INTO portal_views (id, library_id, name, state, version, updated_at)
          VALUES (?1, ?2, ?3, ?4, 0, strftime('%Y-%m-%dT%H:%M:%fZ', 'now'))",
         params![id, library_id, name, state],
     )?;
+    tx.commit()?;
     Ok(())
 }
 
@@ -145,7 +227,7 @@ pub(super) fn change_member(
             if !user_exists(&tx, user_id)? {
                 return Err(Error::NotFound("user not found"));
             }
-            set_member(&tx, library_id, user_id, role.as_str())?;
+            upsert_member(&tx, library_id, user_id, role.as_str())?;
             Some(role.as_str().to_string())
         }
         MemberChange::Remove => {

@@ -12,14 +12,15 @@ use std::time::Duration;
 
 use r2d2::Pool;
 use r2d2_sqlite::SqliteConnectionManager;
+use rusqlite::OptionalExtension;
 use serde_json::{Map, Value};
 
 use crate::config::Synchronous;
 use crate::domain::access::LibraryRole;
 use crate::domain::error::Error;
 use crate::store::{
-    Access, Admin, Grant, LibraryRow, MemberChange, MemberRow, MembershipChange, Store, StoreOp,
-    Stored, StoredEvent, UserRow, ViewRow, ViewSummary,
+    Access, Admin, Grant, LibraryRow, MemberChange, MemberRow, MembershipChange, Removed, Store,
+    StoreOp, Stored, StoredEvent, UserRow, ViewRow, ViewSummary,
 };
 
 const SCHEMA: &str = include_str!("../../../schema.sql");
@@ -53,6 +54,7 @@ impl SqliteStore {
         let init = format!(
             "PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 5000; PRAGMA synchronous = {sync};"
         );
+        probe(path, &init)?;
         let manager =
             SqliteConnectionManager::file(path).with_init(move |c| c.execute_batch(&init));
         let pool = Pool::builder()
@@ -94,6 +96,33 @@ impl SqliteStore {
     fn conn(&self) -> Result<r2d2::PooledConnection<SqliteConnectionManager>, Error> {
         Ok(self.pool.get()?)
     }
+}
+
+/// One connection opened and asked one question before the pool exists: a
+/// path that cannot be opened (a directory, a file that is not SQLite) fails
+/// at once with one line, instead of after the pool's 5 s of retries, each
+/// logged by r2d2.
+fn probe(path: &Path, init: &str) -> Result<(), Error> {
+    let fail = |why: String| {
+        Error::Storage(format!(
+            "cannot open the database {}: {why}",
+            path.display()
+        ))
+    };
+    if path.is_dir() {
+        return Err(fail("it is a directory".into()));
+    }
+    let fail = |e: rusqlite::Error| {
+        fail(match &e {
+            rusqlite::Error::SqliteFailure(_, Some(message)) => message.clone(),
+            other => other.to_string(),
+        })
+    };
+    let conn = rusqlite::Connection::open(path).map_err(fail)?;
+    conn.execute_batch(init).map_err(fail)?;
+    conn.query_row("PRAGMA schema_version", [], |r| r.get::<_, i64>(0))
+        .map_err(fail)?;
+    Ok(())
 }
 
 impl Store for SqliteStore {
@@ -219,6 +248,52 @@ impl Admin for SqliteStore {
         user_exists(&*self.conn()?, user_id)
     }
 
+    fn user(&self, user_id: &str) -> Result<Option<UserRow>, Error> {
+        Ok(self
+            .conn()?
+            .query_row(
+                "SELECT id, email, name FROM users WHERE id = ?1",
+                [user_id],
+                |r| {
+                    Ok(UserRow {
+                        id: r.get(0)?,
+                        email: r.get(1)?,
+                        name: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn library(&self, library_id: &str) -> Result<Option<LibraryRow>, Error> {
+        Ok(self
+            .conn()?
+            .query_row(
+                "SELECT id, name, owner_id FROM libraries WHERE id = ?1",
+                [library_id],
+                |r| {
+                    Ok(LibraryRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        owner_id: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn remove_user(&self, user_id: &str, cascade: bool) -> Result<Removed, Error> {
+        remove::remove_user(&*self.conn()?, user_id, cascade)
+    }
+
+    fn remove_library(&self, library_id: &str, cascade: bool) -> Result<Removed, Error> {
+        remove::remove_library(&*self.conn()?, library_id, cascade)
+    }
+
+    fn remove_view(&self, view_id: &str) -> Result<Removed, Error> {
+        remove::remove_view(&*self.conn()?, view_id)
+    }
+
     fn users(&self) -> Result<Vec<UserRow>, Error> {
         let conn = self.conn()?;
         let mut stmt = conn.prepare("SELECT id, email, name FROM users ORDER BY id")?;
@@ -294,6 +369,7 @@ mod admin;
 mod batch;
 mod file;
 mod reads;
+mod remove;
 
 use admin::{
     add_library, add_user, add_view, change_member, member_role, remove_member, set_member,
