@@ -41,9 +41,6 @@ use crate::core::shutdown::spawn_until;
 use crate::domain::error::Error;
 use presence::Sharing;
 
-/// How often every local room is compared with the stored version, so that a
-/// broadcast lost on Redis is delivered from the database within this time.
-const CATCH_UP: Duration = Duration::from_secs(1);
 /// Pause between attempts to reach Redis.
 const RECONNECT: Duration = Duration::from_millis(500);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -181,7 +178,13 @@ impl Redis {
         );
         spawn_until(
             shutdown.clone(),
-            in_order(node_id, sequencer, parts.hub.clone(), events_rx),
+            in_order(
+                node_id,
+                sequencer,
+                parts.hub.clone(),
+                events_rx,
+                parts.config.redis_catch_up,
+            ),
         );
         Ok(broker)
     }
@@ -313,8 +316,11 @@ async fn in_order(
     sequencer: Sequencer,
     hub: Arc<Hub>,
     mut rx: mpsc::UnboundedReceiver<Event>,
+    every: Duration,
 ) {
-    let mut tick = tokio::time::interval(CATCH_UP);
+    // `Config::redis_catch_up`: a broadcast lost on Redis is delivered from
+    // the database within this time.
+    let mut tick = tokio::time::interval(every);
     let mut batch = Vec::with_capacity(1024);
     loop {
         tokio::select! {
