@@ -6,6 +6,7 @@ mod context;
 mod error;
 mod fdlimit;
 mod filters;
+mod forwarded;
 mod frames;
 mod origin;
 mod pending;

@@ -8,6 +8,8 @@
 //!   so it receives nothing of the others.
 //! - `<prefix>:presence`: every node's presence summaries (`presence.rs`);
 //!   every node needs them, as presence and the per-user limit span nodes.
+//! - `<prefix>:node:<nodeId>`: POSTs forwarded to the node holding their SSE
+//!   stream, and the answers (`forward.rs`).
 //!
 //! Two nodes may publish versions 13 and 14 in either order, Redis may drop
 //! messages while it restarts, and a node hears nothing of a view until its
@@ -20,6 +22,7 @@
 //! for a view whose subscription was just confirmed (what was committed
 //! before it went live), and at once for every room after Redis comes back.
 
+mod forward;
 mod presence;
 mod subscriptions;
 
@@ -35,6 +38,7 @@ use tokio_tungstenite::tungstenite::Message;
 use crate::core::broker::Broker;
 use crate::core::context::Parts;
 use crate::core::delivery::Broadcast;
+use crate::core::forward::{ForwardReply, ForwardedPost, PostHandler};
 use crate::core::hub::{Hub, Summary};
 use crate::core::sequencer::Sequencer;
 use crate::core::shutdown::spawn_until;
@@ -65,6 +69,10 @@ impl Channels {
 
     fn presence(&self) -> String {
         format!("{}:presence", self.prefix)
+    }
+
+    fn node(&self, node_id: &str) -> String {
+        format!("{}:node:{node_id}", self.prefix)
     }
 }
 
@@ -120,6 +128,7 @@ pub struct Redis {
     subscribed: Arc<AtomicBool>,
     publishing: Arc<AtomicBool>,
     sharing: Sharing,
+    forwarder: Arc<forward::Forwarder>,
 }
 
 impl Redis {
@@ -146,6 +155,12 @@ impl Redis {
             window: parts.config.presence_batch,
         };
         let sequencer = parts.sequencer(Some(node_id.clone()));
+        let forwarder = Arc::new(forward::Forwarder::new(
+            node_id.clone(),
+            channels.clone(),
+            client.clone(),
+            publish.clone(),
+        ));
         let broker = Arc::new(Redis {
             node_id: node_id.clone(),
             channels: channels.clone(),
@@ -154,6 +169,7 @@ impl Redis {
             subscribed: Arc::new(AtomicBool::new(false)),
             publishing: Arc::new(AtomicBool::new(false)),
             sharing: sharing.clone(),
+            forwarder: forwarder.clone(),
         });
         parts.hub.share_presence();
         parts.hub.watch_rooms();
@@ -163,6 +179,8 @@ impl Redis {
             subscriptions::run(subscriptions::Subscriber {
                 client: client.clone(),
                 channels,
+                node_id: node_id.clone(),
+                forwarder,
                 hub: parts.hub.clone(),
                 metrics: parts.metrics.clone(),
                 sequencer: sequencer.clone(),
@@ -262,6 +280,19 @@ impl Broker for Redis {
             })
             .await;
         })
+    }
+
+    fn forward_post(
+        &self,
+        node: &str,
+        post: ForwardedPost,
+    ) -> BoxFuture<'_, Result<ForwardReply, Error>> {
+        let node = node.to_string();
+        Box::pin(async move { self.forwarder.forward(&node, post).await })
+    }
+
+    fn serve_posts(&self, handler: PostHandler) {
+        self.forwarder.serve(handler);
     }
 }
 

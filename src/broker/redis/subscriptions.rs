@@ -28,6 +28,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
+use super::forward::Forwarder;
 use super::{Channels, Envelope, Event, RECONNECT, REDIS_TIMEOUT};
 use crate::core::delivery::Broadcast;
 use crate::core::hub::Hub;
@@ -46,6 +47,9 @@ const CHUNK: usize = 500;
 pub(super) struct Subscriber {
     pub client: redis::Client,
     pub channels: Channels,
+    pub node_id: Arc<str>,
+    /// Takes what arrives on this node's own channel.
+    pub forwarder: Arc<Forwarder>,
     pub hub: Arc<Hub>,
     pub metrics: Arc<Metrics>,
     pub sequencer: Sequencer,
@@ -103,7 +107,8 @@ async fn connect(
     HashSet<Arc<str>>,
 )> {
     let (mut sink, stream) = s.client.get_async_pubsub().await?.split();
-    sink.subscribe(s.channels.presence()).await?;
+    sink.subscribe(&[s.channels.presence(), s.channels.node(&s.node_id)])
+        .await?;
     // Changes marked before this are in the room list; later ones are
     // handled by `serve`.
     s.hub.take_room_changes();
@@ -252,13 +257,19 @@ fn received(s: &Subscriber, msg: &redis::Msg) {
     let channel = msg.get_channel_name();
     let kind = if s.channels.view_of(channel).is_some() {
         "view"
-    } else {
+    } else if channel == s.channels.presence() {
         "presence"
+    } else {
+        "node"
     };
     s.metrics.redis_received.with_label_values(&[kind]).inc();
     let Ok(text) = msg.get_payload::<String>() else {
         return;
     };
+    if kind == "node" {
+        s.forwarder.received(&text);
+        return;
+    }
     match serde_json::from_str::<Envelope>(&text) {
         Ok(Envelope {
             summary: Some(summary),
