@@ -18,7 +18,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Channels, REDIS_TIMEOUT};
+use super::wire::{Channels, REDIS_TIMEOUT};
 use crate::core::forward::{ForwardReply, ForwardedPost, PostHandler};
 use crate::core::lock::lock;
 use crate::domain::error::Error;

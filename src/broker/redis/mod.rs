@@ -25,13 +25,13 @@
 mod forward;
 mod presence;
 mod subscriptions;
+mod wire;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::BoxFuture;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -39,84 +39,12 @@ use crate::core::broker::Broker;
 use crate::core::context::Parts;
 use crate::core::delivery::Broadcast;
 use crate::core::forward::{ForwardReply, ForwardedPost, PostHandler};
-use crate::core::hub::{Hub, Summary};
+use crate::core::hub::Hub;
 use crate::core::sequencer::Sequencer;
 use crate::core::shutdown::spawn_until;
 use crate::domain::error::Error;
 use presence::Sharing;
-
-/// Pause between attempts to reach Redis.
-const RECONNECT: Duration = Duration::from_millis(500);
-const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// The channel names of one cluster (one `--redis-prefix`).
-#[derive(Clone)]
-struct Channels {
-    prefix: String,
-}
-
-impl Channels {
-    fn view(&self, view_id: &str) -> String {
-        format!("{}:view:{view_id}", self.prefix)
-    }
-
-    /// The view a view channel is for.
-    fn view_of<'a>(&self, channel: &'a str) -> Option<&'a str> {
-        channel
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix(":view:")
-    }
-
-    fn presence(&self) -> String {
-        format!("{}:presence", self.prefix)
-    }
-
-    fn node(&self, node_id: &str) -> String {
-        format!("{}:node:{node_id}", self.prefix)
-    }
-}
-
-/// What travels on a view's channel and the presence channel.
-#[derive(Serialize, Deserialize)]
-struct Envelope {
-    node: String,
-    view: String,
-    /// The change's version; 0 for a forwarded `request-sync`.
-    #[serde(default)]
-    version: i64,
-    /// The sender's hub key on `node`, left out of the delivery.
-    #[serde(default)]
-    conn: Option<u64>,
-    #[serde(default)]
-    message: String,
-    /// Set on presence news: the sending node's connections to `view`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    summary: Option<Summary>,
-}
-
-/// What the delivery task handles, in arrival order.
-enum Event {
-    /// A view's broadcasts, this node's own commits or another node's (the
-    /// skipped connection already resolved for this node).
-    Changes {
-        view: Arc<str>,
-        frames: Vec<Broadcast>,
-    },
-    RequestSync {
-        view: String,
-        node: String,
-        message: String,
-    },
-    Presence {
-        view: String,
-        node: String,
-        summary: Summary,
-    },
-    /// Redis (re)connected: anything may have been missed meanwhile.
-    CatchUp,
-    /// These views' subscriptions were just confirmed.
-    CatchUpViews(Vec<Arc<str>>),
-}
+use wire::{Channels, Envelope, Event, RECONNECT, REDIS_TIMEOUT};
 
 /// This node's side of the cluster.
 pub struct Redis {

@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::{Envelope, REDIS_TIMEOUT};
+use super::wire::{Envelope, REDIS_TIMEOUT};
 use crate::core::hub::{Hub, Summary};
 
 /// A node's heartbeat key lives this long: a node killed without a goodbye

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
 
 use super::forward::Forwarder;
-use super::{Channels, Envelope, Event, RECONNECT, REDIS_TIMEOUT};
+use super::wire::{Channels, Envelope, Event, RECONNECT, REDIS_TIMEOUT};
 use crate::core::delivery::Broadcast;
 use crate::core::hub::Hub;
 use crate::core::metrics::Metrics;
