@@ -140,10 +140,25 @@ where
     }
 }
 
-/// A TCP proxy in front of the Redis at `url` that holds back everything a
-/// node sends by `delay` (what Redis sends back passes at once): a node
-/// whose SUBSCRIBE reaches Redis late, as on a slow link. Returns its URL.
-pub async fn slow_redis(url: &str, delay: Duration) -> String {
+/// A TCP proxy in front of a Redis: what a node sends is held back by a
+/// delay, and [`RedisProxy::cut`] drops every connection through it, as a
+/// network fault would (affecting no other test on the same Redis).
+pub struct RedisProxy {
+    pub url: String,
+    cut: tokio::sync::watch::Sender<u64>,
+}
+
+impl RedisProxy {
+    /// Drops every connection open through the proxy now.
+    pub fn cut(&self) {
+        self.cut.send_modify(|n| *n += 1);
+    }
+}
+
+/// A [`RedisProxy`] to the Redis at `url` that holds back everything a node
+/// sends by `delay` (what Redis sends back passes at once): a node whose
+/// SUBSCRIBE reaches Redis late, as on a slow link.
+pub async fn redis_proxy(url: &str, delay: Duration) -> RedisProxy {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let target = url
         .trim_start_matches("redis://")
@@ -155,6 +170,7 @@ pub async fn slow_redis(url: &str, delay: Duration) -> String {
         .await
         .expect("bind");
     let addr = listener.local_addr().expect("addr");
+    let (cut, cuts) = tokio::sync::watch::channel(0u64);
     tokio::spawn(async move {
         while let Ok((client, _)) = listener.accept().await {
             let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
@@ -163,30 +179,38 @@ pub async fn slow_redis(url: &str, delay: Duration) -> String {
             let (mut client_rx, mut client_tx) = client.into_split();
             let (mut server_rx, mut server_tx) = server.into_split();
             let (held, mut due) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 16 * 1024];
-                while let Ok(n) = client_rx.read(&mut buf).await {
-                    if n == 0
-                        || held
-                            .send((tokio::time::Instant::now() + delay, buf[..n].to_vec()))
-                            .is_err()
-                    {
-                        break;
+            let mut cuts = cuts.clone();
+            cuts.mark_unchanged();
+            let relay = async move {
+                let up = async {
+                    let mut buf = vec![0u8; 16 * 1024];
+                    while let Ok(n) = client_rx.read(&mut buf).await {
+                        let at = tokio::time::Instant::now() + delay;
+                        if n == 0 || held.send((at, buf[..n].to_vec())).is_err() {
+                            break;
+                        }
                     }
-                }
-            });
-            tokio::spawn(async move {
-                while let Some((at, bytes)) = due.recv().await {
-                    tokio::time::sleep_until(at).await;
-                    if server_tx.write_all(&bytes).await.is_err() {
-                        break;
+                };
+                let delayed = async {
+                    while let Some((at, bytes)) = due.recv().await {
+                        tokio::time::sleep_until(at).await;
+                        if server_tx.write_all(&bytes).await.is_err() {
+                            break;
+                        }
                     }
+                };
+                let down = tokio::io::copy(&mut server_rx, &mut client_tx);
+                tokio::select! {
+                    _ = async { tokio::join!(up, delayed) } => {}
+                    _ = down => {}
+                    _ = cuts.changed() => {}
                 }
-            });
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut server_rx, &mut client_tx).await;
-            });
+            };
+            tokio::spawn(relay);
         }
     });
-    format!("redis://{addr}")
+    RedisProxy {
+        url: format!("redis://{addr}"),
+        cut,
+    }
 }
