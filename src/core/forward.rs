@@ -66,3 +66,21 @@ pub fn holder(connection_id: &str) -> Option<&str> {
     (!node.is_empty() && node.len() <= 64 && node.bytes().all(|b| b.is_ascii_hexdigit()))
         .then_some(node)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_connection_id_names_its_node_only_when_there_are_several() {
+        let id = connection_id(Some("00ab"), "f00d".into());
+        assert_eq!(id, "00ab-f00d");
+        assert_eq!(holder(&id), Some("00ab"));
+        assert_eq!(connection_id(None, "f00d".into()), "f00d");
+        assert_eq!(holder("f00d"), None);
+        // A header cannot make up a channel name.
+        assert_eq!(holder("a:b-c"), None);
+        assert_eq!(holder("-c"), None);
+        assert_eq!(holder(&format!("{}-c", "a".repeat(65))), None);
+    }
+}
