@@ -51,6 +51,10 @@ pub struct Config {
     /// Prefix of the Redis channel, so clusters (and tests) sharing a Redis
     /// stay apart.
     pub redis_prefix: String,
+    /// With Redis, how often every local room is compared with the stored
+    /// version, so that a broadcast lost on Redis still arrives (tests set it
+    /// long, to show what the other catch-ups deliver on their own).
+    pub redis_catch_up: Duration,
     /// How long a write of an HTTP response may stall (the peer not reading)
     /// before its connection is dropped.
     pub http_write_timeout: Duration,
@@ -85,6 +89,7 @@ impl Config {
             revocation_poll: Duration::from_millis(250),
             redis_url: None,
             redis_prefix: "portal-sync".into(),
+            redis_catch_up: Duration::from_secs(1),
             http_write_timeout: Duration::from_secs(30),
             max_pending_conns: None,
         }

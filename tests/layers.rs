@@ -46,7 +46,7 @@ const LAYERS: &[(&str, u8, &str)] = &[
     (
         "broker",
         4,
-        "committed changes to and from the other nodes (Redis)",
+        "committed changes to and from the other nodes, forwarded SSE POSTs (Redis)",
     ),
     ("engines", 5, "picks the store and broker engines"),
     (
@@ -1122,8 +1122,8 @@ fn engines_and_transports_stay_in_their_files() {
         }
     }
     fail_on(
-        "rule (c), engines: rusqlite/r2d2 only under src/store/sqlite/, redis only in \
-         src/broker/redis.rs, and core names neither warp, hyper nor crate::http",
+        "rule (c), engines: rusqlite/r2d2 only under src/store/sqlite/, redis only under \
+         src/broker/redis/, and core names neither warp, hyper nor crate::http",
         problems,
     );
 }

@@ -9,6 +9,8 @@ use futures::future::BoxFuture;
 use tokio_tungstenite::tungstenite::Message;
 
 use crate::core::delivery::Broadcast;
+use crate::core::forward::{ForwardReply, ForwardedPost, PostHandler};
+use crate::domain::error::Error;
 
 pub trait Broker: Send + Sync {
     /// This node's id when it is one of several. Each change then carries its
@@ -38,4 +40,21 @@ pub trait Broker: Send + Sync {
     /// tells the other nodes at once, instead of letting them notice this
     /// node is gone. Best effort, and bounded in time.
     fn goodbye(&self) -> BoxFuture<'_, ()>;
+
+    /// Sends a `POST …/messages` to `node`, which holds the stream it names
+    /// (see `core::forward`), and waits for its answer, for a bounded time.
+    /// A node that is not there answers [`ForwardReply::NotHeld`].
+    fn forward_post(
+        &self,
+        node: &str,
+        post: ForwardedPost,
+    ) -> BoxFuture<'_, Result<ForwardReply, Error>> {
+        let _ = (node, post);
+        Box::pin(std::future::ready(Ok(ForwardReply::NotHeld)))
+    }
+
+    /// How this node answers the other nodes' forwarded POSTs.
+    fn serve_posts(&self, handler: PostHandler) {
+        let _ = handler;
+    }
 }

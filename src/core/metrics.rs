@@ -47,6 +47,12 @@ pub struct Metrics {
     /// HTTP connections dropped because a response's writes stalled for
     /// `--http-write-timeout` (the peer does not read).
     pub http_write_timeouts: IntCounter,
+    /// Views whose Redis channel this node is subscribed to (rooms, plus
+    /// those lingering after their last connection left).
+    pub redis_subscribed_views: IntGauge,
+    /// Messages received from Redis, by channel kind (`view`, `presence`,
+    /// `node`): what a node pays for the cluster.
+    pub redis_received: IntCounterVec,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -168,6 +174,17 @@ impl Metrics {
             http_write_timeouts: reg!(IntCounter::new(
                 "portal_http_write_timeouts_total",
                 "HTTP connections dropped because a response made no progress for --http-write-timeout"
+            )),
+            redis_subscribed_views: reg!(IntGauge::new(
+                "portal_redis_subscribed_views",
+                "Views whose Redis channel this node is subscribed to"
+            )),
+            redis_received: reg!(IntCounterVec::new(
+                Opts::new(
+                    "portal_redis_messages_received_total",
+                    "Messages received from Redis, by channel kind"
+                ),
+                &["channel"]
             )),
             registry,
         }

@@ -4,6 +4,7 @@
 pub mod broker;
 pub mod context;
 pub mod delivery;
+pub mod forward;
 pub mod hub;
 pub mod lock;
 pub mod metrics;

@@ -115,11 +115,28 @@ impl Sequencer {
     /// Brings every local room up to the stored version, so that a change
     /// whose broker message was lost still arrives.
     pub async fn catch_up(&self) {
-        let rooms = self.hub.room_versions();
-        if rooms.is_empty() {
+        let rooms: Vec<Arc<str>> = self
+            .hub
+            .room_versions()
+            .into_iter()
+            .map(|(v, _)| v)
+            .collect();
+        self.catch_up_views(&rooms).await;
+    }
+
+    /// [`Sequencer::catch_up`] for some views: those whose broker
+    /// subscription has just been confirmed, so that a change committed
+    /// elsewhere before it was (and after the joiner's snapshot) is
+    /// delivered now rather than at the next periodic catch-up.
+    pub async fn catch_up_views(&self, views: &[Arc<str>]) {
+        let ids: Vec<String> = views
+            .iter()
+            .filter(|v| self.hub.has_room(v))
+            .map(|v| v.to_string())
+            .collect();
+        if ids.is_empty() {
             return;
         }
-        let ids: Vec<String> = rooms.iter().map(|(v, _)| v.to_string()).collect();
         let stored = match self.store.versions(ids).await {
             Ok(stored) => stored,
             Err(e) => {

@@ -55,6 +55,9 @@ pub enum Error {
     ForbiddenOrigin,
     /// A new connection while the server stops.
     ShuttingDown,
+    /// Another node that must do part of the work did not answer in time
+    /// (a forwarded POST, SPEC §7): the outcome is unknown.
+    Unavailable(&'static str),
     /// SQLite or pool failure; the string is for the log only.
     Storage(String),
     Internal(String),
@@ -72,6 +75,7 @@ impl Error {
             Error::Storage(_) | Error::Internal(_) => 1011,
             Error::DatabaseMissing => 1011,
             Error::ShuttingDown => 1001,
+            Error::Unavailable(_) => 1011,
             _ => 1008,
         }
     }
@@ -97,6 +101,7 @@ impl Error {
             Error::AccessRevoked => "ACCESS_REVOKED",
             Error::ForbiddenOrigin => "FORBIDDEN_ORIGIN",
             Error::ShuttingDown => "SHUTTING_DOWN",
+            Error::Unavailable(_) => "UNAVAILABLE",
             Error::Storage(_) | Error::Internal(_) => "INTERNAL",
             Error::DatabaseMissing => "INTERNAL",
         }
@@ -116,7 +121,10 @@ impl Error {
             Error::AccessRevoked => "access revoked".into(),
             Error::ForbiddenOrigin => "origin not allowed".into(),
             Error::ShuttingDown => "server shutting down".into(),
-            Error::Forbidden(m) | Error::NotFound(m) | Error::Conflict(m) => (*m).into(),
+            Error::Forbidden(m)
+            | Error::NotFound(m)
+            | Error::Conflict(m)
+            | Error::Unavailable(m) => (*m).into(),
             Error::UnknownType => "unknown message type".into(),
             Error::BadRequest(m) | Error::Conflicting(m) => m.clone(),
             Error::Missing { what, id } => format!("{what} {id} not found"),

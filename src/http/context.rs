@@ -43,6 +43,22 @@ impl Ctx {
     }
 }
 
+/// A [`Ctx`] that does not keep the server alive (for callbacks the
+/// server's own parts hold).
+pub(crate) struct WeakCtx(std::sync::Weak<Shared>);
+
+impl WeakCtx {
+    pub(crate) fn upgrade(&self) -> Option<Ctx> {
+        self.0.upgrade().map(Ctx)
+    }
+}
+
+impl Ctx {
+    pub(crate) fn downgrade(&self) -> WeakCtx {
+        WeakCtx(Arc::downgrade(&self.0))
+    }
+}
+
 impl Deref for Ctx {
     type Target = Shared;
     fn deref(&self) -> &Shared {

@@ -28,7 +28,7 @@ pub(crate) fn status(e: &Error) -> StatusCode {
         Error::PayloadTooLarge | Error::StateTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
         Error::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
         Error::Conflict(_) | Error::Conflicting(_) => StatusCode::CONFLICT,
-        Error::ShuttingDown => StatusCode::SERVICE_UNAVAILABLE,
+        Error::ShuttingDown | Error::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
         Error::Storage(_) | Error::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         Error::DatabaseMissing => StatusCode::INTERNAL_SERVER_ERROR,
     }

@@ -7,6 +7,7 @@ mod contract;
 mod error;
 mod fdlimit;
 mod filters;
+mod forwarded;
 mod frames;
 mod origin;
 mod pending;

@@ -25,6 +25,7 @@ use crate::domain::error::Error;
 use crate::http::context::Ctx;
 use crate::http::error::error_response;
 use crate::http::fdlimit;
+use crate::http::forwarded;
 use crate::http::pending::{self, Pending, Ticket};
 use crate::http::router;
 use crate::http::sse::ConnectionAbort;
@@ -65,6 +66,7 @@ pub async fn run(
     let open_files = fdlimit::raise();
     let (stop, stopped) = watch::channel(false);
     let ctx = Ctx::new(crate::engines::start(config, stopped).await?);
+    forwarded::serve(&ctx);
     let service = warp::service(router::routes(ctx.clone()));
     let bound = ctx
         .config

@@ -19,21 +19,24 @@ use tokio::sync::futures::Notified;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_tungstenite::tungstenite::Message;
 use warp::filters::BoxedFilter;
-use warp::http::{HeaderMap, HeaderValue, StatusCode};
+use warp::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use warp::reply::Response;
 use warp::sse::Event;
 use warp::{Filter, Reply};
 
+use crate::core::forward::{self, ForwardReply, ForwardedPost};
 use crate::core::hub::{CloseRequest, Outgoing};
 use crate::core::session::{self, lock, Ended, Flow, Incoming, Link, Params, Sender};
 use crate::core::writer::{Answer, ReplyTo};
 use crate::domain::error::Error;
+use crate::domain::model::Role;
 use crate::http::context::Ctx;
 use crate::http::error::{self, error_response};
 use crate::http::filters::{
     session_params, token_expires, with_ctx, with_origin_check, with_verified,
 };
 use crate::http::rest::{check_content_type, read_limited};
+use crate::http::streams::StreamEntry;
 use crate::protocol::auth::Verified;
 
 /// SPEC §7: a comment at least this often, whatever `--ping-interval` says.
@@ -259,7 +262,7 @@ pub fn post_message(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .then(
             |view_id: String, verified: Verified, headers: HeaderMap, body, ctx: Ctx| async move {
                 match post(&ctx, view_id, verified, &headers, body).await {
-                    Ok(answer) => answer_response(answer),
+                    Ok(response) => response,
                     Err(e) => error_response(&e),
                 }
             },
@@ -267,17 +270,29 @@ pub fn post_message(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .boxed()
 }
 
+/// Which stream a POST names as its sender.
+enum Named {
+    None,
+    Local(StreamEntry),
+    /// Held by another node (see `core::forward`).
+    Remote {
+        node: String,
+        connection_id: String,
+    },
+}
+
 /// Checks in the order of PATCH: who (401/404/403), then the stream it
 /// names (400), then the body (415/413/400); then the message itself, exactly
 /// as a WebSocket's text frame (its rate, which needs the body to echo the
 /// `id`, comes first there). A change is checked again when it is applied.
+/// A stream on another node: the same, the stream's part of it there.
 async fn post<S, B>(
     ctx: &Ctx,
     view_id: String,
     verified: Verified,
     headers: &HeaderMap,
     body: S,
-) -> Result<Answer, Error>
+) -> Result<Response, Error>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
@@ -286,24 +301,96 @@ where
     // Not the state: a POST's answer never carries it (the server's own
     // sync-response reads it in the writer).
     let grant = ctx.store.grant(user_id, &view_id).await?;
-    let stream = match headers.get(CONNECTION_ID) {
-        None => None,
-        Some(value) => {
-            let found = value
-                .to_str()
-                .ok()
-                .and_then(|id| ctx.streams.find(id, user_id, &view_id));
-            Some(found.ok_or_else(|| {
-                Error::BadRequest(
-                    "X-Connection-Id does not name an open SSE stream of yours on this view".into(),
-                )
-            })?)
-        }
+    let named = match headers.get(CONNECTION_ID) {
+        None => Named::None,
+        Some(value) => named(ctx, value.to_str().ok(), user_id, &view_id)?,
     };
+    let text = read_message(headers, body, ctx.config.max_message_bytes).await;
+    let token_expires = token_expires(ctx, &verified);
+    let stream = match named {
+        Named::Remote {
+            node,
+            connection_id,
+        } => {
+            let post = ForwardedPost {
+                view_id,
+                user_id: user_id.to_string(),
+                role: grant.role,
+                connection_id,
+                token_expires,
+                body: text.as_ref().ok().cloned(),
+            };
+            return match (ctx.broker.forward_post(&node, post).await?, text) {
+                (ForwardReply::NotHeld, _) => Err(not_yours()),
+                (ForwardReply::Held, Err(e)) => Err(e),
+                (ForwardReply::Held, Ok(_)) => {
+                    Err(Error::Internal("a forwarded message was not run".into()))
+                }
+                (reply @ ForwardReply::Answer { .. }, _) => Ok(forwarded_response(reply)),
+            };
+        }
+        Named::Local(stream) => Some(stream),
+        Named::None => None,
+    };
+    let answer = run(
+        ctx,
+        stream,
+        user_id,
+        &view_id,
+        grant.role,
+        token_expires,
+        &text?,
+    )
+    .await?;
+    Ok(answer_response(answer))
+}
+
+fn not_yours() -> Error {
+    Error::BadRequest(
+        "X-Connection-Id does not name an open SSE stream of yours on this view".into(),
+    )
+}
+
+/// The stream an `X-Connection-Id` names: this node's, if it is the user's
+/// on this view; another node's, if the id names one.
+fn named(ctx: &Ctx, id: Option<&str>, user_id: &str, view_id: &str) -> Result<Named, Error> {
+    let id = id.ok_or_else(not_yours)?;
+    if let Some(found) = ctx.streams.find(id, user_id, view_id) {
+        return Ok(Named::Local(found));
+    }
+    match (forward::holder(id), ctx.broker.node_id()) {
+        (Some(node), Some(me)) if node != &*me => Ok(Named::Remote {
+            node: node.to_string(),
+            connection_id: id.to_string(),
+        }),
+        _ => Err(not_yours()),
+    }
+}
+
+/// The body as one client message's text: its type, size and encoding.
+async fn read_message<S, B>(headers: &HeaderMap, body: S, max: usize) -> Result<String, Error>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
     check_content_type(headers)?;
-    let body = read_limited(body, headers, ctx.config.max_message_bytes).await?;
-    let text = std::str::from_utf8(&body)
-        .map_err(|_| Error::BadRequest("the body is not valid UTF-8".into()))?;
+    let body = read_limited(body, headers, max).await?;
+    String::from_utf8(body.to_vec())
+        .map_err(|_| Error::BadRequest("the body is not valid UTF-8".into()))
+}
+
+/// Runs one message as sent by `stream` (this node's; `None`: no stream)
+/// or by the user alone, and waits for its answer. Whether the POST arrived
+/// here or was forwarded from another node, this is its one path.
+pub(crate) async fn run(
+    ctx: &Ctx,
+    stream: Option<StreamEntry>,
+    user_id: &str,
+    view_id: &str,
+    role: Role,
+    token_expires: u64,
+    text: &str,
+) -> Result<Answer, Error> {
     let now = tokio::time::Instant::now();
     let (verdict, connection, outbox, expiry) = match stream {
         Some(stream) => (
@@ -320,9 +407,9 @@ where
     let sender = Sender {
         user_id: user_id.into(),
         view_id: view_id.into(),
-        role: grant.role,
+        role,
         connection,
-        token_expires: token_expires(ctx, &verified),
+        token_expires,
         // A `refresh-token` moves the stream's expiry, not this request's.
         expiry,
     };
@@ -345,7 +432,7 @@ where
 
 /// SPEC §7: 200 with the reply a WebSocket would get (`{}` for none), or the
 /// `error` message with its status.
-fn answer_response(answer: Answer) -> Response {
+pub(crate) fn answer_response(answer: Answer) -> Response {
     let (status, msg) = match answer {
         Answer::Reply(Some(msg)) => (StatusCode::OK, msg),
         Answer::Reply(None) => (StatusCode::OK, Message::text("{}")),
@@ -361,6 +448,30 @@ fn answer_response(answer: Answer) -> Response {
         warp::http::header::CONTENT_TYPE,
         HeaderValue::from_static("application/json"),
     );
+    response
+}
+
+/// A forward's answer (from `http::forwarded` on the holder) as this node's response.
+fn forwarded_response(reply: ForwardReply) -> Response {
+    let ForwardReply::Answer {
+        status,
+        headers,
+        body,
+    } = reply
+    else {
+        return Response::new(Default::default());
+    };
+    let mut response = Response::new(bytes::Bytes::from(body).into());
+    *response.status_mut() =
+        StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) = (
+            HeaderName::from_bytes(name.as_bytes()),
+            HeaderValue::from_str(&value),
+        ) {
+            response.headers_mut().append(name, value);
+        }
+    }
     response
 }
 

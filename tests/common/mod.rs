@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod binary;
+pub mod cluster;
 pub mod contract;
 pub mod foreign;
 pub mod frames;

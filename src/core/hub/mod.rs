@@ -10,8 +10,8 @@
 //! is awaited while a lock is held, so a blocking lock is both correct and
 //! cheaper (the reasoning of mini-redis's `db.rs`). Lock order is always
 //! `Hub::rooms`, then `Hub::remote`, then a `Room`, then any one of an
-//! `Outbox`, `Hub::dirty`, `Hub::shared` or `Hub::sync_due`, under which
-//! nothing else is locked.
+//! `Outbox`, `Hub::dirty`, `Hub::shared`, `Hub::sync_due` or
+//! `Hub::room_changes`, under which nothing else is locked.
 
 mod outbox;
 mod presence;
@@ -20,6 +20,7 @@ mod room;
 mod sync;
 #[cfg(test)]
 mod tests;
+mod watch;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -89,6 +90,8 @@ pub struct Hub {
     sync_timing: SyncTiming,
     /// Rooms with a request-sync deadline.
     sync_due: sync::Deadlines,
+    /// Rooms created or dropped since the broker last looked.
+    room_changes: watch::RoomChanges,
 }
 
 impl Default for Hub {
@@ -143,6 +146,7 @@ impl Hub {
             shared: remote::Shared::default(),
             sync_timing: SyncTiming::default(),
             sync_due: sync::Deadlines::default(),
+            room_changes: watch::RoomChanges::default(),
         }
     }
 
@@ -183,6 +187,9 @@ impl Hub {
         if rooms.total >= self.limits.total || per_user >= self.limits.per_user {
             return Err(TooManyConnections);
         }
+        if new_room {
+            self.room_changes.mark(&view_id);
+        }
         let room = rooms
             .by_view
             .entry(view_id.clone())
@@ -199,6 +206,7 @@ impl Hub {
         if inner.members.len() >= self.limits.per_view {
             if inner.members.is_empty() {
                 rooms.by_view.remove(&room.view_id);
+                self.room_changes.mark(&room.view_id);
             }
             return Err(TooManyConnections);
         }
@@ -268,6 +276,7 @@ impl Hub {
         self.shared.changed(&room.view_id);
         if inner.members.is_empty() {
             rooms.by_view.remove(view_id);
+            self.room_changes.mark(&room.view_id);
             return;
         }
         drop(rooms);
@@ -358,6 +367,33 @@ impl Hub {
             member.outbox.close(request.clone());
         }
         inner.members.len()
+    }
+
+    /// From now on, rooms created and dropped are collected for
+    /// [`Hub::take_room_changes`].
+    pub fn watch_rooms(&self) {
+        self.room_changes.enable();
+    }
+
+    /// The views whose room was created or dropped since the last call;
+    /// whether each has one now is [`Hub::has_room`]'s answer.
+    pub fn take_room_changes(&self) -> std::collections::HashSet<Arc<str>> {
+        self.room_changes.take()
+    }
+
+    /// Resolves when a room was created or dropped since the last
+    /// [`Hub::take_room_changes`].
+    pub async fn rooms_changed(&self) {
+        self.room_changes.changed().await
+    }
+
+    pub fn has_room(&self, view_id: &str) -> bool {
+        lock(&self.rooms).by_view.contains_key(view_id)
+    }
+
+    /// Every view this node has a room for.
+    pub fn room_ids(&self) -> Vec<Arc<str>> {
+        lock(&self.rooms).by_view.keys().cloned().collect()
     }
 
     /// How many rooms have been created; a handshake takes this before it

@@ -148,6 +148,42 @@ mod rooms {
         ok("x", "d").expect("a slot freed");
     }
 
+    /// With several nodes the broker subscribes to exactly the views with a
+    /// room: it hears of a room's first join and its last leave, nothing
+    /// else, and is woken (a stored permit) even if not yet waiting.
+    #[test]
+    fn the_broker_hears_of_rooms_created_and_dropped() {
+        use futures::FutureExt;
+        let hub = Hub::default();
+        let (early, _) = join(&hub, "v", "a", Role::Viewer);
+        assert!(
+            hub.take_room_changes().is_empty(),
+            "nothing kept until asked"
+        );
+        hub.watch_rooms();
+        let (second, _) = join(&hub, "v", "b", Role::Viewer);
+        assert!(
+            hub.take_room_changes().is_empty(),
+            "v's room already existed"
+        );
+        assert_eq!(hub.rooms_changed().now_or_never(), None);
+        let (w, _) = join(&hub, "w", "a", Role::Viewer);
+        assert_eq!(hub.rooms_changed().now_or_never(), Some(()));
+        let names = |set: std::collections::HashSet<Arc<str>>| {
+            let mut v: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+            v.sort();
+            v
+        };
+        assert_eq!(names(hub.take_room_changes()), ["w"]);
+        hub.leave("w", w.key);
+        hub.leave("v", second.key);
+        assert_eq!(names(hub.take_room_changes()), ["w"], "v still has a's");
+        assert!(!hub.has_room("w") && hub.has_room("v"));
+        hub.leave("v", early.key);
+        assert_eq!(names(hub.take_room_changes()), ["v"]);
+        assert!(hub.room_ids().is_empty());
+    }
+
     #[test]
     fn revoke_closes_only_that_user_in_that_library() {
         let hub = Hub::default();

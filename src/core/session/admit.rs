@@ -7,6 +7,7 @@ use super::expiry::Expiry;
 use super::rate::RateLimit;
 use super::{Membership, Sender, Session};
 use crate::core::context::Core;
+use crate::core::forward;
 use crate::core::hub::{Joiner, Outbox};
 use crate::domain::error::Error;
 use crate::protocol;
@@ -108,7 +109,9 @@ impl Session {
             // been before the room existed (reaching no one): re-read.
             view = ctx.store.view(&view_id).await?.ok_or(Error::ViewNotFound)?;
         }
-        let connection_id: Arc<str> = new_connection_id().into();
+        // Names this node, so another node can forward a POST to it (SPEC §7).
+        let connection_id: Arc<str> =
+            forward::connection_id(ctx.broker.node_id().as_deref(), new_connection_id()).into();
         outbox.push_front(protocol::connected(&protocol::Connected {
             portal_view_id: &view_id,
             connection_id: &connection_id,
