@@ -9,6 +9,7 @@
 
 mod admin;
 mod batch;
+mod canonical;
 mod listen;
 mod pool;
 mod reads;
