@@ -15,6 +15,8 @@ mod pool;
 mod reads;
 mod schema;
 #[cfg(test)]
+mod test_proxy;
+#[cfg(test)]
 mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};

@@ -44,6 +44,11 @@ impl TestDb {
         })
     }
 
+    /// This database's URL through `proxy`.
+    fn url_via(&self, proxy: &super::test_proxy::Proxy) -> String {
+        format!("postgres://postgres@{}/{}", proxy.addr, self.name)
+    }
+
     fn client(&self) -> postgres::Client {
         postgres::Client::connect(&self.url, NoTls).expect("connect")
     }
@@ -437,4 +442,53 @@ fn a_membership_change_by_sql_is_logged_and_wakes_the_listener() {
         db.membership_changes_since(changes[1].seq).expect("after"),
         []
     );
+}
+
+/// While the database is unreachable every call fails within seconds with
+/// `Error::Storage` (`ping` too: `/health` 503) and nothing is applied;
+/// once it is back the same store serves again, without a restart.
+#[test]
+fn an_unreachable_database_fails_fast_and_the_store_recovers() {
+    let Some(t) = TestDb::new() else { return };
+    drop(t.seeded());
+    let upstream: std::net::SocketAddr = "127.0.0.1:5432".parse().expect("addr");
+    let proxy = super::test_proxy::Proxy::start(upstream);
+    let db = PgStore::open(&t.url_via(&proxy)).expect("open through the proxy");
+    db.ping().expect("ping");
+    proxy.cut();
+    let start = std::time::Instant::now();
+    assert!(matches!(db.ping(), Err(Error::Storage(_))));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let start = std::time::Instant::now();
+    let refused = db.apply_batch(&[op("pv", json!({"a": 1}))], 1 << 20);
+    assert!(matches!(refused, Err(Error::Storage(_))), "{refused:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(matches!(db.view("pv"), Err(Error::Storage(_))));
+    proxy.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.ping().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store did not recover"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let results = db
+        .apply_batch(&[op("pv", json!({"b": 2}))], 1 << 20)
+        .expect("batch");
+    assert_eq!(
+        versions_of(&results),
+        [Some(1)],
+        "the refused batch left nothing"
+    );
+    let row = db.view("pv").expect("read").expect("row");
+    assert_eq!(row.state.get(), r#"{"b":2}"#);
 }
