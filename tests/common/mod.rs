@@ -6,6 +6,7 @@
 #![allow(dead_code)] // each test binary uses a different part of the harness
 
 pub mod binary;
+pub mod db;
 pub mod foreign;
 pub mod frames;
 
@@ -20,6 +21,8 @@ use portal_sync::domain::access::LibraryRole;
 use portal_sync::protocol::auth::Tokens;
 use portal_sync::store::{Store, ViewRow};
 use portal_sync::{Config, Error};
+
+pub use db::TestDb;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -82,14 +85,24 @@ pub fn seed(store: &dyn Store) {
         .expect("pv3");
 }
 
-/// Opens the store on a database file, as the server and the CLI do.
+/// Opens the store on a SQLite file, as the server and the CLI do.
 pub fn open_store(path: &Path) -> Arc<dyn Store> {
     portal_sync::engines::open(path, Synchronous::Normal).expect("open db")
 }
 
+/// A server config on a test's database.
+pub fn config_for(database: &TestDb) -> Config {
+    let mut config = Config::new(PathBuf::new(), SECRET);
+    config.db = database.database();
+    config.sqlite_synchronous = Synchronous::Normal;
+    config
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
-    pub db_path: PathBuf,
+    /// The test's database (SQLite file or PostgreSQL database), shared with
+    /// the peers of a cluster test.
+    pub database: Arc<TestDb>,
     pub config: Config,
     pub db: Arc<dyn Store>,
     tokens: Tokens,
@@ -107,16 +120,14 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     init_logs();
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("portal.db");
-    let db = open_store(&db_path);
-    seed(&*db);
-    let mut config = Config::new(&db_path, SECRET);
-    config.sqlite_synchronous = Synchronous::Normal;
+    let database = TestDb::seeded(dir.path());
+    let db = database.open();
+    let mut config = config_for(&database);
     tweak(&mut config);
     let tokens = Tokens::new(SECRET.as_bytes(), 0);
     let mut app = TestApp {
         addr: "127.0.0.1:0".parse().expect("addr"),
-        db_path,
+        database,
         config,
         db,
         tokens,
@@ -128,11 +139,11 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     app
 }
 
-/// Another server on `first`'s database file: a second node of a cluster.
+/// Another server on `first`'s database: a second node of a cluster.
 pub async fn spawn_peer(first: &TestApp, config: Config) -> TestApp {
     let mut app = TestApp {
         addr: "127.0.0.1:0".parse().expect("addr"),
-        db_path: first.db_path.clone(),
+        database: first.database.clone(),
         config,
         db: first.db.clone(),
         tokens: Tokens::new(SECRET.as_bytes(), 0),
