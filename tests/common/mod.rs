@@ -9,6 +9,7 @@ pub mod binary;
 pub mod db;
 pub mod foreign;
 pub mod frames;
+pub mod machine;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -108,6 +109,8 @@ pub struct TestApp {
     tokens: Tokens,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), Error>>>,
+    /// A server that is the binary in a process of its own (`machine`).
+    child: Option<std::process::Child>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -133,6 +136,7 @@ pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
         tokens,
         stop: None,
         handle: None,
+        child: None,
         _dir: Some(dir),
     };
     app.start().await;
@@ -149,6 +153,7 @@ pub async fn spawn_peer(first: &TestApp, config: Config) -> TestApp {
         tokens: Tokens::new(SECRET.as_bytes(), 0),
         stop: None,
         handle: None,
+        child: None,
         _dir: None,
     };
     app.start().await;
@@ -255,6 +260,10 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
             handle.abort();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
