@@ -30,7 +30,8 @@ use serve::{config, serve, ServeArgs};
     about = "Real-time sync server for portal views"
 )]
 pub struct Cli {
-    /// SQLite database file [default: portal-sync.db; portal-sync-demo.db for `demo`]
+    /// SQLite database file, or a `postgres://` URL (SPEC §8) [default: portal-sync.db;
+    /// portal-sync-demo.db for `demo`]
     #[arg(long, env = "PORTAL_DB", global = true)]
     db: Option<PathBuf>,
 
