@@ -93,8 +93,7 @@ pub fn open_store(path: &Path) -> Arc<dyn Store> {
 
 /// A server config on a test's database.
 pub fn config_for(database: &TestDb) -> Config {
-    let mut config = Config::new(PathBuf::new(), SECRET);
-    config.db = database.database();
+    let mut config = Config::with_database(database.database(), SECRET);
     config.sqlite_synchronous = Synchronous::Normal;
     config
 }
