@@ -32,11 +32,11 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 echo "== cargo test (SQLite)"
-env -u PORTAL_TEST_PG_URL cargo test --locked --lib --bins --tests 2>&1 | tee "$log" || status=1
+env -u PORTAL_TEST_PG_URL cargo test --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log" || status=1
 pg_url="${PORTAL_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
 if bash scripts/pg-check.sh "$pg_url"; then
   echo "== cargo test (PostgreSQL at ${pg_url##*@})"
-  PORTAL_TEST_PG_URL="$pg_url" cargo test --locked --lib --tests 2>&1 | tee -a "$log" || status=1
+  PORTAL_TEST_PG_URL="$pg_url" cargo test --locked --no-fail-fast --lib --tests 2>&1 | tee -a "$log" || status=1
 elif [ -n "${PORTAL_TEST_REQUIRE_PG:-}" ]; then
   echo "PostgreSQL at $pg_url cannot be reached: CI runs the suite on both engines" >&2
   echo "test result: FAILED. 0 passed; 1 failed;" >>"$log"

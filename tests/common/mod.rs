@@ -12,7 +12,7 @@ pub mod frames;
 pub mod machine;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
