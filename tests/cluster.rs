@@ -8,90 +8,20 @@ mod common;
 
 use std::time::Duration;
 
-use common::{open_ws, spawn_app_with, spawn_peer, Client, TestApp, WAIT};
+use common::cluster::{cluster_with, random_prefix, redis_url, wait_redis_up};
+use common::machine::spawn_machine;
+use common::{spawn_app_with, Client, TestApp, WAIT};
 use futures::StreamExt;
 use portal_sync::Config;
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-
-/// The Redis URL, or `None` (after a note) when the cluster tests are off.
-async fn redis_url() -> Option<String> {
-    let Ok(url) = std::env::var("PORTAL_REDIS_URL") else {
-        eprintln!("note: PORTAL_REDIS_URL is not set: skipping the cluster tests");
-        return None;
-    };
-    let client = redis::Client::open(url.as_str()).expect("PORTAL_REDIS_URL is a Redis URL");
-    let pong: String = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("PORTAL_REDIS_URL is set but Redis does not answer");
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .expect("Redis answers PING")
-    })
-    .await
-    .expect("Redis answers in time");
-    assert_eq!(pong, "PONG");
-    Some(url)
-}
-
-fn random_prefix() -> String {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).expect("randomness");
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("portal-sync-test-{hex}")
-}
 
 /// `n` nodes on one database and one Redis channel prefix.
 async fn cluster(url: &str, n: usize) -> Vec<TestApp> {
     cluster_with(url, n, &random_prefix(), |_| {}).await
 }
 
-async fn cluster_with(
-    url: &str,
-    n: usize,
-    prefix: &str,
-    tweak: impl Fn(&mut Config),
-) -> Vec<TestApp> {
-    let prefix = prefix.to_string();
-    let with_redis = |config: &mut Config| {
-        config.redis_url = Some(url.to_string());
-        config.redis_prefix = prefix.clone();
-        tweak(config);
-    };
-    let first = spawn_app_with(with_redis).await;
-    let mut nodes = Vec::with_capacity(n);
-    for _ in 1..n {
-        let mut config = first.config.clone();
-        with_redis(&mut config);
-        nodes.push(spawn_peer(&first, config).await);
-    }
-    nodes.insert(0, first);
-    for node in &nodes {
-        wait_redis_up(node).await;
-    }
-    nodes
-}
-
 async fn health(node: &TestApp) -> Value {
     common::health(node).await.1
-}
-
-async fn wait_redis_up(node: &TestApp) {
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let body = health(node).await;
-        if body["redis"] == "up" {
-            return;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "node never reached Redis: {body}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// Reads state-change broadcasts until `last`, checking that they come in
@@ -561,74 +491,6 @@ async fn health_reports_redis_down_and_serving_continues() {
     assert_eq!(got, vec![(1, json!({"x": 1}))]);
 }
 
-/// A real `portal-sync serve` process on `first`'s database: a node that can
-/// be SIGKILLed. Killed when dropped.
-struct ChildNode {
-    child: std::process::Child,
-    addr: std::net::SocketAddr,
-}
-
-impl ChildNode {
-    async fn start(first: &TestApp, url: &str, prefix: &str) -> ChildNode {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .expect("free port")
-            .local_addr()
-            .expect("addr")
-            .port();
-        let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_portal-sync"))
-            .arg("serve")
-            .arg("--addr")
-            .arg(addr.to_string())
-            .env("PORTAL_DB", first.database.arg())
-            .env("PORTAL_JWT_SECRET", common::SECRET)
-            .env("PORTAL_REDIS_URL", url)
-            .env("PORTAL_REDIS_PREFIX", prefix)
-            .env("PORTAL_SQLITE_SYNCHRONOUS", "normal")
-            .env("RUST_LOG", "warn")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start the binary");
-        let node = ChildNode { child, addr };
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let up = reqwest::get(format!("http://{addr}/health")).await;
-            if let Ok(response) = up {
-                let body: Value = response.json().await.expect("json");
-                if body["redis"] == "up" {
-                    return node;
-                }
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "child node did not start"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    async fn connect(&self, first: &TestApp, user: &str) -> Client {
-        let url = format!(
-            "ws://{}/ws/portal-view/pv1?token={}",
-            self.addr,
-            first.token(user)
-        );
-        let mut client = open_ws(url.into_client_request().expect("request")).await;
-        let connected = client.recv().await;
-        assert_eq!(connected["type"], "connected", "{connected}");
-        client.connected = connected;
-        client
-    }
-}
-
-impl Drop for ChildNode {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Reads presence events until `check` accepts one.
 async fn presence_until(client: &mut Client, check: impl Fn(&Value) -> bool) -> Vec<Value> {
     let mut seen = Vec::new();
@@ -656,16 +518,16 @@ async fn presence_covers_every_node_and_a_killed_node_leaves() {
     let Some(url) = redis_url().await else { return };
     let prefix = random_prefix();
     let nodes = cluster_with(&url, 2, &prefix, |_| {}).await;
-    let mut child = ChildNode::start(&nodes[0], &url, &prefix).await;
+    let mut child = spawn_machine(&nodes[0].database, &url, &prefix).await;
     let mut controller = nodes[0].connect("pv1", "ed").await;
     let _v1 = nodes[1].connect("pv1", "v1").await;
-    let _v2 = child.connect(&nodes[0], "v2").await;
+    let _v2 = child.connect("pv1", "v2").await;
     let _v42 = nodes[0].connect("pv1", "42").await;
     let events = presence_until(&mut controller, |e| e["presence"]["viewers"] == 3).await;
     assert_eq!(names(&events, "joined"), ["42", "v1", "v2"]);
     assert_eq!(events.last().expect("event")["presence"]["connections"], 4);
     // A second controller on the child node counts everyone, on every node.
-    let om = child.connect(&nodes[0], "om").await;
+    let om = child.connect("pv1", "om").await;
     assert_eq!(
         om.connected["presence"],
         json!({"controllers": 2, "viewers": 3, "connections": 5})
@@ -673,8 +535,7 @@ async fn presence_covers_every_node_and_a_killed_node_leaves() {
     presence_until(&mut controller, |e| e["presence"]["controllers"] == 2).await;
     // SIGKILL: no goodbye; its connections leave once its heartbeat expires.
     let killed = std::time::Instant::now();
-    let _ = child.child.kill();
-    let _ = child.child.wait();
+    child.kill();
     let events = presence_until(&mut controller, |e| e["presence"]["viewers"] == 2).await;
     let left = names(&events, "left");
     assert!(left.contains(&"v2".to_string()), "{events:?}");

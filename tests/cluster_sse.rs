@@ -8,6 +8,7 @@ mod common;
 use std::time::Duration;
 
 use common::cluster::{cluster_with, random_prefix, redis_url};
+use common::machine::spawn_machine;
 use common::{SseClient, TestApp, WAIT};
 use serde_json::{json, Value};
 
@@ -128,27 +129,27 @@ async fn forwarded_posts_count_against_the_streams_rate() {
     assert_eq!(status, 429);
 }
 
-/// A real `portal-sync serve` process on `first`'s database, to be killed.
-fn child_node(first: &TestApp, url: &str, prefix: &str) -> (std::process::Child, String) {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .expect("free port")
-        .local_addr()
-        .expect("addr")
-        .port();
-    let addr = format!("127.0.0.1:{port}");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_portal-sync"))
-        .args(["serve", "--addr", &addr])
-        .env("PORTAL_DB", &first.db_path)
-        .env("PORTAL_JWT_SECRET", common::SECRET)
-        .env("PORTAL_REDIS_URL", url)
-        .env("PORTAL_REDIS_PREFIX", prefix)
-        .env("PORTAL_SQLITE_SYNCHRONOUS", "normal")
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .expect("start the binary");
-    (child, addr)
+#[tokio::test]
+async fn a_post_for_a_stream_whose_node_is_gone_gets_a_bounded_answer() {
+    let Some(url) = redis_url().await else { return };
+    let prefix = random_prefix();
+    let nodes = cluster_with(&url, 1, &prefix, |_| {}).await;
+    let b = &nodes[0];
+    let mut child = spawn_machine(&b.database, &url, &prefix).await;
+    let stream = child.sse("pv1", "om").await;
+    let me = stream.connection_id();
+    let ping = json!({"type": "ping", "id": 1});
+    assert_eq!(b.post_message("pv1", "om", Some(&me), &ping).await.0, 200);
+    assert_eq!(a.post_message("pv1", "om", Some(&me), &ping).await.0, 200);
+    assert_eq!(b.post_message("pv1", "om", Some(&me), &ping).await.0, 200);
+    let (status, body) = b.post_message("pv1", "om", Some(&me), &ping).await;
+    assert_eq!(status, 429, "{body}");
+    assert_eq!(
+        (&body["type"], &body["code"]),
+        (&json!("error"), &json!("RATE_LIMITED"))
+    );
+    let (status, _) = a.post_message("pv1", "om", Some(&me), &ping).await;
+    assert_eq!(status, 429);
 }
 
 #[tokio::test]
@@ -188,8 +189,7 @@ async fn a_post_for_a_stream_whose_node_is_gone_gets_a_bounded_answer() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     // SIGKILL: its Redis connections close with it, so B knows at once.
-    let _ = child.kill();
-    let _ = child.wait();
+    child.kill();
     let deadline = tokio::time::Instant::now() + WAIT;
     let gone = loop {
         let answer = b.post_message("pv1", "om", Some(&me), &ping).await;

@@ -9,7 +9,8 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::machine::{random_prefix, redis_url, spawn_machine};
+use common::cluster::{random_prefix, redis_url};
+use common::machine::spawn_machine;
 use common::{db::on_postgres, foreign, Client, TestApp, TestDb, WAIT};
 use serde_json::{json, Map, Value};
 

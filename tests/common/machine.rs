@@ -92,36 +92,3 @@ impl TestApp {
             .unwrap_or_default()
     }
 }
-
-/// The Redis URL, or `None` (after a note) when the cluster tests are off:
-/// `PORTAL_REDIS_URL` unset skips them; set but Redis does not answer fails.
-pub async fn redis_url() -> Option<String> {
-    let Ok(url) = std::env::var("PORTAL_REDIS_URL") else {
-        eprintln!("note: PORTAL_REDIS_URL is not set: skipping the cluster tests");
-        return None;
-    };
-    let client = redis::Client::open(url.as_str()).expect("PORTAL_REDIS_URL is a Redis URL");
-    let pong: String = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut conn = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("PORTAL_REDIS_URL is set but Redis does not answer");
-        redis::cmd("PING")
-            .query_async::<String>(&mut conn)
-            .await
-            .expect("Redis answers PING")
-    })
-    .await
-    .expect("Redis answers in time");
-    assert_eq!(pong, "PONG");
-    Some(url)
-}
-
-/// A channel prefix of a test's own, so tests (and people) sharing a Redis do
-/// not see each other's messages.
-pub fn random_prefix() -> String {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).expect("randomness");
-    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
-    format!("portal-sync-test-{hex}")
-}
