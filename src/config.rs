@@ -1,12 +1,85 @@
 //! Server settings, built by the CLI from flags and environment (SPEC §5, §6)
 //! or directly by tests and embedders.
 
-use std::path::PathBuf;
+use std::fmt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+/// What `--db` names (SPEC §6, §8): a `postgres://` or `postgresql://` URL is
+/// PostgreSQL, anything else a SQLite file path.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Database {
+    Sqlite(PathBuf),
+    Postgres(String),
+}
+
+impl Database {
+    pub fn parse(db: impl Into<PathBuf>) -> Database {
+        let path: PathBuf = db.into();
+        match path.to_str() {
+            Some(url) if url.starts_with("postgres://") || url.starts_with("postgresql://") => {
+                Database::Postgres(url.to_string())
+            }
+            _ => Database::Sqlite(path),
+        }
+    }
+
+    /// The SQLite file, if that is what this is.
+    pub fn sqlite_path(&self) -> Option<&Path> {
+        match self {
+            Database::Sqlite(path) => Some(path),
+            Database::Postgres(_) => None,
+        }
+    }
+}
+
+/// For logs and banners: a URL's password is shown as `***`.
+impl fmt::Display for Database {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Database::Sqlite(path) => write!(f, "{}", path.display()),
+            Database::Postgres(url) => f.write_str(&redact_url(url)),
+        }
+    }
+}
+
+/// `scheme://user:password@host/...` → `scheme://user:***@host/...`; a
+/// `password=` query parameter is hidden too.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    let authority = match authority.rsplit_once('@') {
+        Some((userinfo, host)) => match userinfo.split_once(':') {
+            Some((user, _)) => format!("{user}:***@{host}"),
+            None => authority.to_string(),
+        },
+        None => authority.to_string(),
+    };
+    let tail = match tail.split_once('?') {
+        Some((path, query)) => {
+            let query: Vec<String> = query
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) if k.eq_ignore_ascii_case("password") => format!("{k}=***"),
+                    _ => kv.to_string(),
+                })
+                .collect();
+            format!("{path}?{}", query.join("&"))
+        }
+        None => tail.to_string(),
+    };
+    format!("{scheme}://{authority}{tail}")
+}
 
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub db_path: PathBuf,
+    /// `--db`: the SQLite file or the PostgreSQL URL.
+    pub db: Database,
     pub jwt_secret: String,
     /// Seconds of clock leeway on `exp` (SPEC §2: 0 by default).
     pub jwt_leeway: u64,
@@ -60,10 +133,16 @@ pub struct Config {
 }
 
 impl Config {
-    /// The defaults of SPEC §5 for a database file and secret.
-    pub fn new(db_path: impl Into<PathBuf>, jwt_secret: impl Into<String>) -> Config {
+    /// The defaults of SPEC §5 for a database (a file path, or a
+    /// `postgres://` URL: [`Database::parse`]) and secret.
+    pub fn new(db: impl Into<PathBuf>, jwt_secret: impl Into<String>) -> Config {
+        Config::with_database(Database::parse(db), jwt_secret)
+    }
+
+    /// [`Config::new`] for an already parsed [`Database`].
+    pub fn with_database(db: Database, jwt_secret: impl Into<String>) -> Config {
         Config {
-            db_path: db_path.into(),
+            db,
             jwt_secret: jwt_secret.into(),
             jwt_leeway: 0,
             token_warning: Duration::from_secs(60),
@@ -99,4 +178,27 @@ pub enum Synchronous {
     /// fsync only at checkpoints: an acked update survives a process crash
     /// (kill -9), not a power loss.
     Normal,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn db_values_pick_the_engine_and_urls_hide_their_password() {
+        assert_eq!(
+            Database::parse("portal.db"),
+            Database::Sqlite("portal.db".into())
+        );
+        let url = "postgresql://app:s3cret@db.example:5432/portal?sslmode=disable&password=x";
+        assert_eq!(Database::parse(url), Database::Postgres(url.into()));
+        assert_eq!(
+            Database::parse(url).to_string(),
+            "postgresql://app:***@db.example:5432/portal?sslmode=disable&password=***"
+        );
+        assert_eq!(
+            Database::parse("postgres://postgres@127.0.0.1/postgres").to_string(),
+            "postgres://postgres@127.0.0.1/postgres"
+        );
+    }
 }

@@ -61,10 +61,7 @@ pub(super) fn print_demo(config: &Config, addr: SocketAddr, origin: &str) {
         addr
     };
     let tokens = Tokens::new(config.jwt_secret.as_bytes(), 0);
-    println!(
-        "portal-sync demo on http://{host} (database {})",
-        config.db_path.display()
-    );
+    println!("portal-sync demo on http://{host} (database {})", config.db);
     println!("JWT secret for this run: {}", config.jwt_secret);
     println!("({origin})");
     println!("(tokens below are valid for 24 hours; Ctrl-C stops the server)\n");

@@ -38,7 +38,8 @@ use serve::{config, serve, ServeArgs};
                   (a taken id, the owner rule, rows depending on what is removed)."
 )]
 pub struct Cli {
-    /// SQLite database file [default: portal-sync.db; portal-sync-demo.db for `demo`]
+    /// SQLite database file, or a `postgres://` URL (SPEC §8) [default: portal-sync.db;
+    /// portal-sync-demo.db for `demo`]
     #[arg(long, env = "PORTAL_DB", global = true)]
     db: Option<PathBuf>,
 

@@ -30,6 +30,10 @@ pub async fn watch(
     every: std::time::Duration,
     nudge: Nudge,
 ) {
+    // An engine that hears of changes as they commit (PostgreSQL's LISTEN)
+    // nudges; the poll below stays as the backstop.
+    let wake = nudge.clone();
+    db.blocking().watch_membership(Arc::new(move || wake.now()));
     let mut seen = loop {
         match db.membership_changes_start().await {
             Ok(seq) => break seq,

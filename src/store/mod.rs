@@ -6,6 +6,7 @@
 //! An engine renders nothing: a change's broadcast text comes ready to be
 //! stored through [`EventTemplate::render`], which the write path builds.
 
+pub(crate) mod postgres;
 pub(crate) mod sqlite;
 mod storage;
 
@@ -80,6 +81,14 @@ pub trait Store: Send + Sync + 'static {
     /// looked at before every queued call.
     fn unavailable(&self) -> Option<Error> {
         None
+    }
+
+    /// Calls `wake` whenever a membership change may have committed (and
+    /// once after every (re)connect), so the revocation watcher reads the
+    /// log at once rather than at its next poll. Engines that cannot tell
+    /// leave it to the poll.
+    fn watch_membership(&self, wake: Arc<dyn Fn() + Send + Sync>) {
+        let _ = wake;
     }
 
     fn admin(&self) -> &dyn Admin;
@@ -276,7 +285,7 @@ pub enum MemberChange {
     Remove,
 }
 
-/// A membership change recorded by the engine (SQLite: schema.sql's triggers).
+/// A membership change recorded by the engine (schema.sql's triggers).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MembershipChange {
     pub seq: i64,
