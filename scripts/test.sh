@@ -1,8 +1,14 @@
 #!/usr/bin/env bash
 # Runs every check and test of portal-sync: formatting, lints, unit and
-# integration tests (real server, real sockets, temp SQLite files), then the
-# browser tests (scripts/browser-test.sh: the pages in headless Chromium).
+# integration tests (real server, real sockets) on both storage engines (temp
+# SQLite files, then a PostgreSQL database per test), then the browser tests
+# (scripts/browser-test.sh: the pages in headless Chromium).
 # This is the README's test command, and .ci/run runs exactly this.
+#
+# PostgreSQL: PORTAL_TEST_PG_URL (an admin URL; default the local server,
+# postgres://postgres@127.0.0.1:5432/postgres). If it cannot be reached the
+# PostgreSQL pass is skipped with a notice, or fails the run when
+# PORTAL_TEST_REQUIRE_PG is set (.ci/run sets it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -22,11 +28,22 @@ echo "== cargo clippy"
 cargo clippy --locked --all-targets -- -D warnings
 echo "== cargo build --examples"
 cargo build --locked --examples
-echo "== cargo test"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
-cargo test --locked --lib --bins --tests 2>&1 | tee "$log" || status=1
+echo "== cargo test (SQLite)"
+env -u PORTAL_TEST_PG_URL cargo test --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log" || status=1
+pg_url="${PORTAL_TEST_PG_URL:-postgres://postgres@127.0.0.1:5432/postgres}"
+if bash scripts/pg-check.sh "$pg_url"; then
+  echo "== cargo test (PostgreSQL at ${pg_url##*@})"
+  PORTAL_TEST_PG_URL="$pg_url" cargo test --locked --no-fail-fast --lib --tests 2>&1 | tee -a "$log" || status=1
+elif [ -n "${PORTAL_TEST_REQUIRE_PG:-}" ]; then
+  echo "PostgreSQL at $pg_url cannot be reached: CI runs the suite on both engines" >&2
+  echo "test result: FAILED. 0 passed; 1 failed;" >>"$log"
+  status=1
+else
+  echo "== cargo test (PostgreSQL): SKIPPED, no server at $pg_url (set PORTAL_TEST_PG_URL)" >&2
+fi
 echo "== browser tests"
 bash scripts/browser-test.sh 2>&1 | tee -a "$log" || status=1
 # One closing line for the whole run: cargo prints one line per test binary,

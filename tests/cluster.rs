@@ -580,7 +580,7 @@ impl ChildNode {
             .arg("serve")
             .arg("--addr")
             .arg(addr.to_string())
-            .env("PORTAL_DB", &first.db_path)
+            .env("PORTAL_DB", first.database.arg())
             .env("PORTAL_JWT_SECRET", common::SECRET)
             .env("PORTAL_REDIS_URL", url)
             .env("PORTAL_REDIS_PREFIX", prefix)

@@ -483,7 +483,7 @@ async fn the_admin_cli_revokes_access_on_a_running_server() {
     let mut v2 = app.connect("pv1", "v2").await;
     let cli = |args: &[&str]| {
         let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_portal-sync"));
-        cmd.arg("--db").arg(&app.db_path).args(args);
+        cmd.arg("--db").arg(app.database.arg()).args(args);
         cmd.env_remove("PORTAL_DB");
         cmd
     };
@@ -856,7 +856,7 @@ async fn unusable_storage_gives_1011_and_503_then_recovers() {
     let app = spawn_app().await;
     let mut owner = app.connect("pv1", "owner").await;
     // Another tool renames the table away: storage stops working.
-    foreign::rename_table(&app.db_path, "portal_views", "portal_views_away");
+    foreign::rename_table(&app.database, "portal_views", "portal_views_away");
     let mut refused = app.open(&app.ws_url("pv1", Some(&app.token("v1")))).await;
     refused.assert_closed(1011, "internal error").await;
     let (status, body) = health(&app).await;
@@ -866,7 +866,7 @@ async fn unusable_storage_gives_1011_and_503_then_recovers() {
         .await;
     owner.assert_closed(1011, "internal error").await;
 
-    foreign::rename_table(&app.db_path, "portal_views_away", "portal_views");
+    foreign::rename_table(&app.database, "portal_views_away", "portal_views");
     let (status, _) = health(&app).await;
     assert_eq!(status, 200);
     let mut owner = app.connect("pv1", "owner").await;

@@ -832,7 +832,7 @@ fn seed_hostile(app: &TestApp) {
 /// table added, dropped or emptied), and the ids of the fixture's rows.
 fn tables_snapshot(app: &TestApp) -> Value {
     let mut snapshot = Map::new();
-    for (table, count) in foreign::table_counts(&app.db_path) {
+    for (table, count) in foreign::table_counts(&app.database) {
         snapshot.insert(table, json!(count));
     }
     let admin = app.db.admin();

@@ -231,13 +231,13 @@ async fn each_handshake_check_is_its_http_status() {
         .expect("request");
     assert_eq!(response.status(), 403);
     // Storage failing is a 500.
-    foreign::rename_table(&app.db_path, "portal_views", "portal_views_away");
+    foreign::rename_table(&app.database, "portal_views", "portal_views_away");
     let (got, body) = sse_refusal(&app, &app.sse_url("pv1", Some(&app.token("v2")))).await;
     assert_eq!(
         (got, &body["error"]["message"]),
         (500, &json!("internal error"))
     );
-    foreign::rename_table(&app.db_path, "portal_views_away", "portal_views");
+    foreign::rename_table(&app.database, "portal_views_away", "portal_views");
 }
 
 const APP_ORIGIN: &str = "https://app.example.com";

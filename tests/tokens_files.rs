@@ -8,6 +8,7 @@ use common::*;
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use portal_sync::config::Synchronous;
@@ -155,10 +156,13 @@ async fn a_crit_header_is_an_invalid_token() {
 const LONG_SECRET: &str = "0123456789abcdef0123456789abcdef-from-a-file";
 
 /// A seeded database at `dir/name`, for the binary to serve.
-fn seeded_db(dir: &Path, name: &str) -> String {
+fn seeded_db(dir: &Path, name: &str) -> Arc<TestDb> {
+    if common::db::on_postgres() {
+        return TestDb::seeded(dir);
+    }
     let path = dir.join(name);
     seed(&*open_store(&path));
-    path.to_str().expect("utf-8").to_string()
+    Arc::new(TestDb::Sqlite { path })
 }
 
 async fn get_view(base: &str, token: &str) -> u16 {
@@ -178,7 +182,8 @@ async fn get_view(base: &str, token: &str) -> u16 {
 #[tokio::test]
 async fn serve_and_token_take_the_secret_from_a_file() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = seeded_db(dir.path(), "file-secret.db");
+    let database = seeded_db(dir.path(), "file-secret.db");
+    let db = database.arg();
     let file = dir.path().join("secret");
     std::fs::write(&file, format!("{LONG_SECRET}\n")).expect("write secret");
     let file = file.to_str().expect("utf-8");
@@ -288,7 +293,8 @@ async fn two_sources_of_the_secret_are_a_usage_error() {
 #[tokio::test]
 async fn a_bad_secret_file_stops_serve_with_a_clear_line() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = seeded_db(dir.path(), "bad-secret.db");
+    let database = seeded_db(dir.path(), "bad-secret.db");
+    let db = database.arg();
     let missing = dir.path().join("missing");
     let empty = dir.path().join("empty");
     std::fs::write(&empty, "\n").expect("write");
@@ -341,7 +347,8 @@ async fn a_bad_secret_file_stops_serve_with_a_clear_line() {
 #[tokio::test]
 async fn a_short_secret_is_warned_about_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = seeded_db(dir.path(), "short.db");
+    let database = seeded_db(dir.path(), "short.db");
+    let db = database.arg();
     let short = "change-me-now";
     let exact = "k".repeat(32);
     for (command, secret, warned) in [
@@ -453,6 +460,7 @@ async fn database_files_are_created_private() {
 /// `serve`'s `-wal`/`-shm` follow it after a write.
 #[tokio::test]
 async fn the_binary_creates_private_database_files() {
+    sqlite_only!();
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("admin.db");
     let db = path.to_str().expect("utf-8");
@@ -522,6 +530,7 @@ fn delete_database(path: &Path) {
 /// as storage failures, since what they would read is gone with the file.
 #[tokio::test]
 async fn a_deleted_database_file_refuses_writes_and_fails_health() {
+    sqlite_only!();
     let app = spawn_app().await;
     let mut owner = app.connect("pv1", "owner").await;
     owner
@@ -530,7 +539,7 @@ async fn a_deleted_database_file_refuses_writes_and_fails_health() {
     assert_eq!(owner.recv_type("ack").await["version"], 1);
     assert_eq!(health(&app).await.0, 200);
 
-    delete_database(&app.db_path);
+    delete_database(app.database.sqlite_path());
     owner
         .send(json!({"type": "portal-view-update", "payload": {"a": 2}, "id": 2}))
         .await;
@@ -588,13 +597,14 @@ async fn a_deleted_database_file_refuses_writes_and_fails_health() {
 /// place is not taken for the one the server has open. `/health` says so too.
 #[tokio::test]
 async fn handshakes_notice_a_replaced_database_file_within_a_second() {
+    sqlite_only!();
     let app = spawn_app().await;
     // The server has opened its database (it does so once it runs).
     app.connect("pv1", "v1").await;
-    delete_database(&app.db_path);
+    delete_database(app.database.sqlite_path());
     // SQLite would open this one fresh; the server's connections still
     // read and write the deleted one.
-    let other = portal_sync::engines::open(&app.db_path, Synchronous::Normal).expect("a new file");
+    let other = portal_sync::engines::open(app.database.sqlite_path(), Synchronous::Normal).expect("a new file");
     seed(&*other);
     let deadline = std::time::Instant::now() + WAIT;
     let mut accepted = 0;
@@ -629,8 +639,10 @@ async fn handshakes_notice_a_replaced_database_file_within_a_second() {
 /// log the cause once, as one ERROR line, and `/health` stays 503.
 #[tokio::test]
 async fn a_deleted_database_file_is_logged_once() {
+    sqlite_only!();
     let dir = tempfile::tempdir().expect("tempdir");
-    let db = seeded_db(dir.path(), "deleted.db");
+    let database = seeded_db(dir.path(), "deleted.db");
+    let db = database.arg();
     let served = start_serve(
         dir.path(),
         &["serve", "--addr", "127.0.0.1:0", "--db", &db],

@@ -554,7 +554,7 @@ async fn eio_query_closes_unsupported_protocol() {
 #[tokio::test]
 async fn corrupt_stored_state_closes_internal_error() {
     let app = spawn_app().await;
-    foreign::write_state(&app.db_path, "pv2", "nope");
+    foreign::write_state(&app.database, "pv2", "nope");
     refused(
         &app,
         &app.ws_url("pv2", Some(&app.token("owner"))),
@@ -1664,7 +1664,7 @@ async fn request_sync_is_forwarded_to_online_controllers() {
 async fn request_sync_without_controller_gets_server_snapshot() {
     let app = spawn_app().await;
     // State written by another tool while nobody is connected.
-    foreign::write_state_and_version(&app.db_path, "pv2", r#"{"seeded":{"by":"tool"}}"#, 5);
+    foreign::write_state_and_version(&app.database, "pv2", r#"{"seeded":{"by":"tool"}}"#, 5);
     let mut v1 = app.connect("pv2", "v1").await;
     assert_connected(
         &v1,
@@ -1893,14 +1893,14 @@ async fn write_failure_closes_1011_without_ack_or_broadcast() {
     let app = spawn_app().await;
     let mut controller = app.connect("pv1", "owner").await;
     let mut viewer = app.connect("pv1", "v1").await;
-    foreign::write_state(&app.db_path, "pv1", "nope");
+    foreign::write_state(&app.database, "pv1", "nope");
     controller
         .send(json!({"type": "portal-view-update", "payload": {"a": 1}, "id": 1}))
         .await;
     controller.assert_closed(1011, "internal error").await;
-    let (raw, version) = foreign::raw_state(&app.db_path, "pv1");
+    let (raw, version) = foreign::raw_state(&app.database, "pv1");
     assert_eq!(version, 0);
-    assert_eq!(raw, "nope");
+    assert_eq!(raw, foreign::as_stored(&app.database, "nope"));
     viewer.assert_silent(Duration::from_millis(300)).await;
     let mut other = app.connect("pv2", "owner").await;
     other
@@ -1918,7 +1918,7 @@ async fn write_failure_closes_1011_without_ack_or_broadcast() {
 async fn write_to_deleted_view_closes_1008_view_not_found() {
     let app = spawn_app().await;
     let mut controller = app.connect("pv2", "owner").await;
-    foreign::delete_view(&app.db_path, "pv2");
+    foreign::delete_view(&app.database, "pv2");
     controller
         .send(json!({"type": "portal-view-update", "payload": {"a": 1}, "id": 1}))
         .await;

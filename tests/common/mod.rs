@@ -7,11 +7,13 @@
 
 pub mod binary;
 pub mod contract;
+pub mod db;
 pub mod foreign;
 pub mod frames;
+pub mod machine;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Once};
 use std::time::{Duration, Instant};
 
@@ -21,6 +23,8 @@ use portal_sync::domain::access::LibraryRole;
 use portal_sync::protocol::auth::Tokens;
 use portal_sync::store::{Store, ViewRow};
 use portal_sync::{Config, Error};
+
+pub use db::TestDb;
 use serde_json::{json, Map, Value};
 use tokio::net::TcpStream;
 use tokio::sync::oneshot;
@@ -83,19 +87,30 @@ pub fn seed(store: &dyn Store) {
         .expect("pv3");
 }
 
-/// Opens the store on a database file, as the server and the CLI do.
+/// Opens the store on a SQLite file, as the server and the CLI do.
 pub fn open_store(path: &Path) -> Arc<dyn Store> {
     portal_sync::engines::open(path, Synchronous::Normal).expect("open db")
 }
 
+/// A server config on a test's database.
+pub fn config_for(database: &TestDb) -> Config {
+    let mut config = Config::with_database(database.database(), SECRET);
+    config.sqlite_synchronous = Synchronous::Normal;
+    config
+}
+
 pub struct TestApp {
     pub addr: SocketAddr,
-    pub db_path: PathBuf,
+    /// The test's database (SQLite file or PostgreSQL database), shared with
+    /// the peers of a cluster test.
+    pub database: Arc<TestDb>,
     pub config: Config,
     pub db: Arc<dyn Store>,
     tokens: Tokens,
     stop: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<Result<(), Error>>>,
+    /// A server that is the binary in a process of its own (`machine`).
+    child: Option<std::process::Child>,
     _dir: Option<tempfile::TempDir>,
 }
 
@@ -108,37 +123,37 @@ pub async fn spawn_app() -> TestApp {
 pub async fn spawn_app_with(tweak: impl FnOnce(&mut Config)) -> TestApp {
     init_logs();
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("portal.db");
-    let db = open_store(&db_path);
-    seed(&*db);
-    let mut config = Config::new(&db_path, SECRET);
-    config.sqlite_synchronous = Synchronous::Normal;
+    let database = TestDb::seeded(dir.path());
+    let db = database.open();
+    let mut config = config_for(&database);
     tweak(&mut config);
     let tokens = Tokens::new(SECRET.as_bytes(), 0);
     let mut app = TestApp {
         addr: "127.0.0.1:0".parse().expect("addr"),
-        db_path,
+        database,
         config,
         db,
         tokens,
         stop: None,
         handle: None,
+        child: None,
         _dir: Some(dir),
     };
     app.start().await;
     app
 }
 
-/// Another server on `first`'s database file: a second node of a cluster.
+/// Another server on `first`'s database: a second node of a cluster.
 pub async fn spawn_peer(first: &TestApp, config: Config) -> TestApp {
     let mut app = TestApp {
         addr: "127.0.0.1:0".parse().expect("addr"),
-        db_path: first.db_path.clone(),
+        database: first.database.clone(),
         config,
         db: first.db.clone(),
         tokens: Tokens::new(SECRET.as_bytes(), 0),
         stop: None,
         handle: None,
+        child: None,
         _dir: None,
     };
     app.start().await;
@@ -245,6 +260,10 @@ impl Drop for TestApp {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
             handle.abort();
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }
