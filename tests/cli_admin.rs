@@ -2,6 +2,7 @@
 //! real binary: errors that name what is missing, exit codes, the owner
 //! rule, `remove`, `--json`, help on every flag, the secret flag only where
 //! it matters, `token`'s checks, and a database that cannot be opened.
+//! On either engine (`PORTAL_TEST_PG_URL`: tests/common/db.rs).
 
 mod common;
 use common::binary::*;
@@ -16,17 +17,17 @@ use portal_sync::store::Store;
 use serde_json::{json, Value};
 
 /// Runs `--db <db> <args…>` (args split on spaces).
-async fn cli(dir: &Path, db: &Path, args: &str) -> Output {
-    let db = db.to_str().expect("utf-8 path");
-    let mut all = vec!["--db", db];
+async fn cli(dir: &Path, db: &TestDb, args: &str) -> Output {
+    let db = db.arg();
+    let mut all = vec!["--db", db.as_str()];
     all.extend(args.split_whitespace());
     run(dir, &all, &[]).await
 }
 
 /// A database with users alice, bob and carol; library `lib` owned by alice
 /// with bob a VIEWER; view `pv` in it.
-fn fixture(db: &Path) -> std::sync::Arc<dyn Store> {
-    let store = open_store(db);
+fn fixture(db: &TestDb) -> std::sync::Arc<dyn Store> {
+    let store = db.open();
     let admin = store.admin();
     for id in ["alice", "bob", "carol"] {
         admin
@@ -55,7 +56,7 @@ fn assert_refused(out: &Output, code: i32, line: &str) {
 async fn admin_errors_name_what_is_missing_with_their_exit_codes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let db = d.join("errors.db");
+    let db = TestDb::empty(d, "errors.db");
     let store = fixture(&db);
     let cases = [
         (
@@ -174,7 +175,7 @@ async fn admin_errors_name_what_is_missing_with_their_exit_codes() {
 async fn the_owner_cannot_be_changed_or_removed_as_a_member() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let db = d.join("owner.db");
+    let db = TestDb::empty(d, "owner.db");
     let store = fixture(&db);
     let refused = "error: alice owns library lib: the library's owner cannot be changed this way";
     for role in ["VIEWER", "EDITOR", "OWNER"] {
@@ -220,7 +221,7 @@ async fn the_owner_cannot_be_changed_or_removed_as_a_member() {
 async fn remove_refuses_dependents_unless_forced() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let db = d.join("remove.db");
+    let db = TestDb::empty(d, "remove.db");
     let store = fixture(&db);
     let admin = store.admin();
     admin.add_library("lib2", "L2", "bob").expect("lib2");
@@ -292,14 +293,19 @@ async fn removals_close_the_connections_they_end() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut viewer = app.connect("pv1", "v1").await;
     let mut other = app.connect("pv3", "outsider").await;
-    let out = cli(dir.path(), &app.db_path, "view remove --id pv1").await;
+    let out = cli(dir.path(), &app.database, "view remove --id pv1").await;
     out.assert_ok();
     viewer.assert_closed(1008, "access revoked").await;
     let mut again = app.open(&app.ws_url("pv1", Some(&app.token("v1")))).await;
     again.assert_closed(1008, "portal view not found").await;
 
     // lib2 (outsider's, view pv3) with --force: outsider's socket on pv3 closes.
-    let out = cli(dir.path(), &app.db_path, "library remove --id lib2 --force").await;
+    let out = cli(
+        dir.path(),
+        &app.database,
+        "library remove --id lib2 --force",
+    )
+    .await;
     out.assert_ok();
     other.assert_closed(1008, "access revoked").await;
 }
@@ -310,7 +316,7 @@ async fn removals_close_the_connections_they_end() {
 async fn list_and_show_print_json() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let db = d.join("json.db");
+    let db = TestDb::empty(d, "json.db");
     let store = fixture(&db);
     let updated = store
         .view("pv")
@@ -456,9 +462,10 @@ async fn every_flag_of_every_command_has_help() {
 async fn the_secret_flags_only_where_they_matter() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let db = d.join("secret.db");
+    let db = TestDb::empty(d, "secret.db");
     fixture(&db);
-    let db = db.to_str().expect("utf-8");
+    let db = db.arg();
+    let db = db.as_str();
     for args in [
         vec!["--db", db, "user", "list", "--jwt-secret", "x"],
         vec!["--jwt-secret", "x", "--db", db, "user", "list"],
@@ -530,9 +537,10 @@ async fn the_secret_flags_only_where_they_matter() {
 async fn token_refuses_unknown_users_and_bad_lifetimes() {
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
-    let db_path = d.join("token.db");
-    fixture(&db_path);
-    let db = db_path.to_str().expect("utf-8");
+    let database = TestDb::empty(d, "token.db");
+    fixture(&database);
+    let db = database.arg();
+    let db = db.as_str();
     let secret = "token-test-secret-0123456789abcdef";
     let out = run(
         d,
@@ -599,6 +607,10 @@ async fn token_refuses_unknown_users_and_bad_lifetimes() {
         .expect("a valid token");
     assert_eq!(verified.user_id, "alice");
 
+    // What follows is about the SQLite file.
+    if common::db::on_postgres() {
+        return;
+    }
     let absent = d.join("absent.db");
     let absent_text = absent.to_str().expect("utf-8");
     let out = run(
@@ -626,6 +638,7 @@ const LONG: &str = "unopenable-test-secret-0123456789abcdef";
 /// retries, for the admin commands and for `serve`.
 #[tokio::test]
 async fn an_unopenable_database_fails_at_once_with_one_line() {
+    sqlite_only!();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let folder = d.join("a-directory");

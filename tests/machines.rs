@@ -56,7 +56,9 @@ async fn replay_until(client: &mut Client, last: i64) -> Map<String, Value> {
 async fn send_updates(client: &mut Client, key: &str, count: usize) -> BTreeMap<i64, String> {
     for i in 0..count {
         client
-            .send(json!({"type": "portal-view-update", "payload": {format!("{key}{i}"): i}, "id": i}))
+            .send(
+                json!({"type": "portal-view-update", "payload": {format!("{key}{i}"): i}, "id": i}),
+            )
             .await;
     }
     let mut acked = BTreeMap::new();
@@ -64,7 +66,10 @@ async fn send_updates(client: &mut Client, key: &str, count: usize) -> BTreeMap<
         let msg = client.recv().await;
         if msg["type"] == "ack" {
             let i = msg["id"].as_u64().expect("id");
-            acked.insert(msg["version"].as_i64().expect("version"), format!("{key}{i}"));
+            acked.insert(
+                msg["version"].as_i64().expect("version"),
+                format!("{key}{i}"),
+            );
         }
     }
     acked
@@ -87,7 +92,9 @@ async fn get_view(node: &TestApp, user: &str) -> Value {
 /// replay of what it received is the stored state.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_machines_writing_one_view_give_one_gapless_sequence() {
-    let Some((_db, nodes)) = machines(3).await else { return };
+    let Some((_db, nodes)) = machines(3).await else {
+        return;
+    };
     let mut viewers = Vec::new();
     for (node, user) in nodes.iter().zip(["v1", "v2", "42"]) {
         viewers.push(node.connect("pv1", user).await);
@@ -129,7 +136,9 @@ async fn two_machines_writing_one_view_give_one_gapless_sequence() {
 /// committed change, whoever made it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_revocation_by_psql_closes_sockets_on_every_machine_within_a_second() {
-    let Some((db, nodes)) = machines(3).await else { return };
+    let Some((db, nodes)) = machines(3).await else {
+        return;
+    };
     let mut sockets = Vec::new();
     for node in &nodes {
         sockets.push(node.connect("pv1", "v1").await);
@@ -158,7 +167,9 @@ async fn a_revocation_by_psql_closes_sockets_on_every_machine_within_a_second() 
 /// connection came back).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_database_connections_are_replaced_and_nothing_acked_is_lost() {
-    let Some((db, nodes)) = machines(2).await else { return };
+    let Some((db, nodes)) = machines(2).await else {
+        return;
+    };
     let mut viewer = nodes[1].connect("pv1", "v2").await;
     let mut acked: BTreeMap<i64, String> = BTreeMap::new();
     let mut round = 0;
@@ -231,7 +242,11 @@ async fn killed_database_connections_are_replaced_and_nothing_acked_is_lost() {
             .expect("delete")
     });
     member.assert_closed(1008, "access revoked").await;
-    assert!(removed.elapsed() < Duration::from_secs(1), "{:?}", removed.elapsed());
+    assert!(
+        removed.elapsed() < Duration::from_secs(1),
+        "{:?}",
+        removed.elapsed()
+    );
 }
 
 /// While the database refuses connections: a change over a WebSocket closes
@@ -239,10 +254,14 @@ async fn killed_database_connections_are_replaced_and_nothing_acked_is_lost() {
 /// the node serves again by itself.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_database_is_unreachable_writes_fail_and_health_is_503() {
-    let Some((db, nodes)) = machines(1).await else { return };
+    let Some((db, nodes)) = machines(1).await else {
+        return;
+    };
     let node = &nodes[0];
     let mut controller = node.connect("pv1", "ed").await;
-    let TestDb::Postgres { name, .. } = &*db else { unreachable!() };
+    let TestDb::Postgres { name, .. } = &*db else {
+        unreachable!()
+    };
     let admin = common::db::pg_admin_url().expect("admin url");
     let set = move |allow: bool, name: String, admin: String| {
         std::thread::spawn(move || {
@@ -284,14 +303,20 @@ async fn while_the_database_is_unreachable_writes_fail_and_health_is_503() {
     again
         .send(json!({"type": "portal-view-update", "payload": {"c": 1}, "id": 2}))
         .await;
-    assert_eq!(again.recv_type("ack").await["version"], 1, "nothing was committed while down");
+    assert_eq!(
+        again.recv_type("ack").await["version"],
+        1,
+        "nothing was committed while down"
+    );
 }
 
 /// A machine killed with SIGKILL: its people leave presence within the
 /// heartbeat's TTL, and the others go on delivering.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_machine_killed_with_sigkill_leaves_presence_and_the_others_go_on() {
-    let Some((_db, mut nodes)) = machines(3).await else { return };
+    let Some((_db, mut nodes)) = machines(3).await else {
+        return;
+    };
     let mut controller = nodes[0].connect("pv1", "ed").await;
     let _gone = nodes[1].connect("pv1", "v1").await;
     let mut viewer = nodes[2].connect("pv1", "v2").await;
@@ -314,11 +339,17 @@ async fn a_machine_killed_with_sigkill_leaves_presence_and_the_others_go_on() {
             break;
         }
     }
-    assert!(killed.elapsed() < Duration::from_secs(9), "{:?}", killed.elapsed());
+    assert!(
+        killed.elapsed() < Duration::from_secs(9),
+        "{:?}",
+        killed.elapsed()
+    );
     controller
         .send(json!({"type": "portal-view-update", "payload": {"on": true}, "id": 1}))
         .await;
-    let v = controller.recv_type("ack").await["version"].as_i64().expect("v");
+    let v = controller.recv_type("ack").await["version"]
+        .as_i64()
+        .expect("v");
     let got = viewer.recv_type("portal-view-update").await;
     assert_eq!(got["version"], v);
 }
@@ -328,7 +359,9 @@ async fn a_machine_killed_with_sigkill_leaves_presence_and_the_others_go_on() {
 /// landed on the stream's machine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_sse_post_landing_on_another_machine_is_answered_as_on_its_own() {
-    let Some((_db, nodes)) = machines(2).await else { return };
+    let Some((_db, nodes)) = machines(2).await else {
+        return;
+    };
     let mut stream = nodes[0].sse("pv1", "ed").await;
     let id = stream.connection_id();
     let mut viewer = nodes[1].connect("pv1", "v1").await;
@@ -340,7 +373,10 @@ async fn an_sse_post_landing_on_another_machine_is_answered_as_on_its_own() {
             &json!({"type": "portal-view-update", "payload": {"x": 1}, "id": "p1"}),
         )
         .await;
-    assert_eq!((status, body), (200, json!({"type": "ack", "id": "p1", "version": 1})));
+    assert_eq!(
+        (status, body),
+        (200, json!({"type": "ack", "id": "p1", "version": 1}))
+    );
     let got = viewer.recv_type("portal-view-update").await;
     assert_eq!(got["from"]["connectionId"], id.as_str());
     let (status, body) = nodes[1]

@@ -604,7 +604,8 @@ async fn handshakes_notice_a_replaced_database_file_within_a_second() {
     delete_database(app.database.sqlite_path());
     // SQLite would open this one fresh; the server's connections still
     // read and write the deleted one.
-    let other = portal_sync::engines::open(app.database.sqlite_path(), Synchronous::Normal).expect("a new file");
+    let other = portal_sync::engines::open(app.database.sqlite_path(), Synchronous::Normal)
+        .expect("a new file");
     seed(&*other);
     let deadline = std::time::Instant::now() + WAIT;
     let mut accepted = 0;

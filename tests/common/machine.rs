@@ -39,7 +39,10 @@ pub async fn spawn_machine(database: &Arc<TestDb>, redis: &str, prefix: &str) ->
         .env("PORTAL_JWT_SECRET", SECRET)
         .env("PORTAL_REDIS_URL", redis)
         .env("PORTAL_REDIS_PREFIX", prefix)
-        .env("RUST_LOG", std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()))
+        .env(
+            "RUST_LOG",
+            std::env::var("TEST_NODE_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)

@@ -13,6 +13,7 @@ mod canonical;
 mod listen;
 mod pool;
 mod reads;
+mod remove;
 mod schema;
 #[cfg(test)]
 mod test_proxy;
@@ -29,8 +30,8 @@ use serde_json::{Map, Value};
 use crate::domain::access::LibraryRole;
 use crate::domain::error::Error;
 use crate::store::{
-    Access, Admin, Grant, LibraryRow, MemberChange, MemberRow, MembershipChange, Store, StoreOp,
-    Stored, StoredEvent, UserRow, ViewRow, ViewSummary,
+    Access, Admin, Grant, LibraryRow, MemberChange, MemberRow, MembershipChange, Removed, Store,
+    StoreOp, Stored, StoredEvent, UserRow, ViewRow, ViewSummary,
 };
 use batch::{Applied, Results};
 use pool::{discard_if_dead, off_runtime, with_conn, Fail, Manager, RETRY_FOR};
@@ -306,6 +307,26 @@ impl Admin for PgStore {
 
     fn user_exists(&self, user_id: &str) -> Result<bool, Error> {
         self.with(|c| reads::user_exists(c, user_id))
+    }
+
+    fn user(&self, user_id: &str) -> Result<Option<UserRow>, Error> {
+        self.with(|c| admin::user(c, user_id))
+    }
+
+    fn library(&self, library_id: &str) -> Result<Option<LibraryRow>, Error> {
+        self.with(|c| admin::library(c, library_id))
+    }
+
+    fn remove_user(&self, user_id: &str, cascade: bool) -> Result<Removed, Error> {
+        self.with(|c| remove::remove_user(c, user_id, cascade))
+    }
+
+    fn remove_library(&self, library_id: &str, cascade: bool) -> Result<Removed, Error> {
+        self.with(|c| remove::remove_library(c, library_id, cascade))
+    }
+
+    fn remove_view(&self, view_id: &str) -> Result<Removed, Error> {
+        self.with(|c| remove::remove_view(c, view_id))
     }
 
     fn users(&self) -> Result<Vec<UserRow>, Error> {
