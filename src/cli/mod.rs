@@ -7,6 +7,7 @@
 
 mod admin;
 mod demo;
+mod logging;
 mod secret;
 mod serve;
 
@@ -48,6 +49,16 @@ pub struct Cli {
     )]
     jwt_secret_file: Option<PathBuf>,
 
+    /// Log lines as text, or as JSON (one object per line) for log shippers
+    #[arg(
+        long,
+        env = "PORTAL_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: logging::LogFormat,
+
     #[command(subcommand)]
     command: Command,
 }
@@ -87,7 +98,7 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => return usage_error(&e),
     };
-    init_logging();
+    logging::init(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(message) => {
@@ -112,13 +123,6 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         );
     }
     ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
-}
-
-fn init_logging() {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
-    pretty_env_logger::formatted_timed_builder()
-        .parse_filters(&filter)
-        .init();
 }
 
 fn run(cli: Cli) -> Result<(), String> {

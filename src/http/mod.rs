@@ -10,6 +10,7 @@ mod frames;
 mod origin;
 mod pending;
 mod rest;
+mod route_label;
 mod router;
 pub mod server;
 mod sse;
