@@ -107,14 +107,12 @@ fn text_line(
         record.target(),
         record.args()
     )?;
-    for (key, field) in fields(record) {
-        match field {
-            Field::Null => {}
-            Field::Raw(v) => write!(out, " {key}={v}")?,
-            Field::Text(v) if needs_quotes(&v) => write!(out, " {key}={v:?}")?,
-            Field::Text(v) => write!(out, " {key}={v}")?,
-        }
-    }
+    each_field(record, |key, field| match field {
+        Field::Null => Ok(()),
+        Field::Raw(v) => write!(out, " {key}={v}"),
+        Field::Text(v) if needs_quotes(&v) => write!(out, " {key}={v:?}"),
+        Field::Text(v) => write!(out, " {key}={v}"),
+    })?;
     writeln!(out)
 }
 
@@ -127,55 +125,75 @@ fn needs_quotes(v: &str) -> bool {
 /// One JSON object on one line: `ts`, `level`, `target`, `msg`, then the
 /// record's fields (numbers as numbers, a missing value as `null`).
 fn json_line(out: &mut impl Write, ts: &dyn Display, record: &Record<'_>) -> io::Result<()> {
-    let string = |s: &str| serde_json::to_string(s).map_err(io::Error::other);
     write!(
         out,
-        "{{\"ts\":{},\"level\":{},\"target\":{},\"msg\":{}",
-        string(&ts.to_string())?,
-        string(record.level().as_str())?,
-        string(record.target())?,
-        string(&record.args().to_string())?
+        "{{\"ts\":\"{ts}\",\"level\":\"{}\",\"target\":",
+        record.level()
     )?;
-    for (key, field) in fields(record) {
-        let key = string(&key)?;
-        match field {
-            Field::Null => write!(out, ",{key}:null")?,
-            Field::Raw(v) => write!(out, ",{key}:{v}")?,
-            Field::Text(v) => write!(out, ",{key}:{}", string(&v)?)?,
-        }
+    json_string(out, record.target())?;
+    out.write_all(b",\"msg\":")?;
+    match record.args().as_str() {
+        Some(msg) => json_string(out, msg)?,
+        None => json_string(out, &record.args().to_string())?,
     }
+    each_field(record, |key, field| {
+        out.write_all(b",")?;
+        json_string(out, key)?;
+        out.write_all(b":")?;
+        match field {
+            Field::Null => out.write_all(b"null"),
+            Field::Raw(v) => out.write_all(v.as_bytes()),
+            Field::Text(v) => json_string(out, &v),
+        }
+    })?;
     writeln!(out, "}}")
 }
 
+fn json_string(out: &mut impl Write, s: &str) -> io::Result<()> {
+    serde_json::to_writer(&mut *out, s).map_err(io::Error::other)
+}
+
 /// A key-value's value as the formats print it.
-enum Field {
+enum Field<'v> {
     Null,
     /// A number or a boolean: the same text in both formats, unquoted.
     Raw(String),
-    Text(String),
+    Text(std::borrow::Cow<'v, str>),
 }
 
-fn fields(record: &Record<'_>) -> Vec<(String, Field)> {
-    struct Collect(Vec<(String, Field)>);
-    impl<'kvs> VisitSource<'kvs> for Collect {
+/// Calls `write` with each of the record's key-values, in order.
+fn each_field(
+    record: &Record<'_>,
+    write: impl FnMut(&str, Field<'_>) -> io::Result<()>,
+) -> io::Result<()> {
+    struct Each<F> {
+        write: F,
+        failed: Option<io::Error>,
+    }
+    impl<'kvs, F: FnMut(&str, Field<'_>) -> io::Result<()>> VisitSource<'kvs> for Each<F> {
         fn visit_pair(&mut self, key: Key<'kvs>, value: Value<'kvs>) -> Result<(), kv::Error> {
             let mut field = None;
             value.visit(ToField(&mut field))?;
-            let field = field.unwrap_or_else(|| Field::Text(value.to_string()));
-            self.0.push((key.as_str().to_string(), field));
-            Ok(())
+            let field = field.unwrap_or_else(|| Field::Text(value.to_string().into()));
+            (self.write)(key.as_str(), field).map_err(|e| {
+                self.failed = Some(e);
+                kv::Error::msg("writing a log line failed")
+            })
         }
     }
-    let mut collect = Collect(Vec::new());
-    let _ = record.key_values().visit(&mut collect);
-    collect.0
+    let mut each = Each {
+        write,
+        failed: None,
+    };
+    let _ = record.key_values().visit(&mut each);
+    each.failed.map_or(Ok(()), Err)
 }
 
-struct ToField<'a>(&'a mut Option<Field>);
+struct ToField<'a, 'v>(&'a mut Option<Field<'v>>);
 
-impl<'v> VisitValue<'v> for ToField<'_> {
+impl<'v> VisitValue<'v> for ToField<'_, 'v> {
     fn visit_any(&mut self, value: Value<'_>) -> Result<(), kv::Error> {
-        *self.0 = Some(Field::Text(value.to_string()));
+        *self.0 = Some(Field::Text(value.to_string().into()));
         Ok(())
     }
     fn visit_null(&mut self) -> Result<(), kv::Error> {
@@ -195,7 +213,7 @@ impl<'v> VisitValue<'v> for ToField<'_> {
         *self.0 = Some(if value.is_finite() {
             Field::Raw(value.to_string())
         } else {
-            Field::Text(value.to_string())
+            Field::Text(value.to_string().into())
         });
         Ok(())
     }
@@ -204,7 +222,11 @@ impl<'v> VisitValue<'v> for ToField<'_> {
         Ok(())
     }
     fn visit_str(&mut self, value: &str) -> Result<(), kv::Error> {
-        *self.0 = Some(Field::Text(value.to_string()));
+        *self.0 = Some(Field::Text(value.to_string().into()));
+        Ok(())
+    }
+    fn visit_borrowed_str(&mut self, value: &'v str) -> Result<(), kv::Error> {
+        *self.0 = Some(Field::Text(value.into()));
         Ok(())
     }
 }
