@@ -91,7 +91,12 @@ async fn json_logs_at_debug_tell_each_connection_and_refusal_without_secrets() {
     };
 
     // ed (controller) and v1 (viewer): one update, then v1 leaves with 4001.
-    let mut ed = open_ws(url("pv1", &ed_token).as_str().into_request()).await;
+    // A client's X-Forwarded-For is not taken for its address.
+    let mut request = url("pv1", &ed_token).as_str().into_request();
+    request
+        .headers_mut()
+        .insert("x-forwarded-for", "203.0.113.9".parse().expect("header"));
+    let mut ed = open_ws(request).await;
     let connected = ed.recv().await;
     let ed_id = connected["connectionId"].as_str().expect("id").to_string();
     let mut v1 = open_ws(url("pv1", &v1_token).as_str().into_request()).await;
@@ -303,6 +308,10 @@ async fn json_logs_at_debug_tell_each_connection_and_refusal_without_secrets() {
     assert!(
         !logs.contains(LOG_SECRET),
         "the secret in the logs:\n{logs}"
+    );
+    assert!(
+        !logs.contains("203.0.113.9"),
+        "a forwarded-for address:\n{logs}"
     );
 }
 
