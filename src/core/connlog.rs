@@ -53,9 +53,36 @@ pub struct Peer {
 }
 
 impl Peer {
+    /// The address as text; IPv4 by hand, as `Display` for it pads through
+    /// `fmt` at several times the cost (two lines per connection).
     fn addr_text(&self) -> String {
-        self.addr
-            .map_or_else(|| "unknown".into(), |a| a.to_string())
+        match self.addr {
+            Some(SocketAddr::V4(a)) => {
+                let mut text = String::with_capacity(21);
+                for (i, octet) in a.ip().octets().into_iter().enumerate() {
+                    if i > 0 {
+                        text.push('.');
+                    }
+                    push_decimal(&mut text, u32::from(octet));
+                }
+                text.push(':');
+                push_decimal(&mut text, u32::from(a.port()));
+                text
+            }
+            Some(a) => a.to_string(),
+            None => "unknown".into(),
+        }
+    }
+}
+
+fn push_decimal(text: &mut String, n: u32) {
+    let mut started = false;
+    for div in [10_000, 1000, 100, 10, 1] {
+        let digit = n / div % 10;
+        if started || digit != 0 || div == 1 {
+            started = true;
+            text.push(char::from(b'0' + digit as u8));
+        }
     }
 }
 
@@ -245,6 +272,22 @@ mod tests {
         assert_eq!(reason(&Error::Storage("disk".into())), "storage");
         assert_eq!(reason(&Error::DatabaseMissing), "storage");
         assert_eq!(reason(&Error::BadRequest("x".into())), "other");
+    }
+
+    #[test]
+    fn peers_read_as_display_writes_them() {
+        for addr in [
+            "127.0.0.1:44810",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "[::1]:3000",
+        ] {
+            let peer = Peer {
+                transport: Transport::Ws,
+                addr: Some(addr.parse().expect("addr")),
+            };
+            assert_eq!(peer.addr_text(), addr);
+        }
     }
 
     #[test]
