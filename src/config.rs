@@ -24,6 +24,14 @@ impl Database {
         }
     }
 
+    /// The engine's name, for logs and `/health`.
+    pub fn engine(&self) -> &'static str {
+        match self {
+            Database::Sqlite(_) => "sqlite",
+            Database::Postgres(_) => "postgres",
+        }
+    }
+
     /// The SQLite file, if that is what this is.
     pub fn sqlite_path(&self) -> Option<&Path> {
         match self {
@@ -44,8 +52,9 @@ impl fmt::Display for Database {
 }
 
 /// `scheme://user:password@host/...` → `scheme://user:***@host/...`; a
-/// `password=` query parameter is hidden too.
-fn redact_url(url: &str) -> String {
+/// `password=` query parameter is hidden too. Anything that is not a URL with
+/// a password comes back as it was. For logs, banners and `config print`.
+pub fn redact_url(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -205,5 +214,33 @@ mod tests {
             Database::parse("postgres://postgres@127.0.0.1/postgres").to_string(),
             "postgres://postgres@127.0.0.1/postgres"
         );
+    }
+
+    #[test]
+    fn passwords_in_urls_are_redacted() {
+        for (url, shown) in [
+            (
+                "postgres://app:s3cr%40t@db.example:5432/portal",
+                "postgres://app:***@db.example:5432/portal",
+            ),
+            (
+                "postgres://app:p@ss@db/portal",
+                "postgres://app:***@db/portal",
+            ),
+            (
+                "postgresql://app@db/portal?sslmode=require&password=hunter2",
+                "postgresql://app@db/portal?sslmode=require&password=***",
+            ),
+            (
+                "redis://:hunter2@127.0.0.1:6379",
+                "redis://:***@127.0.0.1:6379",
+            ),
+            ("redis://127.0.0.1:6379", "redis://127.0.0.1:6379"),
+            ("redis://host/a@b", "redis://host/a@b"),
+            ("portal-sync.db", "portal-sync.db"),
+            ("/var/lib/a:b@c.db", "/var/lib/a:b@c.db"),
+        ] {
+            assert_eq!(redact_url(url), shown, "{url}");
+        }
     }
 }

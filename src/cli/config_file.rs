@@ -9,6 +9,7 @@ use std::any::TypeId;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use crate::config::redact_url;
 use clap::builder::Resettable;
 use clap::parser::ValueSource;
 use clap::{ArgAction, ArgMatches, Command};
@@ -282,24 +283,6 @@ pub(super) fn as_args(
         }
     }
     Ok((args, used))
-}
-
-/// `scheme://user:password@host` → `scheme://user:***@host`.
-fn redact_url(url: &str) -> String {
-    let Some(scheme_end) = url.find("://") else {
-        return url.to_string();
-    };
-    let rest = &url[scheme_end + 3..];
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    let Some(at) = rest[..authority_end].rfind('@') else {
-        return url.to_string();
-    };
-    let userinfo = &rest[..at];
-    let user = userinfo.split(':').next().unwrap_or_default();
-    if !userinfo.contains(':') {
-        return url.to_string();
-    }
-    format!("{}{user}:***{}", &url[..scheme_end + 3], &rest[at..])
 }
 
 fn toml_value(kind: Kind, text: &str) -> Value {

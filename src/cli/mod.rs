@@ -9,6 +9,7 @@ mod admin;
 mod config_file;
 mod demo;
 mod failure;
+mod logging;
 mod secret;
 mod serve;
 
@@ -42,6 +43,16 @@ pub struct Cli {
     /// portal-sync-demo.db for `demo`]
     #[arg(long, env = "PORTAL_DB", global = true)]
     db: Option<PathBuf>,
+
+    /// Log lines as text, or as JSON (one object per line) for log shippers
+    #[arg(
+        long,
+        env = "PORTAL_LOG_FORMAT",
+        global = true,
+        value_enum,
+        default_value = "text"
+    )]
+    log_format: logging::LogFormat,
 
     #[command(subcommand)]
     command: Command,
@@ -129,7 +140,7 @@ pub fn main() -> ExitCode {
         Err(ParseFailure::Usage(e)) => return usage_error(&e),
         Err(ParseFailure::Failed(f)) => return f.report(),
     };
-    init_logging();
+    logging::init(parsed.cli.log_format);
     for warning in &parsed.warnings {
         log::warn!("{warning}");
     }
@@ -202,13 +213,6 @@ fn usage_error(e: &clap::Error) -> ExitCode {
         );
     }
     ExitCode::from(u8::try_from(e.exit_code()).unwrap_or(2))
-}
-
-fn init_logging() {
-    let filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
-    pretty_env_logger::formatted_timed_builder()
-        .parse_filters(&filter)
-        .init();
 }
 
 /// Whether `--db` names a database that exists (opening a file path would

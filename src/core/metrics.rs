@@ -19,6 +19,9 @@ pub struct Metrics {
     pub connects: IntCounter,
     /// Handshakes refused by a §3 check, by close code.
     pub refused: IntCounterVec,
+    /// Handshakes refused, by a bounded reason (`core::connlog::reason`) and
+    /// transport: SPEC §3's checks, the origin, shutdown, Socket.IO.
+    pub refused_by_reason: IntCounterVec,
     /// Closes by who ended it: our close code, `peer` or `dropped`.
     pub closes: IntCounterVec,
     /// Inbound messages by type and outcome.
@@ -40,6 +43,8 @@ pub struct Metrics {
     pub pings_timed_out: IntCounter,
     /// Open SSE streams (SPEC §7), also counted in `portal_connections`.
     pub sse_streams: IntGauge,
+    /// Requests by method, route pattern and status (`http::route_label`);
+    /// WebSocket upgrades and SSE streams are not requests that end.
     pub http_requests: HistogramVec,
     /// Connections dropped while waiting for a request head, to keep
     /// `--max-pending-conns` (the oldest goes first).
@@ -75,6 +80,19 @@ impl Metrics {
             0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1,
             0.25, 0.5, 1.0,
         ];
+        // What any process exports: the build, and on Linux the `process_*`
+        // family (CPU seconds, resident and virtual memory, open and maximum
+        // file descriptors, start time).
+        reg!(IntGaugeVec::new(
+            Opts::new("portal_build_info", "The running build; always 1"),
+            &["version"]
+        ))
+        .with_label_values(&[env!("CARGO_PKG_VERSION")])
+        .set(1);
+        #[cfg(target_os = "linux")]
+        must(registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        )));
         let connections = reg!(IntGaugeVec::new(
             Opts::new("portal_connections", "Open connections by role"),
             &["role"]
@@ -92,6 +110,13 @@ impl Metrics {
                     "Handshakes refused, by close code"
                 ),
                 &["code"]
+            )),
+            refused_by_reason: reg!(IntCounterVec::new(
+                Opts::new(
+                    "portal_handshakes_refused_by_reason_total",
+                    "Handshakes refused, by reason and transport (ws, sse)"
+                ),
+                &["reason", "transport"]
             )),
             closes: reg!(IntCounterVec::new(
                 Opts::new(
@@ -163,9 +188,13 @@ impl Metrics {
                 "Open SSE streams (the HTTP fallback), also counted in portal_connections"
             )),
             http_requests: reg!(HistogramVec::new(
-                HistogramOpts::new("portal_http_request_seconds", "HTTP requests by status")
-                    .buckets(latency),
-                &["status"]
+                HistogramOpts::new(
+                    "portal_http_request_seconds",
+                    "HTTP requests until the response head, by method, route pattern and status \
+                     (WebSocket upgrades and SSE streams are not counted)"
+                )
+                .buckets(latency),
+                &["method", "route", "status"]
             )),
             pending_dropped: reg!(IntCounter::new(
                 "portal_pending_dropped_total",

@@ -2,6 +2,7 @@
 //! outboxes, the write path and its ordering, sessions, rates, revocation.
 
 pub mod broker;
+pub mod connlog;
 pub mod context;
 pub mod delivery;
 pub mod forward;
@@ -13,6 +14,7 @@ pub mod revocation;
 pub mod sequencer;
 pub mod session;
 pub mod shutdown;
+pub mod startup;
 pub mod sync_deadlines;
 pub mod sync_requests;
 pub mod writer;

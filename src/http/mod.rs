@@ -12,6 +12,7 @@ mod frames;
 mod origin;
 mod pending;
 mod rest;
+mod route_label;
 pub mod router;
 pub mod server;
 mod sse;

@@ -13,7 +13,11 @@ use crate::http::error::recover;
 use crate::http::filters::with_ctx;
 use crate::http::origin;
 use crate::http::rest::{self, no_content};
+use crate::http::route_label;
 use crate::http::{contract, sse, web, ws};
+
+/// The SSE stream's route pattern (`route_label`).
+const SSE_ROUTE: &str = "/sse/portal-view/{id}";
 
 /// Every route the server answers, with logging and JSON errors.
 pub(crate) fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
@@ -61,10 +65,20 @@ pub(crate) fn routes(ctx: Ctx) -> BoxedFilter<(Response,)> {
         // `info.path()` carries no query string, so `?token=` is never logged.
         .with(warp::log::custom(move |info| {
             let status = info.status().as_u16();
-            metrics
-                .http_requests
-                .with_label_values(&[&status.to_string()])
-                .observe(info.elapsed().as_secs_f64());
+            let route = route_label::route(info.path());
+            // A 101 and an event stream's 200 begin a session rather than
+            // end a request (their handshakes are counted apart).
+            let session = status == 101 || status == 200 && route == SSE_ROUTE;
+            if !session {
+                metrics
+                    .http_requests
+                    .with_label_values(&[
+                        route_label::method(info.method()),
+                        route,
+                        &status.to_string(),
+                    ])
+                    .observe(info.elapsed().as_secs_f64());
+            }
             log::debug!(
                 target: "portal_sync::http",
                 "{} {} {} {:?}",
@@ -254,5 +268,20 @@ mod tests {
         assert_eq!(allow("/").as_deref(), Some("GET, HEAD"));
         assert_eq!(allow("/api/portal-views/").as_deref(), None);
         assert_eq!(allow("/nothing").as_deref(), None);
+    }
+
+    /// A route added to `ROUTE_METHODS` needs its metrics label, or its
+    /// requests would all be `other`.
+    #[test]
+    fn every_route_has_a_metrics_label() {
+        let labelled = route_label::patterns();
+        for (pattern, _, _) in ROUTE_METHODS {
+            assert!(
+                labelled.iter().any(|p| p.as_slice() == *pattern),
+                "no route_label template for {pattern:?}"
+            );
+        }
+        assert_eq!(labelled.len(), ROUTE_METHODS.len());
+        assert_eq!(route_label::route("/sse/portal-view/pv1"), SSE_ROUTE);
     }
 }

@@ -25,6 +25,7 @@ use crate::domain::error::Error;
 use crate::http::context::Ctx;
 use crate::http::error::error_response;
 use crate::http::fdlimit;
+use crate::http::filters::PeerAddr;
 use crate::http::forwarded;
 use crate::http::pending::{self, Pending, Ticket};
 use crate::http::router;
@@ -75,7 +76,7 @@ pub async fn run(
     let pending = Pending::new(bound, ctx.metrics.pending_dropped.clone());
     log::debug!("at most {bound} connections may wait for a request head");
     if let Ok(addr) = listener.local_addr() {
-        log::info!("listening on http://{addr}");
+        crate::core::startup::log_started(&ctx.config, addr);
     }
     tokio::pin!(shutdown);
     let mut accept_errors = AcceptErrors::default();
@@ -207,6 +208,7 @@ async fn serve_connection<S>(
                 req.extensions_mut().insert(UpgradeSlot::new(on_upgrade));
             }
             req.extensions_mut().insert(handle.clone());
+            req.extensions_mut().insert(PeerAddr(peer));
             req
         });
         let mut service = service.clone();

@@ -24,6 +24,7 @@ use warp::reply::Response;
 use warp::sse::Event;
 use warp::{Filter, Reply};
 
+use crate::core::connlog::{self, Peer, Transport};
 use crate::core::forward::{self, ForwardReply, ForwardedPost};
 use crate::core::hub::{CloseRequest, Outgoing};
 use crate::core::session::{self, lock, Ended, Flow, Incoming, Link, Params, Sender};
@@ -33,7 +34,8 @@ use crate::domain::model::Role;
 use crate::http::context::Ctx;
 use crate::http::error::{self, error_response};
 use crate::http::filters::{
-    session_params, token_expires, with_ctx, with_origin_check, with_verified,
+    session_params, token_expires, with_ctx, with_handshake_origin_check, with_origin_check,
+    with_peer, with_verified,
 };
 use crate::http::rest::{check_content_type, read_limited};
 use crate::http::streams::StreamEntry;
@@ -72,18 +74,20 @@ impl ConnectionAbort {
 pub fn stream(ctx: Ctx) -> BoxedFilter<(Response,)> {
     warp::path!("sse" / "portal-view" / String)
         .and(warp::get())
-        .and(with_origin_check(ctx.clone()))
+        .and(with_handshake_origin_check(ctx.clone(), Transport::Sse))
         .and(warp::query::<Vec<(String, String)>>())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<ConnectionAbort>())
+        .and(with_peer(Transport::Sse))
         .and(with_ctx(ctx))
         .then(
             |view_id: String,
              query: Vec<(String, String)>,
              headers: HeaderMap,
              abort: Option<ConnectionAbort>,
+             peer: Peer,
              ctx: Ctx| async move {
-                let params = session_params(view_id, query, &headers);
+                let params = session_params(view_id, query, &headers, peer);
                 match open(ctx, params, abort).await {
                     Ok(response) => response,
                     Err(e) => error_response(&e),
@@ -97,7 +101,9 @@ pub fn stream(ctx: Ctx) -> BoxedFilter<(Response,)> {
 /// an HTTP status; then streams the session from its own task.
 async fn open(ctx: Ctx, params: Params, abort: Option<ConnectionAbort>) -> Result<Response, Error> {
     if ctx.is_shutting_down() {
-        return Err(Error::ShuttingDown);
+        let e = Error::ShuttingDown;
+        connlog::refused(&ctx.metrics, &params.peer, &params.view_id, None, &e);
+        return Err(e);
     }
     let session = session::open(&ctx, params).await?;
     let (tx, rx) = mpsc::channel(CHANNEL);
@@ -393,12 +399,15 @@ pub(crate) async fn run(
 ) -> Result<Answer, Error> {
     let now = tokio::time::Instant::now();
     let (verdict, connection, outbox, expiry) = match stream {
-        Some(stream) => (
-            lock(&stream.rate).check(now),
-            stream.sender.connection,
-            Some(stream.outbox),
-            stream.sender.expiry,
-        ),
+        Some(stream) => {
+            stream.traffic.received();
+            (
+                lock(&stream.rate).check(now),
+                stream.sender.connection,
+                Some(stream.outbox),
+                stream.sender.expiry,
+            )
+        }
         // The user's REST bucket, shared with PATCH.
         None => (ctx.user_rates.check(user_id, now), None, None, None),
     };

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
+use crate::core::connlog::Traffic;
 use crate::core::hub::Outbox;
 use crate::core::session::{lock, RateLimit, Sender, Session};
 
@@ -24,6 +25,8 @@ pub(crate) struct StreamEntry {
     pub(crate) sender: Sender,
     pub(crate) outbox: Arc<Outbox>,
     pub(crate) rate: Arc<Mutex<RateLimit>>,
+    /// Where the stream's close line counts the messages POSTed to it.
+    pub(crate) traffic: Arc<Traffic>,
 }
 
 /// Removes a stream from [`Streams`] when its session ends.
@@ -45,6 +48,7 @@ impl Streams {
             sender: session.sender.clone(),
             outbox: session.outbox.clone(),
             rate: session.rate.clone(),
+            traffic: session.log.traffic().clone(),
         };
         lock(&self.by_id).insert(connection_id.clone(), entry);
         Registration {

@@ -27,12 +27,13 @@ use warp::http::{header, HeaderMap, StatusCode};
 use warp::reply::Response;
 use warp::Filter;
 
+use crate::core::connlog::{self, Peer, Transport};
 use crate::core::hub::Outgoing;
 use crate::core::session::{self, Incoming, Link, Params};
 use crate::domain::error::Error;
 use crate::http::context::Ctx;
 use crate::http::error::error_response;
-use crate::http::filters::{session_params, with_ctx, with_origin_check};
+use crate::http::filters::{session_params, with_ctx, with_handshake_origin_check, with_peer};
 use crate::http::frames::Frames;
 
 /// How long a close handshake may take before the TCP connection is dropped.
@@ -82,23 +83,25 @@ enum Target {
 pub fn portal_view(ctx: Ctx) -> BoxedFilter<(Response,)> {
     warp::path!("ws" / "portal-view" / String)
         .and(warp::get())
-        .and(with_origin_check(ctx.clone()))
+        .and(with_handshake_origin_check(ctx.clone(), Transport::Ws))
         .and(warp::query::<Vec<(String, String)>>())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<UpgradeSlot>())
+        .and(with_peer(Transport::Ws))
         .and(with_ctx(ctx))
         .map(
             |view_id: String,
              query: Vec<(String, String)>,
              headers: HeaderMap,
              slot: Option<UpgradeSlot>,
+             peer: Peer,
              ctx: Ctx| {
                 let target = if query.iter().any(|(k, _)| k == "EIO") {
                     Target::SocketIo
                 } else {
-                    Target::Portal(session_params(view_id, query, &headers))
+                    Target::Portal(session_params(view_id, query, &headers, peer))
                 };
-                upgrade(ctx, &headers, slot, target)
+                upgrade(ctx, &headers, slot, peer, target)
             },
         )
         .boxed()
@@ -110,13 +113,22 @@ pub fn socket_io(ctx: Ctx) -> BoxedFilter<(Response,)> {
         .and(warp::get())
         .and(warp::header::headers_cloned())
         .and(warp::ext::optional::<UpgradeSlot>())
+        .and(with_peer(Transport::Ws))
         .and(with_ctx(ctx))
-        .map(|headers: HeaderMap, slot, ctx| upgrade(ctx, &headers, slot, Target::SocketIo))
+        .map(|headers: HeaderMap, slot, peer, ctx| {
+            upgrade(ctx, &headers, slot, peer, Target::SocketIo)
+        })
         .boxed()
 }
 
 /// Answers 101 and spawns the session that takes over the upgraded socket.
-fn upgrade(ctx: Ctx, headers: &HeaderMap, slot: Option<UpgradeSlot>, target: Target) -> Response {
+fn upgrade(
+    ctx: Ctx,
+    headers: &HeaderMap,
+    slot: Option<UpgradeSlot>,
+    peer: Peer,
+    target: Target,
+) -> Response {
     if !wants_upgrade(headers) {
         let mut response = error_response(&Error::BadRequest(
             "this route only speaks WebSocket (send Upgrade: websocket)".into(),
@@ -149,6 +161,11 @@ fn upgrade(ctx: Ctx, headers: &HeaderMap, slot: Option<UpgradeSlot>, target: Tar
         return error_response(&Error::Internal("upgrade not available".into()));
     };
     if ctx.is_shutting_down() {
+        let view = match &target {
+            Target::Portal(params) => params.view_id.as_str(),
+            Target::SocketIo => "",
+        };
+        connlog::refused(&ctx.metrics, &peer, view, None, &Error::ShuttingDown);
         return error_response(&Error::ShuttingDown);
     }
     let accept = derive_accept_key(key.as_bytes());
@@ -167,10 +184,16 @@ fn upgrade(ctx: Ctx, headers: &HeaderMap, slot: Option<UpgradeSlot>, target: Tar
         )
         .await;
         let _live = ctx.session_guard();
-        let mut link = WsLink(ws);
+        let mut link = WsLink {
+            ws,
+            peer_close: None,
+        };
         match target {
             Target::Portal(params) => serve(&ctx, &mut link, params).await,
-            Target::SocketIo => link.close(1003, "unsupported protocol").await,
+            Target::SocketIo => {
+                connlog::refused_protocol(&ctx.metrics, &peer);
+                link.close(1003, "unsupported protocol").await
+            }
         }
     });
     let mut response = Response::new(Default::default());
@@ -195,16 +218,18 @@ async fn serve<S>(ctx: &Ctx, link: &mut WsLink<S>, params: Params)
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let (peer, view_id) = (params.peer, params.view_id.clone());
     let opened = tokio::select! {
         opened = session::open(ctx, params) => opened,
         _ = ctx.shutting_down() => {
             let e = Error::ShuttingDown;
+            connlog::refused(&ctx.metrics, &peer, &view_id, None, &e);
             return link.close(e.close_code(), &e.client_message()).await;
         }
     };
     match opened {
         Ok(session) => {
-            link.0.get_mut().attach(session.rate.clone());
+            link.ws.get_mut().attach(session.rate.clone());
             session.run(ctx, link, ctx.config.ping_interval).await;
         }
         Err(e) => link.close(e.close_code(), &e.client_message()).await,
@@ -212,7 +237,11 @@ where
 }
 
 /// A session's WebSocket, over the frame checks of `frames.rs`.
-struct WsLink<S>(WebSocketStream<Frames<S>>);
+struct WsLink<S> {
+    ws: WebSocketStream<Frames<S>>,
+    /// The peer's close frame (code, reason), once it came.
+    peer_close: Option<(u16, String)>,
+}
 
 impl<S> Link for WsLink<S>
 where
@@ -223,13 +252,13 @@ where
     /// All frames with one flush.
     async fn send(&mut self, frames: VecDeque<Outgoing>) -> Result<(), ()> {
         for frame in frames {
-            self.0.feed(frame.msg).await.map_err(|_| ())?;
+            self.ws.feed(frame.msg).await.map_err(|_| ())?;
         }
-        self.0.flush().await.map_err(|_| ())
+        self.ws.flush().await.map_err(|_| ())
     }
 
     async fn heartbeat(&mut self) -> Result<(), ()> {
-        self.0
+        self.ws
             .send(Message::Ping(Default::default()))
             .await
             .map_err(|_| ())
@@ -245,7 +274,7 @@ where
             code: CloseCode::from(code),
             reason: reason.to_string().into(),
         };
-        let ws = &mut self.0;
+        let ws = &mut self.ws;
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
             if ws.close(Some(frame)).await.is_ok() {
                 let frames = ws.get_mut();
@@ -257,11 +286,17 @@ where
     }
 
     async fn next(&mut self) -> Incoming {
-        match self.0.next().await {
+        match self.ws.next().await {
             Some(Ok(Message::Text(text))) => Incoming::Text(text),
             Some(Ok(Message::Binary(_))) => Incoming::Violation(1003, "unsupported data"),
             Some(Ok(Message::Ping(_) | Message::Pong(_) | Message::Frame(_))) => Incoming::Alive,
-            Some(Ok(Message::Close(_))) | None => Incoming::Gone,
+            Some(Ok(Message::Close(frame))) => {
+                self.peer_close = Some(frame.map_or((1005, String::new()), |f| {
+                    (u16::from(f.code), f.reason.as_str().to_string())
+                }));
+                Incoming::Gone
+            }
+            None => Incoming::Gone,
             Some(Err(WsError::Capacity(CapacityError::MessageTooLong { .. }))) => {
                 Incoming::Violation(1009, "message too big")
             }
@@ -271,7 +306,7 @@ where
                 Incoming::Violation(1002, "protocol error")
             }
             // `Frames` fails the read once a frame breaks its limits.
-            Some(Err(WsError::Io(_))) => match self.0.get_ref().violation() {
+            Some(Err(WsError::Io(_))) => match self.ws.get_ref().violation() {
                 Some((code, reason)) => Incoming::Violation(code, reason),
                 None => Incoming::Gone,
             },
@@ -279,9 +314,15 @@ where
         }
     }
 
+    fn peer_close(&self) -> Option<(u16, &str)> {
+        self.peer_close
+            .as_ref()
+            .map(|(code, r)| (*code, r.as_str()))
+    }
+
     /// The peer started the close: tungstenite queued our reply; polling writes it.
     async fn finish(&mut self) {
-        let ws = &mut self.0;
+        let ws = &mut self.ws;
         let _ = tokio::time::timeout(CLOSE_LINGER, async {
             let _ = ws.flush().await;
             while let Some(Ok(_)) = ws.next().await {}

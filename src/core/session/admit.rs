@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use super::expiry::Expiry;
 use super::rate::RateLimit;
 use super::{Membership, Sender, Session};
+use crate::core::connlog::{self, ConnLog, Peer};
 use crate::core::context::Core;
 use crate::core::forward;
 use crate::core::hub::{Joiner, Outbox};
@@ -18,6 +19,8 @@ use crate::store::Access;
 pub struct Params {
     pub view_id: String,
     pub token: Option<String>,
+    /// The transport and the socket's peer, for the connection's log lines.
+    pub peer: Peer,
 }
 
 /// Who was admitted, and the hub's revocation and room counts when their
@@ -35,8 +38,10 @@ struct Admitted {
 /// (counted in the metrics; the transport shows it as a close code or an
 /// HTTP status).
 pub(crate) async fn open(ctx: &Core, params: Params) -> Result<Session, Error> {
-    let opened = match admit(ctx, &params).await {
-        Ok(admitted) => Session::join(ctx, params.view_id, admitted).await,
+    let (peer, view_id) = (params.peer, params.view_id.clone());
+    let mut user_id = None;
+    let opened = match admit(ctx, &params, &mut user_id).await {
+        Ok(admitted) => Session::join(ctx, params.view_id, admitted, peer).await,
         Err(e) => Err(e),
     };
     if let Err(e) = &opened {
@@ -45,14 +50,21 @@ pub(crate) async fn open(ctx: &Core, params: Params) -> Result<Session, Error> {
             .refused
             .with_label_values(&[&e.close_code().to_string()])
             .inc();
+        connlog::refused(&ctx.metrics, &peer, &view_id, user_id.as_deref(), e);
     }
     opened
 }
 
 /// SPEC §3's checks in order: token, expiry, user, view, access.
-async fn admit(ctx: &Core, params: &Params) -> Result<Admitted, Error> {
+/// `user_id` is set once the token names one, for the refusal's log line.
+async fn admit(
+    ctx: &Core,
+    params: &Params,
+    user_id: &mut Option<String>,
+) -> Result<Admitted, Error> {
     let token = params.token.as_deref().ok_or(Error::InvalidToken)?;
     let verified = ctx.tokens.verify(token)?;
+    *user_id = Some(verified.user_id.clone());
     let revocations = ctx.hub.revocations();
     let rooms_seen = ctx.hub.rooms_created();
     let access = ctx.store.access(&verified.user_id, &params.view_id).await?;
@@ -68,7 +80,12 @@ async fn admit(ctx: &Core, params: &Params) -> Result<Admitted, Error> {
 impl Session {
     /// Joins the view's room *before* taking the snapshot for `connected`, so
     /// that no broadcast can fall between the two.
-    async fn join(ctx: &Core, view_id: String, admitted: Admitted) -> Result<Session, Error> {
+    async fn join(
+        ctx: &Core,
+        view_id: String,
+        admitted: Admitted,
+        peer: Peer,
+    ) -> Result<Session, Error> {
         let Admitted {
             user_id,
             access: Access { role, mut view },
@@ -121,7 +138,6 @@ impl Session {
             version: view.version,
             presence: joined.presence,
         }));
-        log::debug!("connection {connection_id}: user {user_id} joined {view_id} as {role:?}");
         let expiry = Arc::new(Expiry::new(exp, ctx.config.jwt_leeway));
         Ok(Session {
             sender: Sender {
@@ -140,6 +156,7 @@ impl Session {
                 ctx.config.rate_per_sec,
                 ctx.config.rate_burst,
             ))),
+            log: ConnLog::new(peer),
         })
     }
 }

@@ -27,6 +27,7 @@ pub(crate) use handle::{handle, Flow};
 pub(crate) use rate::{RateLimit, Verdict};
 pub(crate) use serve::{Ended, Incoming, Link};
 
+use crate::core::connlog::ConnLog;
 use crate::core::context::Core;
 use crate::core::hub::Outbox;
 /// The transports lock rate buckets and stream maps the same way.
@@ -77,6 +78,8 @@ pub(crate) struct Session {
     expiry: Arc<Expiry>,
     /// Shared with SSE's POST route, which counts its messages here.
     pub rate: Arc<Mutex<RateLimit>>,
+    /// Its open and close lines (`core::connlog`).
+    pub log: ConnLog,
 }
 
 impl Session {

@@ -9,6 +9,7 @@ use super::expiry::Due;
 use super::handle::{handle, Flow};
 use super::liveness::Liveness;
 use super::Session;
+use crate::core::connlog::{Close, Who};
 use crate::core::context::Core;
 use crate::core::hub::{CloseRequest, Outgoing};
 use crate::core::lock::lock;
@@ -46,6 +47,12 @@ pub(crate) trait Link: Send {
     /// The peer ended the session: finish what that takes (a WebSocket
     /// writes its reply to the peer's close frame).
     fn finish(&mut self) -> impl Future<Output = ()> + Send;
+
+    /// The code and reason of the peer's close frame, once it sent one
+    /// (for the close's log line).
+    fn peer_close(&self) -> Option<(u16, &str)> {
+        None
+    }
 }
 
 /// What the peer did, as the session loop cares.
@@ -82,6 +89,7 @@ impl Session {
     ) -> Ended {
         let role = self.sender.role;
         ctx.metrics.opened(role);
+        self.log.opened(&self.who());
         let ended = self.serve(ctx, link, heartbeat).await;
         ctx.metrics.closed(role);
         let label = match &ended {
@@ -90,6 +98,27 @@ impl Session {
             Ended::Dropped => "dropped".into(),
         };
         ctx.metrics.closes.with_label_values(&[&label]).inc();
+        let close = match &ended {
+            Ended::Closed(CloseRequest { code, reason }) => Close {
+                by: "server",
+                code: Some(*code),
+                reason,
+            },
+            Ended::Peer => {
+                let (code, reason) = link.peer_close().unzip();
+                Close {
+                    by: "peer",
+                    code,
+                    reason: reason.unwrap_or(""),
+                }
+            }
+            Ended::Dropped => Close {
+                by: "dropped",
+                code: None,
+                reason: "",
+            },
+        };
+        self.log.closed(&self.who(), &close);
         // The session, and with it its place in the hub (presence, the
         // connection limits), ends here, after the metrics and before the
         // close handshake, which may linger up to 2 s for a peer that does not
@@ -137,6 +166,7 @@ impl Session {
                 _ = self.outbox.ready() => {
                     let batch = self.take(ctx);
                     let frames = self.unseen(batch.frames);
+                    self.log.traffic().sent(frames.len());
                     if self.guarded(link.send(frames), liveness.write_deadline()).await.is_err() {
                         // The peer is gone or stuck: drop the connection.
                         self.take(ctx);
@@ -184,6 +214,7 @@ impl Session {
                     }
                     let flow = match incoming {
                         Incoming::Text(text) => {
+                            self.log.traffic().received();
                             let verdict = lock(&self.rate).check(tokio::time::Instant::now());
                             // Its change must find the token valid when applied,
                             // and the token is whichever was refreshed last.
@@ -203,6 +234,15 @@ impl Session {
                     }
                 }
             }
+        }
+    }
+
+    fn who(&self) -> Who<'_> {
+        Who {
+            connection_id: self.connection_id(),
+            user_id: &self.sender.user_id,
+            view_id: &self.sender.view_id,
+            role: self.sender.role,
         }
     }
 
