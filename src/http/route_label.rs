@@ -9,6 +9,8 @@
 const TEMPLATES: &[&str] = &[
     "/health",
     "/metrics",
+    "/api/openapi.json",
+    "/api/messages.schema.json",
     "/api/portal-views/{id}",
     "/api/portal-views/{id}/messages",
     "/api/libraries/{libraryId}/members/{userId}",
