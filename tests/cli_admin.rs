@@ -607,8 +607,26 @@ async fn token_refuses_unknown_users_and_bad_lifetimes() {
         .expect("a valid token");
     assert_eq!(verified.user_id, "alice");
 
-    // What follows is about the SQLite file.
+    // What follows is about the SQLite file. On PostgreSQL: a URL's
+    // password is not repeated in the refusal.
     if common::db::on_postgres() {
+        let with_password = db.replacen('@', ":hunter2@", 1);
+        let out = run(
+            d,
+            &[
+                "--db",
+                &with_password,
+                "token",
+                "--user",
+                "ghost",
+                "--jwt-secret",
+                secret,
+            ],
+            &[],
+        )
+        .await;
+        let shown = db.replacen('@', ":***@", 1);
+        assert_refused(&out, 3, &format!("error: user ghost not found in {shown}"));
         return;
     }
     let absent = d.join("absent.db");
