@@ -1,5 +1,7 @@
 //! The `portal-sync` binary (SPEC §6): `token`, `serve`, `demo` and the
-//! administration commands, run as a child process against temp databases.
+//! administration commands, run as a child process against temp databases
+//! (on either engine: `PORTAL_TEST_PG_URL`, tests/common/db.rs; those about
+//! the SQLite file stay on SQLite).
 
 mod common;
 use common::binary::*;
@@ -18,10 +20,10 @@ use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
 
-/// Runs an admin command against `db_path` with `--db`.
-async fn admin(dir: &Path, db_path: &Path, args: &[&str]) -> Output {
-    let db = db_path.to_str().expect("utf-8 path");
-    let mut all = vec!["--db", db];
+/// Runs an admin command against `db` with `--db`.
+async fn admin(dir: &Path, db: &TestDb, args: &[&str]) -> Output {
+    let db = db.arg();
+    let mut all = vec!["--db", db.as_str()];
     all.extend_from_slice(args);
     run(dir, &all, &[]).await
 }
@@ -70,11 +72,11 @@ struct Demo {
     _stdout_task: JoinHandle<()>,
 }
 
-/// Starts `demo --addr 127.0.0.1:0 --db <db_path>` and reads its banner.
-async fn start_demo(dir: &Path, db_path: &Path, envs: &[(&str, &str)]) -> Demo {
+/// Starts `demo --addr 127.0.0.1:0 --db <db>` and reads its banner.
+async fn start_demo(dir: &Path, db: &TestDb, envs: &[(&str, &str)]) -> Demo {
     let mut cmd = portal_sync(dir);
     cmd.args(["demo", "--addr", "127.0.0.1:0", "--db"])
-        .arg(db_path)
+        .arg(db.arg())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     for (k, v) in envs {
@@ -312,8 +314,9 @@ async fn serve_without_a_secret_refuses_to_start() {
 #[tokio::test]
 async fn serve_takes_its_configuration_from_the_environment() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("env-serve.db");
-    let db = db_path.to_str().expect("utf-8");
+    let db_path = TestDb::empty(dir.path(), "env-serve.db");
+    let db = db_path.arg();
+    let db = db.as_str();
     let env_db = [("PORTAL_DB", db)];
     for args in [
         &[
@@ -391,7 +394,7 @@ async fn serve_takes_its_configuration_from_the_environment() {
     let (code, logs) = served.stop().await;
     assert_eq!(code, Some(0), "exit 0 after SIGTERM");
     assert!(!logs.contains(&token), "the token is not logged");
-    let stored = open_store(&db_path).view("pv").expect("read").expect("row");
+    let stored = db_path.open().view("pv").expect("read").expect("row");
     assert_eq!(stored.version, 1);
     assert_eq!(
         serde_json::from_str::<Value>(stored.state.get()).expect("json"),
@@ -408,7 +411,7 @@ async fn serve_takes_its_configuration_from_the_environment() {
 #[tokio::test]
 async fn admin_commands_manage_users_libraries_members_and_views() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("admin.db");
+    let db_path = TestDb::empty(dir.path(), "admin.db");
     let d = dir.path();
 
     let out = admin(
@@ -504,7 +507,7 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
         out.stdout
     );
     {
-        let db = open_store(&db_path);
+        let db = db_path.open();
         let admin = db.admin();
         assert!(admin.user_exists("alice").expect("read"));
         let users = admin.users().expect("users");
@@ -547,7 +550,7 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
     out.assert_ok();
     assert_eq!(out.stdout.trim(), "bob\tVIEWER");
     {
-        let db = open_store(&db_path);
+        let db = db_path.open();
         assert_eq!(
             db.admin()
                 .member_role("lib-1", "bob")
@@ -567,7 +570,7 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
     let out = admin(d, &db_path, &["member", "list", "--library", "lib-1"]).await;
     out.assert_ok();
     assert_eq!(out.stdout.trim(), "", "no members left");
-    assert_eq!(member_count(&*open_store(&db_path)), 0);
+    assert_eq!(member_count(&*db_path.open()), 0);
     admin(
         d,
         &db_path,
@@ -612,7 +615,7 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
     .await
     .assert_ok();
     {
-        let db = open_store(&db_path);
+        let db = db_path.open();
         let row = db.view("pv_1").expect("read").expect("pv_1 row");
         assert_eq!(row.library_id, "lib-1");
         assert_eq!(row.name, "First view");
@@ -663,7 +666,7 @@ async fn admin_commands_manage_users_libraries_members_and_views() {
 #[tokio::test]
 async fn admin_errors_exit_non_zero_with_a_message() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("errors.db");
+    let db_path = TestDb::empty(dir.path(), "errors.db");
     let d = dir.path();
     admin(
         d,
@@ -757,7 +760,7 @@ async fn admin_errors_exit_non_zero_with_a_message() {
         .assert_failed(Some("JSON object"));
     }
 
-    let db = open_store(&db_path);
+    let db = db_path.open();
     assert_eq!(user_count(&*db), 1);
     assert_eq!(library_count(&*db), 1);
     assert_eq!(member_count(&*db), 0);
@@ -768,6 +771,7 @@ async fn admin_errors_exit_non_zero_with_a_message() {
 /// default file `portal-sync.db` in the working directory is used.
 #[tokio::test]
 async fn db_flag_falls_back_to_portal_db_env() {
+    sqlite_only!();
     let dir = tempfile::tempdir().expect("tempdir");
     let d = dir.path();
     let env_path: PathBuf = d.join("from-env.db");
@@ -834,7 +838,7 @@ async fn db_flag_falls_back_to_portal_db_env() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_printed_tokens_and_shuts_down_on_sigterm() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("demo.db");
+    let db_path = TestDb::empty(dir.path(), "demo.db");
     let demo = start_demo(dir.path(), &db_path, &[("RUST_LOG", "debug")]).await;
 
     // The tokens are for alice, bob and carol, signed with the printed secret.
@@ -942,10 +946,7 @@ async fn demo_serves_printed_tokens_and_shuts_down_on_sigterm() {
         !logs.contains(bogus),
         "an invalid token appears in the logs:\n{logs}"
     );
-    let stored = open_store(&db_path)
-        .view("demo")
-        .expect("read")
-        .expect("row");
+    let stored = db_path.open().view("demo").expect("read").expect("row");
     assert_eq!(stored.version, 1, "the acked update was stored before exit");
 }
 
@@ -955,7 +956,7 @@ async fn demo_serves_printed_tokens_and_shuts_down_on_sigterm() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_twice_on_the_same_database_keeps_the_data() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("demo.db");
+    let db_path = TestDb::empty(dir.path(), "demo.db");
 
     let first = start_demo(dir.path(), &db_path, &[]).await;
     let http = reqwest::Client::new();
@@ -1003,11 +1004,24 @@ async fn demo_twice_on_the_same_database_keeps_the_data() {
     let (code, logs) = second.stop().await;
     assert_eq!(code, Some(0), "{logs}");
 
-    let db = open_store(&db_path);
+    let db = db_path.open();
     assert_eq!(user_count(&*db), 3);
     assert_eq!(library_count(&*db), 1);
     assert_eq!(member_count(&*db), 3);
     assert_eq!(view_count(&*db), 1);
+
+    // With its view removed (the library and users left), the seed adds
+    // the view again rather than failing on the library it finds.
+    admin(dir.path(), &db_path, &["view", "remove", "--id", "demo"])
+        .await
+        .assert_ok();
+    let third = start_demo(dir.path(), &db_path, &[]).await;
+    let (code, logs) = third.stop().await;
+    assert_eq!(code, Some(0), "{logs}");
+    let view = db.view("demo").expect("read").expect("seeded again");
+    assert_eq!(view.version, 0);
+    assert_eq!(library_count(&*db), 1);
+    assert_eq!(user_count(&*db), 3);
 }
 
 /// `demo` without a configured secret keeps the one it makes in
@@ -1017,8 +1031,13 @@ async fn demo_twice_on_the_same_database_keeps_the_data() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_keeps_its_secret_across_restarts() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("kept.db");
-    let kept = dir.path().join("kept.db.secret");
+    let db_path = TestDb::empty(dir.path(), "kept.db");
+    // Beside the SQLite file; on PostgreSQL in the working directory.
+    let kept = if common::db::on_postgres() {
+        PathBuf::from("portal-sync-demo.secret")
+    } else {
+        dir.path().join("kept.db.secret")
+    };
 
     let first = start_demo(dir.path(), &db_path, &[]).await;
     let says = format!(
@@ -1026,6 +1045,7 @@ async fn demo_keeps_its_secret_across_restarts() {
         kept.display()
     );
     assert!(first.stdout.contains(&says), "{}", first.stdout);
+    let kept = dir.path().join(&kept);
     let stored = std::fs::read_to_string(&kept).expect("secret file");
     assert_eq!(stored.trim(), first.secret);
     #[cfg(unix)]
@@ -1135,7 +1155,7 @@ const UNLIMITED_RATE: [(&str, &str); 2] = [
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_acked_update_survives_kill_9() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("demo.db");
+    let db_path = TestDb::empty(dir.path(), "demo.db");
     let mut demo = start_demo(dir.path(), &db_path, &UNLIMITED_RATE).await;
     let mut bob = stream_updates(&demo, 2000).await;
     let acked = read_acks(&mut bob, Some(300)).await;
@@ -1149,10 +1169,7 @@ async fn every_acked_update_survives_kill_9() {
     let acked = acked.max(read_acks(&mut bob, None).await);
 
     let restarted = start_demo(dir.path(), &db_path, &[]).await;
-    let stored = open_store(&db_path)
-        .view("demo")
-        .expect("read")
-        .expect("row");
+    let stored = db_path.open().view("demo").expect("read").expect("row");
     assert!(
         stored.version >= acked,
         "acked version {acked} lost: stored {}",
@@ -1170,7 +1187,7 @@ async fn every_acked_update_survives_kill_9() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_mid_stream_finishes_pending_writes_then_closes_1001() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let db_path = dir.path().join("demo.db");
+    let db_path = TestDb::empty(dir.path(), "demo.db");
     let demo = start_demo(dir.path(), &db_path, &UNLIMITED_RATE).await;
     let mut carol = open_ws(demo.ws_urls[2].as_str().into_client_request().expect("url")).await;
     assert_eq!(carol.recv().await["type"], "connected");
@@ -1204,10 +1221,7 @@ async fn sigterm_mid_stream_finishes_pending_writes_then_closes_1001() {
         .expect("stopped in time")
         .expect("stop task");
     assert_eq!(code, Some(0), "{logs}");
-    let stored = open_store(&db_path)
-        .view("demo")
-        .expect("read")
-        .expect("row");
+    let stored = db_path.open().view("demo").expect("read").expect("row");
     assert!(acked > 0, "some updates were acked before the close");
     assert!(
         stored.version >= acked,
@@ -1221,6 +1235,7 @@ async fn sigterm_mid_stream_finishes_pending_writes_then_closes_1001() {
 /// instead of serving errors.
 #[tokio::test]
 async fn serve_refuses_a_corrupt_database_file() {
+    sqlite_only!();
     let dir = tempfile::tempdir().expect("tempdir");
     let db_path = dir.path().join("corrupt.db");
     std::fs::write(&db_path, vec![0x5a; 64 * 1024]).expect("write garbage");

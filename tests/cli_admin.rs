@@ -607,8 +607,26 @@ async fn token_refuses_unknown_users_and_bad_lifetimes() {
         .expect("a valid token");
     assert_eq!(verified.user_id, "alice");
 
-    // What follows is about the SQLite file.
+    // What follows is about the SQLite file. On PostgreSQL: a URL's
+    // password is not repeated in the refusal.
     if common::db::on_postgres() {
+        let with_password = db.replacen('@', ":hunter2@", 1);
+        let out = run(
+            d,
+            &[
+                "--db",
+                &with_password,
+                "token",
+                "--user",
+                "ghost",
+                "--jwt-secret",
+                secret,
+            ],
+            &[],
+        )
+        .await;
+        let shown = db.replacen('@', ":***@", 1);
+        assert_refused(&out, 3, &format!("error: user ghost not found in {shown}"));
         return;
     }
     let absent = d.join("absent.db");
@@ -682,5 +700,61 @@ async fn an_unopenable_database_fails_at_once_with_one_line() {
                 lines[0]
             );
         }
+    }
+}
+
+/// Adds racing for one id: exactly one wins, every other is told the id is
+/// taken (on PostgreSQL a duplicate committed between the check and the
+/// insert is named the same way, not a unique-constraint error).
+#[test]
+fn racing_adds_of_one_id_get_one_winner_and_named_conflicts() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = TestDb::empty(dir.path(), "race.db");
+    let store = fixture(&db);
+    let outcomes = |add: &(dyn Fn(usize) -> Result<(), portal_sync::domain::error::Error>
+                          + Sync)| {
+        let barrier = std::sync::Barrier::new(6);
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..6)
+                .map(|i| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        add(i).map_err(|e| e.to_string())
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("thread"))
+                .collect::<Vec<_>>()
+        })
+    };
+    let users = outcomes(&|i| store.admin().add_user("dup", &format!("dup{i}@x"), "D"));
+    let emails = outcomes(&|i| store.admin().add_user(&format!("mail{i}"), "same@x", "M"));
+    let views = outcomes(&|_| {
+        store
+            .admin()
+            .add_view("pvdup", "lib", "V", &serde_json::Map::new())
+    });
+    for (results, taken) in [
+        (users, "user dup already exists".to_string()),
+        (views, "portal view pvdup already exists".to_string()),
+    ] {
+        assert_eq!(
+            results.iter().filter(|r| r.is_ok()).count(),
+            1,
+            "{results:?}"
+        );
+        for refused in results.iter().filter_map(|r| r.as_ref().err()) {
+            assert_eq!(refused, &taken);
+        }
+    }
+    assert_eq!(emails.iter().filter(|r| r.is_ok()).count(), 1, "{emails:?}");
+    for refused in emails.iter().filter_map(|r| r.as_ref().err()) {
+        assert!(
+            refused.contains("email same@x is already used by user mail"),
+            "{refused}"
+        );
     }
 }

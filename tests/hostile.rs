@@ -833,7 +833,12 @@ fn seed_hostile(app: &TestApp) {
 fn tables_snapshot(app: &TestApp) -> Value {
     let mut snapshot = Map::new();
     for (table, count) in foreign::table_counts(&app.database) {
-        snapshot.insert(table, json!(count));
+        // PostgreSQL's engine keeps one id per committed batch there (to
+        // answer a COMMIT whose outcome was lost), pruned after minutes: it
+        // grows with every accepted write, as it should.
+        if table != "portal_batches" {
+            snapshot.insert(table, json!(count));
+        }
     }
     let admin = app.db.admin();
     let not_flood = |id: &str| !id.starts_with("flood-");

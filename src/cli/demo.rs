@@ -21,6 +21,8 @@ const DEMO_USERS: [(&str, &str, &str); 3] = [
 ];
 
 /// Creates the demo users, library and view unless the view already exists.
+/// Each row is added only if missing, and one that appears meanwhile (a
+/// second demo starting at once on the same PostgreSQL) is taken as made.
 pub fn seed_demo(path: &Path) -> Result<(), Error> {
     let store = engines::open(path, Synchronous::Full)?;
     if store.view(DEMO_VIEW)?.is_some() {
@@ -29,10 +31,12 @@ pub fn seed_demo(path: &Path) -> Result<(), Error> {
     let admin = store.admin();
     for (id, name, _) in DEMO_USERS {
         if !admin.user_exists(id)? {
-            admin.add_user(id, &format!("{id}@example.com"), name)?;
+            made(admin.add_user(id, &format!("{id}@example.com"), name))?;
         }
     }
-    admin.add_library("demo-library", "Demo library", "alice")?;
+    if admin.library("demo-library")?.is_none() {
+        made(admin.add_library("demo-library", "Demo library", "alice"))?;
+    }
     admin.set_member("demo-library", "alice", LibraryRole::Owner)?;
     admin.set_member("demo-library", "bob", LibraryRole::Editor)?;
     admin.set_member("demo-library", "carol", LibraryRole::Viewer)?;
@@ -48,8 +52,15 @@ pub fn seed_demo(path: &Path) -> Result<(), Error> {
     let Value::Object(state) = state else {
         return Err(Error::Internal("demo state is an object".into()));
     };
-    admin.add_view(DEMO_VIEW, "demo-library", "Demo presentation", &state)?;
-    Ok(())
+    made(admin.add_view(DEMO_VIEW, "demo-library", "Demo presentation", &state))
+}
+
+/// An add that found its row already there has what it wanted.
+fn made(added: Result<(), Error>) -> Result<(), Error> {
+    match added {
+        Err(Error::Conflicting(_)) => Ok(()),
+        other => other,
+    }
 }
 
 /// The banner; `origin` says where the secret comes from and whether the

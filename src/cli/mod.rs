@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use clap::{ArgMatches, CommandFactory, FromArgMatches, Parser, Subcommand};
 
-use crate::config::Synchronous;
+use crate::config::{Database, Synchronous};
 use crate::engines;
 use crate::protocol::auth::Tokens;
 use admin::{LibraryCmd, MemberCmd, UserCmd, ViewCmd};
@@ -218,7 +218,10 @@ fn usage_error(e: &clap::Error) -> ExitCode {
 /// Whether `--db` names a database that exists (opening a file path would
 /// create it).
 fn db_exists(db: &Path) -> bool {
-    db.to_string_lossy().starts_with("postgres") || db.exists()
+    match Database::parse(db) {
+        Database::Postgres(_) => true,
+        Database::Sqlite(path) => path.exists(),
+    }
 }
 
 fn run(parsed: Parsed) -> Result<(), Failure> {
@@ -276,7 +279,8 @@ fn run(parsed: Parsed) -> Result<(), Failure> {
                 if !store.admin().user_exists(&user)? {
                     return Err(Failure::new(
                         NOT_FOUND,
-                        format!("user {user} not found in {}", db.display()),
+                        // A URL's password stays out of the message.
+                        format!("user {user} not found in {}", Database::parse(&db)),
                     ));
                 }
             }

@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use crate::config::Database;
+
 #[derive(Args, Debug, Clone)]
 pub(super) struct SecretArgs {
     /// HS256 secret for tokens (`ps` shows it: prefer --jwt-secret-file)
@@ -36,13 +38,22 @@ impl SecretArgs {
     }
 }
 
-/// Where the demo keeps its secret: beside its database, so that the links
-/// a run printed still work after a restart.
+/// Where the demo keeps its secret, so that the links a run printed still
+/// work after a restart: beside its SQLite file, or, on PostgreSQL (no file
+/// to sit beside), [`PG_DEMO_SECRET`] in the working directory.
 pub(super) fn demo_secret_path(db: &Path) -> PathBuf {
-    let mut name = db.as_os_str().to_owned();
-    name.push(".secret");
-    PathBuf::from(name)
+    match Database::parse(db) {
+        Database::Postgres(_) => PathBuf::from(PG_DEMO_SECRET),
+        Database::Sqlite(path) => {
+            let mut name = path.into_os_string();
+            name.push(".secret");
+            PathBuf::from(name)
+        }
+    }
 }
+
+/// The demo's kept secret on PostgreSQL, relative to the working directory.
+pub(super) const PG_DEMO_SECRET: &str = "portal-sync-demo.secret";
 
 /// The demo's kept secret: read from `path`, or made once and written there
 /// 0600 (created exclusively, so two demos starting at once agree on one).
@@ -154,6 +165,20 @@ mod tests {
         );
         assert_eq!(configured_secret(Some(""), None), Ok(None));
         assert_eq!(configured_secret(Some("x"), None), Ok(Some("x".into())));
+    }
+
+    #[test]
+    fn the_demo_secret_sits_beside_a_file_or_in_the_working_directory() {
+        assert_eq!(
+            demo_secret_path(Path::new("dir/demo.db")),
+            PathBuf::from("dir/demo.db.secret")
+        );
+        for url in ["postgres://u:pw@h/db", "postgresql://h/db?sslmode=disable"] {
+            assert_eq!(
+                demo_secret_path(Path::new(url)),
+                PathBuf::from(PG_DEMO_SECRET)
+            );
+        }
     }
 
     #[test]
