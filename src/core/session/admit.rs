@@ -171,5 +171,13 @@ pub(crate) fn new_connection_id() -> String {
         let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         bytes[..8].copy_from_slice(&n.to_be_bytes());
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    // By hand: twelve `format!` calls were 7.8 k instructions per handshake
+    // under callgrind, more than the connection's log line.
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut id = String::with_capacity(2 * bytes.len());
+    for b in bytes {
+        id.push(char::from(HEX[usize::from(b >> 4)]));
+        id.push(char::from(HEX[usize::from(b & 0x0f)]));
+    }
+    id
 }
