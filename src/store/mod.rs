@@ -6,6 +6,7 @@
 //! An engine renders nothing: a change's broadcast text comes ready to be
 //! stored through [`EventTemplate::render`], which the write path builds.
 
+pub(crate) mod batch;
 pub(crate) mod postgres;
 pub(crate) mod sqlite;
 mod storage;

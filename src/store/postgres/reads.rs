@@ -6,7 +6,6 @@
 use postgres::types::Type;
 use postgres::GenericClient;
 use serde_json::value::RawValue;
-use serde_json::Value;
 
 use super::canonical::to_serde_text;
 use super::pool::Fail;
@@ -174,15 +173,6 @@ pub(super) fn standing_in(
             role.as_deref().and_then(LibraryRole::parse),
         )
     })))
-}
-
-/// Parses stored state text (JSONB's) into the object it holds, or `None`
-/// when it is not an object (another tool may have stored anything).
-pub(super) fn parse_state(text: &str) -> Option<serde_json::Map<String, Value>> {
-    match serde_json::from_str(text) {
-        Ok(Value::Object(map)) => Some(map),
-        _ => None,
-    }
 }
 
 /// The state as the merge would have written it: JSONB keeps its own text
