@@ -9,10 +9,13 @@
 
 mod admin;
 mod batch;
+mod canonical;
 mod listen;
 mod pool;
 mod reads;
 mod schema;
+#[cfg(test)]
+mod test_proxy;
 #[cfg(test)]
 mod tests;
 
@@ -32,8 +35,10 @@ use crate::store::{
 use batch::{Applied, Results};
 use pool::{discard_if_dead, off_runtime, with_conn, Fail, Manager, RETRY_FOR};
 
-/// Attempts of one batch after lost connections (within [`RETRY_FOR`]).
-const BATCH_ATTEMPTS: u32 = 4;
+/// Tries of one batch (within [`RETRY_FOR`]): three, plus one for each
+/// connection the pool may hold that died while idle (after a mass
+/// `pg_terminate_backend` each fails its first statement in turn).
+const BATCH_ATTEMPTS: u32 = 3 + pool::POOL_SIZE;
 
 /// Batch ids older than this are pruned: an unknown outcome is settled
 /// within [`RETRY_FOR`], so minutes are plenty.
@@ -160,7 +165,6 @@ impl PgStore {
 
     /// The next batch fails as a test asks.
     #[cfg(test)]
-    #[allow(dead_code)] // until the fault tests land
     fn inject(&self, fault: batch::Fault) {
         if let Ok(mut slot) = self.fault.lock() {
             *slot = Some(fault);

@@ -13,7 +13,7 @@ use crate::domain::error::Error;
 /// Pooled connections: the two storage threads', the writer's, and a few for
 /// the CLI and fixtures. Small on purpose: every node (and every test's
 /// server) shares PostgreSQL's `max_connections`.
-const POOL_SIZE: u32 = 6;
+pub(super) const POOL_SIZE: u32 = 6;
 
 /// How long a call waits for a connection before failing with
 /// `Error::Storage`: while the database is unreachable, calls fail in about

@@ -8,6 +8,7 @@ use postgres::GenericClient;
 use serde_json::value::RawValue;
 use serde_json::Value;
 
+use super::canonical::to_serde_text;
 use super::pool::Fail;
 use crate::domain::access::{self, LibraryRole, Standing};
 use crate::domain::error::Error;
@@ -179,20 +180,20 @@ pub(super) fn parse_state(text: &str) -> Option<serde_json::Map<String, Value>> 
     }
 }
 
-/// The state as the merge would have written it. JSONB keeps its own text
-/// (keys ordered by length, `": "` separators, numbers as `numeric`), so it
-/// is parsed and serialized again by serde_json: the text is then the same
-/// as the SQLite engine returns and as a commit's own row carries
-/// (serde_json's map keeps keys sorted), and clients comparing texts agree.
+/// The state as the merge would have written it: JSONB keeps its own text
+/// (keys ordered by length, `": "` separators), so it is rewritten in
+/// serde_json's (canonical.rs): the text is then the one the SQLite engine
+/// returns and a commit's own row carries, and clients comparing texts agree.
 pub(super) fn state_json(view_id: &str, text: String) -> Result<Box<RawValue>, Error> {
     let corrupt = || {
         Error::Storage(format!(
             "stored state of view {view_id} is not a JSON object"
         ))
     };
-    let state = parse_state(&text).ok_or_else(corrupt)?;
-    serde_json::value::to_raw_value(&state)
-        .map_err(|e| Error::Internal(format!("serializing state: {e}")))
+    let text = to_serde_text(&text)
+        .filter(|t| t.starts_with('{'))
+        .ok_or_else(corrupt)?;
+    RawValue::from_string(text).map_err(|_| corrupt())
 }
 
 pub(super) fn view(c: &mut impl GenericClient, view_id: &str) -> Result<Option<ViewRow>, Fail> {

@@ -44,6 +44,11 @@ impl TestDb {
         })
     }
 
+    /// This database's URL through `proxy`.
+    fn url_via(&self, proxy: &super::test_proxy::Proxy) -> String {
+        format!("postgres://postgres@{}/{}", proxy.addr, self.name)
+    }
+
     fn client(&self) -> postgres::Client {
         postgres::Client::connect(&self.url, NoTls).expect("connect")
     }
@@ -224,6 +229,266 @@ fn schema_on_tables_another_tool_made() {
     assert_eq!(db.membership_changes_since(0).expect("log").len(), 1);
 }
 
-/// Not a test of the engine: keeps the helper's waits in one place.
-#[allow(dead_code)]
-const WAIT: Duration = Duration::from_secs(1);
+fn event_op(view: &str, change: Value) -> StoreOp {
+    let mut op = op(view, change);
+    op.event = Some(crate::store::EventTemplate {
+        render: Box::new(|v| format!("event {v}")),
+        node: "n1".into(),
+        conn: Some(7),
+    });
+    op
+}
+
+/// Two store instances (two nodes) and two threads on each commit 1,000
+/// changes to one view at once: every version from 1 to 1,000 is stored
+/// exactly once, and the stored state is the replay of the changes.
+#[test]
+fn concurrent_nodes_commit_gapless_versions() {
+    let Some(t) = TestDb::new() else { return };
+    let first = Arc::new(t.seeded());
+    let second = Arc::new(t.open());
+    const EACH: usize = 250;
+    let mut threads = Vec::new();
+    for (n, db) in [&first, &first, &second, &second].into_iter().enumerate() {
+        let db = Arc::clone(db);
+        threads.push(std::thread::spawn(move || {
+            let mut mine = Vec::new();
+            for i in 0..EACH {
+                let key = format!("w{n}");
+                let results = db
+                    .apply_batch(&[event_op("pv", json!({ key: i }))], 1 << 20)
+                    .expect("batch");
+                mine.push(results[0].as_ref().expect("applied").version);
+            }
+            mine
+        }));
+    }
+    let mut all: Vec<i64> = threads
+        .into_iter()
+        .flat_map(|h| h.join().expect("thread"))
+        .collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=4 * EACH as i64).collect::<Vec<_>>());
+    let row = first.view("pv").expect("read").expect("row");
+    assert_eq!(row.version, 4 * EACH as i64);
+    let last = (EACH - 1) as i64;
+    assert_eq!(
+        serde_json::from_str::<Value>(row.state.get()).expect("json"),
+        json!({"w0": last, "w1": last, "w2": last, "w3": last})
+    );
+    let events = second
+        .events_between("pv", 1, 4 * EACH as i64)
+        .expect("events");
+    let versions: Vec<i64> = events.iter().map(|e| e.version).collect();
+    assert_eq!(versions, (1..=4 * EACH as i64).collect::<Vec<_>>());
+    assert_eq!(
+        (
+            events[9].message.as_str(),
+            events[9].node.as_str(),
+            events[9].conn
+        ),
+        ("event 10", "n1", Some(7))
+    );
+    assert_eq!(
+        second.events_between("pv", 5, 7).expect("range").len(),
+        3,
+        "a per-view version range"
+    );
+}
+
+/// Batches over {pv, pw} and {pw, pv} on two nodes at once: views are locked
+/// in id order, so neither deadlocks (PostgreSQL would abort one with
+/// `deadlock detected`, which would surface here as an error or a retry).
+#[test]
+fn views_are_locked_in_sorted_order_so_crossed_batches_never_deadlock() {
+    let Some(t) = TestDb::new() else { return };
+    let first = Arc::new(t.seeded());
+    let second = Arc::new(t.open());
+    let crossed = |db: Arc<PgStore>, order: [&'static str; 2]| {
+        std::thread::spawn(move || {
+            for i in 0..100 {
+                let ops = [
+                    op(order[0], json!({ "i": i })),
+                    op(order[1], json!({ "i": i })),
+                ];
+                let results = db.apply_batch(&ops, 1 << 20).expect("no deadlock");
+                assert!(results.iter().all(Result::is_ok), "{results:?}");
+            }
+        })
+    };
+    let a = crossed(first.clone(), ["pv", "pw"]);
+    let b = crossed(second.clone(), ["pw", "pv"]);
+    a.join().expect("a");
+    b.join().expect("b");
+    let v = first
+        .versions(&["pv".into(), "pw".into()])
+        .expect("versions");
+    assert_eq!(v, [("pv".to_string(), 200), ("pw".to_string(), 200)]);
+    let deadlocks: i64 = t
+        .client()
+        .query_one(
+            "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()",
+            &[],
+        )
+        .expect("stats")
+        .get(0);
+    assert_eq!(deadlocks, 0);
+}
+
+/// The backend dies just before COMMIT: the batch is retried on a fresh
+/// connection and applied exactly once.
+#[test]
+fn a_connection_killed_before_commit_applies_the_batch_once() {
+    let Some(t) = TestDb::new() else { return };
+    let db = t.seeded();
+    db.inject(batch::Fault::KillBeforeCommit);
+    let results = db
+        .apply_batch(&[event_op("pv", json!({"a": 1}))], 1 << 20)
+        .expect("retried");
+    assert_eq!(versions_of(&results), [Some(1)]);
+    let row = db.view("pv").expect("read").expect("row");
+    assert_eq!((row.version, row.state.get()), (1, r#"{"a":1}"#));
+    assert_eq!(db.events_between("pv", 0, 10).expect("events").len(), 1);
+}
+
+/// COMMIT succeeds and its answer is lost: the retry finds the batch id,
+/// returns the first attempt's results, and applies nothing again.
+#[test]
+fn a_commit_whose_answer_is_lost_is_not_applied_twice() {
+    let Some(t) = TestDb::new() else { return };
+    let db = t.seeded();
+    db.inject(batch::Fault::LoseCommitReply);
+    let mut ops = vec![event_op("pv", json!({"a": 1}))];
+    ops[0].want_row = true;
+    let results = db.apply_batch(&ops, 1 << 20).expect("settled");
+    assert_eq!(versions_of(&results), [Some(1)]);
+    let row = db.view("pv").expect("read").expect("row");
+    assert_eq!((row.version, row.state.get()), (1, r#"{"a":1}"#));
+    let ids: i64 = t
+        .client()
+        .query_one("SELECT count(*) FROM portal_batches", &[])
+        .expect("count")
+        .get(0);
+    assert_eq!(ids, 1);
+    // And the next batch goes on from there.
+    let results = db
+        .apply_batch(&[op("pv", json!({"b": 2}))], 1 << 20)
+        .expect("next");
+    assert_eq!(versions_of(&results), [Some(2)]);
+}
+
+/// Every connection of the pool killed between batches: the next calls
+/// notice, take fresh connections, and succeed.
+#[test]
+fn connections_killed_between_batches_are_replaced() {
+    let Some(t) = TestDb::new() else { return };
+    let db = t.seeded();
+    // Several connections in the pool, then all of them killed.
+    std::thread::scope(|s| {
+        for _ in 0..4 {
+            s.spawn(|| db.view("pv").expect("read"));
+        }
+    });
+    let killed: i64 = t
+        .client()
+        .query_one(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity
+              WHERE datname = current_database() AND pid <> pg_backend_pid()",
+            &[],
+        )
+        .expect("kill")
+        .get(0);
+    assert!(killed >= 1, "{killed}");
+    std::thread::sleep(Duration::from_millis(100));
+    let results = db
+        .apply_batch(&[op("pv", json!({"a": 1}))], 1 << 20)
+        .expect("batch");
+    assert_eq!(versions_of(&results), [Some(1)]);
+    assert_eq!(db.view("pv").expect("read").expect("row").version, 1);
+    db.ping().expect("ping");
+}
+
+/// A membership change made with plain SQL (psql, another tool) is in the
+/// change log and wakes the LISTEN within a second.
+#[test]
+fn a_membership_change_by_sql_is_logged_and_wakes_the_listener() {
+    let Some(t) = TestDb::new() else { return };
+    let db = t.seeded();
+    let start = db.membership_changes_start().expect("start");
+    let (tx, rx) = std::sync::mpsc::channel::<()>();
+    let tx = std::sync::Mutex::new(tx);
+    db.watch_membership(Arc::new(move || {
+        let _ = tx.lock().map(|tx| tx.send(()));
+    }));
+    // The first wake comes once the LISTEN is in place.
+    rx.recv_timeout(Duration::from_secs(5)).expect("first wake");
+    let mut c = t.client();
+    c.batch_execute("UPDATE library_members SET role = 'EDITOR' WHERE user_id = 'v'")
+        .expect("update");
+    rx.recv_timeout(Duration::from_secs(1))
+        .expect("woken by the role change");
+    c.batch_execute("UPDATE libraries SET owner_id = 'n' WHERE id = 'lib'")
+        .expect("owner");
+    rx.recv_timeout(Duration::from_secs(1))
+        .expect("woken by the owner change");
+    let changes = db.membership_changes_since(start).expect("since");
+    let who: Vec<(&str, &str)> = changes
+        .iter()
+        .map(|c| (c.library_id.as_str(), c.user_id.as_str()))
+        .collect();
+    assert_eq!(who, [("lib", "v"), ("lib", "o")]);
+    assert!(changes[0].seq < changes[1].seq);
+    assert_eq!(
+        db.membership_changes_since(changes[1].seq).expect("after"),
+        []
+    );
+}
+
+/// While the database is unreachable every call fails within seconds with
+/// `Error::Storage` (`ping` too: `/health` 503) and nothing is applied;
+/// once it is back the same store serves again, without a restart.
+#[test]
+fn an_unreachable_database_fails_fast_and_the_store_recovers() {
+    let Some(t) = TestDb::new() else { return };
+    drop(t.seeded());
+    let upstream: std::net::SocketAddr = "127.0.0.1:5432".parse().expect("addr");
+    let proxy = super::test_proxy::Proxy::start(upstream);
+    let db = PgStore::open(&t.url_via(&proxy)).expect("open through the proxy");
+    db.ping().expect("ping");
+    proxy.cut();
+    let start = std::time::Instant::now();
+    assert!(matches!(db.ping(), Err(Error::Storage(_))));
+    assert!(
+        start.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        start.elapsed()
+    );
+    let start = std::time::Instant::now();
+    let refused = db.apply_batch(&[op("pv", json!({"a": 1}))], 1 << 20);
+    assert!(matches!(refused, Err(Error::Storage(_))), "{refused:?}");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(matches!(db.view("pv"), Err(Error::Storage(_))));
+    proxy.restore();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while db.ping().is_err() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the store did not recover"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let results = db
+        .apply_batch(&[op("pv", json!({"b": 2}))], 1 << 20)
+        .expect("batch");
+    assert_eq!(
+        versions_of(&results),
+        [Some(1)],
+        "the refused batch left nothing"
+    );
+    let row = db.view("pv").expect("read").expect("row");
+    assert_eq!(row.state.get(), r#"{"b":2}"#);
+}
