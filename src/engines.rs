@@ -36,6 +36,8 @@ pub fn open_db(db: &Database, synchronous: Synchronous) -> Result<Arc<dyn Store>
 /// storage threads.
 pub async fn open_store(config: &Config) -> Result<Storage, Error> {
     let db = config.db.clone();
+    // Display hides a URL's password.
+    log::info!("database: {db}");
     let sync = config.sqlite_synchronous;
     let store = tokio::task::spawn_blocking(move || open_db(&db, sync))
         .await

@@ -28,18 +28,19 @@ macro_rules! iso_ms {
 }
 pub(super) use iso_ms;
 
-/// A view's columns `$columns` with its library's owner and the user's
-/// member row (`$1` the user, `$2` the view): the one lookup behind
-/// [`access`] and [`grant`].
-macro_rules! view_with_role {
+/// Whether the user exists, and the view's columns `$columns` with its
+/// library's owner and the user's member row (`$1` the user, `$2` the
+/// view), in one round trip: the lookup behind [`access`] and [`grant`].
+/// The row is always there; the view's columns are NULL when it is not.
+macro_rules! user_and_view_with_role {
     ($columns:expr) => {
         concat!(
-            "SELECT ",
+            "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1), ",
             $columns,
-            " FROM portal_views v
+            " FROM (SELECT 1) AS one
+               LEFT JOIN portal_views v ON v.id = $2
                LEFT JOIN libraries l ON l.id = v.library_id
-               LEFT JOIN library_members m ON m.library_id = v.library_id AND m.user_id = $1
-              WHERE v.id = $2"
+               LEFT JOIN library_members m ON m.library_id = v.library_id AND m.user_id = $1"
         )
     };
 }
@@ -67,18 +68,26 @@ fn role_of(
     )
 }
 
-fn known_user_and_view_id(
+/// Runs the lookup and applies SPEC §3's first two checks in its order:
+/// unknown user, then view not found (`library_id`, column 1, is NULL).
+fn user_and_view(
     c: &mut impl GenericClient,
+    query: &str,
     user_id: &str,
     view_id: &str,
-) -> Result<(), Fail> {
-    if !user_exists(c, user_id)? {
+) -> Result<postgres::Row, Fail> {
+    if !is_valid_id(user_id) {
         return Err(Error::UnknownUser.into());
     }
-    if !is_valid_id(view_id) {
+    let view = if is_valid_id(view_id) { view_id } else { "" };
+    let row = c.query_typed_one(query, &[(&user_id, Type::TEXT), (&view, Type::TEXT)])?;
+    if !row.try_get::<_, bool>(0)? {
+        return Err(Error::UnknownUser.into());
+    }
+    if row.try_get::<_, Option<String>>(1)?.is_none() {
         return Err(Error::ViewNotFound.into());
     }
-    Ok(())
+    Ok(row)
 }
 
 /// The checks of SPEC §3 that need storage, in its order: unknown user,
@@ -88,28 +97,26 @@ pub(super) fn access(
     user_id: &str,
     view_id: &str,
 ) -> Result<Access, Fail> {
-    known_user_and_view_id(c, user_id, view_id)?;
-    let row = c.query_typed_opt(
-        view_with_role!(concat!(
+    let row = user_and_view(
+        c,
+        user_and_view_with_role!(concat!(
             "v.library_id, v.name, v.state::text, v.version, ",
             iso_ms!("v.updated_at"),
             ", l.owner_id, m.role"
         )),
-        &[(&user_id, Type::TEXT), (&view_id, Type::TEXT)],
+        user_id,
+        view_id,
     )?;
-    let Some(row) = row else {
-        return Err(Error::ViewNotFound.into());
-    };
-    let role = role_of(user_id, row.try_get(5)?, row.try_get(6)?)?;
+    let role = role_of(user_id, row.try_get(6)?, row.try_get(7)?)?;
     Ok(Access {
         role,
         view: ViewRow {
             id: view_id.to_string(),
-            library_id: row.try_get(0)?,
-            name: row.try_get(1)?,
-            state: state_json(view_id, row.try_get(2)?)?,
-            version: row.try_get(3)?,
-            updated_at: row.try_get(4)?,
+            library_id: row.try_get(1)?,
+            name: row.try_get(2)?,
+            state: state_json(view_id, row.try_get(3)?)?,
+            version: row.try_get(4)?,
+            updated_at: row.try_get(5)?,
         },
     })
 }
@@ -120,19 +127,17 @@ pub(super) fn grant(
     user_id: &str,
     view_id: &str,
 ) -> Result<Grant, Fail> {
-    known_user_and_view_id(c, user_id, view_id)?;
-    let row = c.query_typed_opt(
-        view_with_role!("v.library_id, v.version, l.owner_id, m.role"),
-        &[(&user_id, Type::TEXT), (&view_id, Type::TEXT)],
+    let row = user_and_view(
+        c,
+        user_and_view_with_role!("v.library_id, v.version, l.owner_id, m.role"),
+        user_id,
+        view_id,
     )?;
-    let Some(row) = row else {
-        return Err(Error::ViewNotFound.into());
-    };
-    let role = role_of(user_id, row.try_get(2)?, row.try_get(3)?)?;
+    let role = role_of(user_id, row.try_get(3)?, row.try_get(4)?)?;
     Ok(Grant {
         role,
-        library_id: row.try_get(0)?,
-        version: row.try_get(1)?,
+        library_id: row.try_get(1)?,
+        version: row.try_get(2)?,
     })
 }
 

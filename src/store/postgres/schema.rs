@@ -16,6 +16,8 @@ const MIGRATION_LOCK: i64 = 7_061_727_469_616_300;
 pub(super) fn migrate(client: &mut Client) -> Result<(), Error> {
     let mut tx = client.transaction()?;
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+    // `… already exists, skipping` at every start is no news.
+    tx.batch_execute("SET LOCAL client_min_messages = warning")?;
     tx.batch_execute(SCHEMA)?;
     tx.commit()?;
     Ok(())
