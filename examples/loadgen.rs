@@ -34,7 +34,12 @@
 //!   shared counters, so recording costs no cross-core traffic.
 //! - With `--server-pid`, the server's RSS (`/proc/PID/status` VmRSS) before and
 //!   after connecting gives bytes per connection, and its utime+stime
-//!   (`/proc/PID/stat`) over the send phase gives CPU per delivery.
+//!   (`/proc/PID/stat`) over the send phase gives CPU per delivery. Several
+//!   pids (the nodes of a cluster, whose viewers `--viewer-servers` spreads
+//!   over them) are summed.
+//! - With `--pg-database`, the CPU of the PostgreSQL backends serving that
+//!   database is measured the same way and reported apart (`pg_cpu_*`): with
+//!   PostgreSQL, part of the cost of a commit or a lookup is spent there.
 //! - Sockets close with a zero linger (RST): the generator then leaves no
 //!   TIME_WAIT behind, so back-to-back runs of 10,000 connections do not run out
 //!   of loopback ports.
@@ -59,9 +64,14 @@ use tokio_tungstenite::WebSocketStream;
 #[derive(Parser, Debug)]
 #[command(about = "Load generator for portal-sync and compatible servers")]
 struct Args {
-    /// Server base URL
+    /// Server base URL (the controllers connect here; viewers too, unless
+    /// --viewer-servers is given)
     #[arg(long, default_value = "ws://127.0.0.1:3000")]
     server: String,
+    /// Base URLs the viewers connect to, comma-separated, round-robin (viewer i
+    /// on server i mod K): the nodes of a cluster [default: --server]
+    #[arg(long, value_delimiter = ',')]
+    viewer_servers: Vec<String>,
     /// idle: connect the viewers, measure, hold, close. fanout: viewers plus one
     /// controller per view sending updates.
     #[arg(long, value_enum, default_value = "fanout")]
@@ -108,9 +118,15 @@ struct Args {
     controller_prefix: String,
     #[arg(long, default_value = "pv")]
     view_prefix: String,
-    /// The server's pid, for its RSS and CPU time (from /proc)
+    /// The server's pid, for its RSS and CPU time (from /proc); several
+    /// comma-separated (the nodes of a cluster): their RSS and CPU are summed
+    #[arg(long, value_delimiter = ',')]
+    server_pid: Vec<u32>,
+    /// A PostgreSQL database whose backends' CPU is measured apart (`pg_cpu_*`):
+    /// the `postgres` processes whose title names it, found in /proc at each
+    /// reading; `*` for every postgres process (walwriter, checkpointer, …)
     #[arg(long)]
-    server_pid: Option<u32>,
+    pg_database: Option<String>,
     /// Seconds to hold the connections open after measuring (idle mode)
     #[arg(long, default_value_t = 0.0)]
     hold: f64,
@@ -345,6 +361,85 @@ fn rss_kib(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The summed RSS of the server's processes; None without pids or when one is gone.
+fn rss_kib_sum(pids: &[u32]) -> Option<u64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|&p| rss_kib(p)).sum()
+}
+
+/// The summed utime + stime of the server's processes, in seconds.
+fn cpu_secs_sum(pids: &[u32]) -> Option<f64> {
+    if pids.is_empty() {
+        return None;
+    }
+    pids.iter().map(|p| cpu_secs(&p.to_string())).sum()
+}
+
+/// CPU seconds of each PostgreSQL process serving `database` (`*`: every
+/// postgres process), by pid. Backends name their database in their process
+/// title (`postgres: [cluster: ]USER DATABASE HOST(PORT) STATE`), so this needs
+/// no database connection of its own, and a backend the pool opens mid-run is
+/// found at the next reading.
+fn pg_cpu(database: &str) -> BTreeMap<u32, f64> {
+    let mut out = BTreeMap::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            continue;
+        };
+        let title = String::from_utf8_lossy(&cmdline);
+        let ours = if database == "*" {
+            title.starts_with("postgres:") || title.contains("/bin/postgres")
+        } else {
+            pg_title_names(&title, database)
+        };
+        if ours {
+            if let Some(cpu) = cpu_secs(&pid.to_string()) {
+                out.insert(pid, cpu);
+            }
+        }
+    }
+    out
+}
+
+/// Whether a backend's title `postgres: [cluster: ]USER DATABASE HOST(PORT) …`
+/// names `database`.
+fn pg_title_names(title: &str, database: &str) -> bool {
+    let Some(rest) = title.strip_prefix("postgres: ") else {
+        return false;
+    };
+    // Skip the cluster name (`15/main: `) when there is one.
+    let rest = match rest.split_once(": ") {
+        Some((cluster, tail)) if !cluster.contains(' ') => tail,
+        _ => rest,
+    };
+    let words: Vec<&str> = rest.split_whitespace().collect();
+    words.len() >= 3
+        && words[1] == database
+        && (words[2].contains('(') || words[2].starts_with("[local]"))
+}
+
+/// CPU seconds the PostgreSQL processes of `before` and those found now spent
+/// between the two readings; a process that appeared since counts from zero
+/// (it started in between), one that exited is lost (pools keep theirs).
+fn pg_cpu_delta(before: &BTreeMap<u32, f64>, after: &BTreeMap<u32, f64>) -> f64 {
+    after
+        .iter()
+        .map(|(pid, cpu)| (cpu - before.get(pid).copied().unwrap_or(0.0)).max(0.0))
+        .sum()
 }
 
 /// utime + stime in seconds.
@@ -900,17 +995,22 @@ fn main() {
     std::process::exit(code);
 }
 
-async fn run(args: Args) -> Result<Value, String> {
-    now_us(); // start the clock
-    let base = args.server.trim_end_matches('/').to_string();
+/// A `ws://host:port` base URL, resolved.
+async fn resolve(server: &str) -> Result<(String, SocketAddr), String> {
+    let base = server.trim_end_matches('/').to_string();
     let hostport = base
         .strip_prefix("ws://")
-        .ok_or("--server must be ws://host:port (no TLS here)")?;
+        .ok_or_else(|| format!("{server}: servers must be ws://host:port (no TLS here)"))?;
     let addr: SocketAddr = tokio::net::lookup_host(hostport)
         .await
         .map_err(|e| format!("resolving {hostport}: {e}"))?
         .next()
         .ok_or_else(|| format!("{hostport} resolves to nothing"))?;
+    Ok((base, addr))
+}
+
+async fn run(args: Args) -> Result<Value, String> {
+    now_us(); // start the clock
     let views = args.views.max(1);
     let controllers = if args.mode == Mode::Fanout { views } else { 0 };
     let sockets = args.viewers + controllers;
@@ -923,18 +1023,32 @@ async fn run(args: Args) -> Result<Value, String> {
         }
     }
     let tokens = TokenSource::new(&args)?;
-    let target = Arc::new(Target {
-        addr,
-        base,
-        config: WebSocketConfig::default()
-            .read_buffer_size(args.read_buffer)
-            .max_message_size(Some(1 << 20))
-            .max_frame_size(Some(1 << 20)),
-        connect_timeout: Duration::from_secs_f64(args.connect_timeout),
-    });
+    let config = WebSocketConfig::default()
+        .read_buffer_size(args.read_buffer)
+        .max_message_size(Some(1 << 20))
+        .max_frame_size(Some(1 << 20));
+    let connect_timeout = Duration::from_secs_f64(args.connect_timeout);
+    let make_target = |(base, addr)| {
+        Arc::new(Target {
+            addr,
+            base,
+            config,
+            connect_timeout,
+        })
+    };
+    let target = make_target(resolve(&args.server).await?);
+    let mut viewer_targets = Vec::new();
+    for server in args.viewer_servers.iter().filter(|s| !s.is_empty()) {
+        viewer_targets.push(make_target(resolve(server).await?));
+    }
+    if viewer_targets.is_empty() {
+        viewer_targets.push(target.clone());
+    }
     let stats = Arc::new(Stats::default());
-    let pid = args.server_pid;
+    let pid = args.server_pid.clone();
     let self_pid = std::process::id().to_string();
+    let pg = args.pg_database.clone();
+    let pg_reading = || pg.as_deref().map(pg_cpu);
 
     // Progress, once a second, on stderr.
     let phase: Arc<Mutex<&'static str>> = Arc::new(Mutex::new("connecting"));
@@ -966,7 +1080,7 @@ async fn run(args: Args) -> Result<Value, String> {
     }
 
     // --- connect
-    let rss_before = pid.and_then(rss_kib);
+    let rss_before = rss_kib_sum(&pid);
     let gate = Arc::new(Semaphore::new(args.connect_concurrency.max(1)));
     let mut viewer_urls = Vec::with_capacity(args.viewers);
     for i in 0..args.viewers {
@@ -974,7 +1088,8 @@ async fn run(args: Args) -> Result<Value, String> {
         let view = format!("{}{}", args.view_prefix, i % views);
         viewer_urls.push((view, tokens.token(&user)?));
     }
-    let connect_cpu_before = pid.and_then(|p| cpu_secs(&p.to_string()));
+    let connect_cpu_before = cpu_secs_sum(&pid);
+    let connect_pg_before = pg_reading();
     let connect_start = now_us();
     let updates = args
         .updates
@@ -992,7 +1107,7 @@ async fn run(args: Args) -> Result<Value, String> {
     let per_view: Vec<Arc<AtomicU64>> = (0..views).map(|_| Arc::default()).collect();
     for (i, (view, token)) in viewer_urls.into_iter().enumerate() {
         tasks.push(tokio::spawn(viewer(
-            target.clone(),
+            viewer_targets[i % viewer_targets.len()].clone(),
             view,
             token,
             args.transport,
@@ -1008,7 +1123,8 @@ async fn run(args: Args) -> Result<Value, String> {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let connect_end = now_us();
-    let connect_cpu_after = pid.and_then(|p| cpu_secs(&p.to_string()));
+    let connect_cpu_after = cpu_secs_sum(&pid);
+    let connect_pg_after = pg_reading();
     let connect_secs = (connect_end - connect_start) as f64 / 1e6;
     let viewers_connected = stats.connected.load(Relaxed);
     let k = args.controller_users.unwrap_or(views).max(1);
@@ -1023,11 +1139,13 @@ async fn run(args: Args) -> Result<Value, String> {
         }
     }
     tokio::time::sleep(Duration::from_millis(args.settle_ms)).await;
-    let rss_after = pid.and_then(rss_kib);
+    let rss_after = rss_kib_sum(&pid);
     let handshakes = merged(Kind::Handshake);
     let mut result = json!({
         "label": args.label,
         "server": args.server,
+        "viewer_servers": viewer_targets.iter().map(|t| t.base.clone()).collect::<Vec<_>>(),
+        "server_pids": pid,
         "mode": format!("{:?}", args.mode).to_lowercase(),
         "viewers": args.viewers,
         "views": views,
@@ -1042,6 +1160,15 @@ async fn run(args: Args) -> Result<Value, String> {
         if viewers_connected > 0 {
             result["server_cpu_us_per_handshake"] =
                 json!(((b - a) * 1e6 / viewers_connected as f64 * 10.0).round() / 10.0);
+        }
+    }
+    if let (Some(a), Some(b)) = (&connect_pg_before, &connect_pg_after) {
+        let secs = pg_cpu_delta(a, b);
+        result["pg_database"] = json!(pg);
+        result["pg_connect_cpu_secs"] = json!(secs);
+        if viewers_connected > 0 {
+            result["pg_cpu_us_per_handshake"] =
+                json!((secs * 1e6 / viewers_connected as f64 * 10.0).round() / 10.0);
         }
     }
     if let (Some(before), Some(after)) = (rss_before, rss_after) {
@@ -1073,7 +1200,8 @@ async fn run(args: Args) -> Result<Value, String> {
         },
     });
     *lock(&phase) = "sending";
-    let cpu_before = pid.and_then(|p| cpu_secs(&p.to_string()));
+    let cpu_before = cpu_secs_sum(&pid);
+    let pg_before = pg_reading();
     let self_cpu_before = cpu_secs(&self_pid);
     let send_start = now_us();
     let drivers: Vec<_> = controller_sockets
@@ -1100,7 +1228,8 @@ async fn run(args: Args) -> Result<Value, String> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    let cpu_after = pid.and_then(|p| cpu_secs(&p.to_string()));
+    let cpu_after = cpu_secs_sum(&pid);
+    let pg_after = pg_reading();
     let self_cpu_after = cpu_secs(&self_pid);
     stats.stopping.store(true, Relaxed);
     let received = stats.received.load(Relaxed);
@@ -1128,12 +1257,27 @@ async fn run(args: Args) -> Result<Value, String> {
         result["acks_per_sec"] = json!(acks as f64 / ack_secs.max(1e-9));
         result["ack_ms"] = merged(Kind::Ack).summary_ms();
     }
-    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
-        result["server_cpu_secs"] = json!(b - a);
+    // Per delivery (what a fan-out costs), per update sent and per ack (what
+    // the durable path costs, the only figure when nobody watches).
+    let per = |secs: f64, count: u64| json!((secs * 1e6 / count as f64 * 1000.0).round() / 1000.0);
+    let acks = stats.acks.load(Relaxed);
+    let mut costs = |name: &str, secs: f64| {
+        result[format!("{name}_cpu_secs")] = json!(secs);
         if received > 0 {
-            result["server_cpu_us_per_delivery"] =
-                json!(((b - a) * 1e6 / received as f64 * 1000.0).round() / 1000.0);
+            result[format!("{name}_cpu_us_per_delivery")] = per(secs, received);
         }
+        if sent_total > 0 {
+            result[format!("{name}_cpu_us_per_update")] = per(secs, sent_total);
+        }
+        if args.ids && acks > 0 {
+            result[format!("{name}_cpu_us_per_ack")] = per(secs, acks);
+        }
+    };
+    if let (Some(a), Some(b)) = (cpu_before, cpu_after) {
+        costs("server", b - a);
+    }
+    if let (Some(a), Some(b)) = (&pg_before, &pg_after) {
+        costs("pg", pg_cpu_delta(a, b));
     }
     if let (Some(a), Some(b)) = (self_cpu_before, self_cpu_after) {
         result["loadgen_cpu_secs"] = json!(b - a);
