@@ -39,6 +39,9 @@ pub struct Shared {
     shutdown: watch::Receiver<bool>,
     sessions: AtomicUsize,
     sessions_done: Notify,
+    /// Sessions still reading their client's messages (see [`Core::readers_stopped`]).
+    readers: AtomicUsize,
+    readers_done: Notify,
 }
 
 impl Deref for Core {
@@ -150,6 +153,8 @@ impl Core {
             shutdown,
             sessions: AtomicUsize::new(0),
             sessions_done: Notify::new(),
+            readers: AtomicUsize::new(0),
+            readers_done: Notify::new(),
         })))
     }
 
@@ -182,6 +187,37 @@ impl Core {
                 return;
             }
             notified.await;
+        }
+    }
+
+    /// Counts a session as reading its client's messages until the guard
+    /// drops (it stops at shutdown, or ends).
+    pub fn reading_guard(&self) -> ReadingGuard {
+        self.readers.fetch_add(1, Ordering::AcqRel);
+        ReadingGuard(self.clone())
+    }
+
+    /// Resolves when no session reads its client's messages any more. After
+    /// the shutdown signal this means nothing more will be submitted to the
+    /// writer by a session, so one barrier then covers every change a client
+    /// sent before the stop, whichever session it came through.
+    pub async fn readers_stopped(&self) {
+        loop {
+            let notified = self.readers_done.notified();
+            if self.readers.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+pub struct ReadingGuard(Core);
+
+impl Drop for ReadingGuard {
+    fn drop(&mut self) {
+        if self.0.readers.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.readers_done.notify_waiters();
         }
     }
 }

@@ -21,6 +21,10 @@ const SHUTTING_DOWN: CloseRequest = CloseRequest {
     reason: "server shutting down",
 };
 
+/// How long a session at shutdown waits for every other one to stop reading
+/// before its last barrier (see the shutdown branch of the loop).
+const QUIESCE: Duration = Duration::from_secs(1);
+
 const TOKEN_EXPIRED: CloseRequest = CloseRequest {
     code: 1008,
     reason: "token expired",
@@ -151,6 +155,7 @@ impl Session {
         // (see BENCHMARKS.md), and a fresh timer is a timer-wheel entry per turn.
         let shutdown = ctx.shutting_down();
         tokio::pin!(shutdown);
+        let mut reader = Some(ctx.reading_guard());
         let ping_timer = tokio::time::sleep_until(liveness.next_deadline());
         tokio::pin!(ping_timer);
         loop {
@@ -158,8 +163,14 @@ impl Session {
                 biased;
                 _ = &mut shutdown, if reading => {
                     reading = false;
-                    // Let the writer answer what this connection already sent,
-                    // then close after those answers.
+                    drop(reader.take());
+                    // Let the writer answer what every connection already
+                    // sent, then close after those answers and broadcasts:
+                    // wait until no session reads any more (a moment at most:
+                    // one stuck in a write must not hold the others), so a
+                    // viewer's close follows the last change a controller on
+                    // another session sent before the stop.
+                    let _ = tokio::time::timeout(QUIESCE, ctx.readers_stopped()).await;
                     ctx.writer.barrier().await;
                     self.outbox.close(SHUTTING_DOWN);
                 }
@@ -180,6 +191,7 @@ impl Session {
                     match expiry.fire(&armed) {
                         Some(Due::Close) => {
                             reading = false;
+                            drop(reader.take());
                             self.outbox.close(TOKEN_EXPIRED);
                         }
                         Some(Due::Warn(exp)) => {
@@ -231,6 +243,7 @@ impl Session {
                         // already queued are sent first").
                         self.outbox.close(CloseRequest { code, reason });
                         reading = false;
+                        drop(reader.take());
                     }
                 }
             }
