@@ -904,14 +904,53 @@ fn assert_stored(app: &TestApp, view: &str, state: Value, version: i64) {
 /// The sockets this process holds (server and clients alike), by inode; `None`
 /// where `/proc` is not there.
 fn open_sockets() -> Option<Vec<String>> {
+    let database = database_sockets();
     let mut sockets: Vec<String> = std::fs::read_dir("/proc/self/fd")
         .ok()?
         .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
         .map(|target| target.to_string_lossy().to_string())
-        .filter(|target| target.starts_with("socket:"))
+        .filter(|target| target.starts_with("socket:") && !database.contains(target))
         .collect();
     sockets.sort();
     Some(sockets)
+}
+
+/// This process's TCP sockets to PostgreSQL (`socket:[inode]`): pooled
+/// database connections, which grow on demand as SQLite's files do, are not
+/// clients' sockets.
+fn database_sockets() -> Vec<String> {
+    let Some(port) = common::db::pg_admin_url().map(|url| pg_port(&url)) else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for table in ["/proc/self/net/tcp", "/proc/self/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let remote_port = fields
+                .get(2)
+                .and_then(|remote| remote.rsplit(':').next())
+                .and_then(|hex| u16::from_str_radix(hex, 16).ok());
+            if let (Some(remote), Some(inode)) = (remote_port, fields.get(9)) {
+                if remote == port {
+                    found.push(format!("socket:[{inode}]"));
+                }
+            }
+        }
+    }
+    found
+}
+
+/// The port of a `postgres://…@host:port/db` URL (5432 when it names none).
+fn pg_port(url: &str) -> u16 {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    host.rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .unwrap_or(5432)
 }
 
 /// `GET /health`: 200 and the open WebSocket count.
