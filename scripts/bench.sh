@@ -23,6 +23,9 @@
 #              controller sending ACKED_UPDATES updates with ids (WINDOW in
 #              flight): acked updates/s
 #   scale      fanout at each N of SCALE_NS (latency, CPU per delivery, memory vs N)
+#   rooms      many small audiences: ROOMS_VIEWS views × ROOMS_VIEWERS viewers each,
+#              one controller per view (ed0…), each sending ROOMS_RATE updates/s
+#              for DURATION s: delivery p50/p99, server CPU µs per delivery
 #
 # Servers: portal-sync (one node, SQLite), base (BASE_BIN, the same), limit,
 # fastify, and with PostgreSQL (PG_URL) and Redis (REDIS_URL):
@@ -36,7 +39,8 @@
 # RUNS [3], SERVERS, SCENARIOS, N_IDLE [10000], N_FANOUT [5000], N_BURST [5000],
 # N_ACKED ["1000"], RATE [50], DURATION [10], BURST_UPDATES [200],
 # ACKED_UPDATES [20000], WINDOW [512], CONNECT_CONCURRENCY [256],
-# SCALE_NS ["1000 2000 5000 10000"], SQLITE_SYNCHRONOUS [full],
+# SCALE_NS ["1000 2000 5000 10000"], ROOMS_VIEWS [100], ROOMS_VIEWERS [50],
+# ROOMS_RATE [20], SQLITE_SYNCHRONOUS [full],
 # PORT_BASE [29100], SKIP_BUILD [0], BASE_BIN (a portal-sync binary run as
 # server `base`, to measure a change A/B in the same run), RUST_LOG (portal-sync's logging, default info
 # as shipped), RESULTS (output folder), PG_URL [postgres://postgres@127.0.0.1:5432]
@@ -49,7 +53,7 @@ ROOT=$PWD
 BENCH_PEERS_DIR=${BENCH_PEERS_DIR:-$ROOT/../shared/bench}
 RUNS=${RUNS:-3}
 SERVERS=${SERVERS:-"portal-sync limit fastify"}
-SCENARIOS=${SCENARIOS:-"handshake fanout burst acked"}
+SCENARIOS=${SCENARIOS:-"handshake fanout rooms burst acked"}
 N_IDLE=${N_IDLE:-10000}
 N_FANOUT=${N_FANOUT:-5000}
 N_BURST=${N_BURST:-5000}
@@ -61,6 +65,9 @@ ACKED_UPDATES=${ACKED_UPDATES:-20000}
 WINDOW=${WINDOW:-512}
 CONNECT_CONCURRENCY=${CONNECT_CONCURRENCY:-256}
 SCALE_NS=${SCALE_NS:-"1000 2000 5000 10000"}
+ROOMS_VIEWS=${ROOMS_VIEWS:-100}
+ROOMS_VIEWERS=${ROOMS_VIEWERS:-50}
+ROOMS_RATE=${ROOMS_RATE:-20}
 SQLITE_SYNCHRONOUS=${SQLITE_SYNCHRONOUS:-full}
 PORT_BASE=${PORT_BASE:-29100}  # below the ephemeral range (32768+), where outgoing sockets never sit
 SKIP_BUILD=${SKIP_BUILD:-0}
@@ -80,9 +87,9 @@ while [ $# -gt 0 ]; do
     --quick)
       RUNS=1 N_IDLE=2000 N_FANOUT=1000 N_BURST=1000
       DURATION=3 ACKED_UPDATES=5000 SCALE_NS="500 1000"
-      N_ACKED="0 200" ;;
+      N_ACKED="0 200" ROOMS_VIEWS=20 ROOMS_VIEWERS=20 ;;
     --report) REPORT_ONLY=$2; shift ;;
-    -h|--help) sed -n '2,44p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -140,11 +147,16 @@ uses_pg() { uses portal-pg || uses portal-pg2; }
 uses_redis() { uses portal-pg2 || uses portal-sqlite2; }
 is_portal() { case "$1" in portal-sync|base|portal-pg|portal-pg2|portal-sqlite2) return 0 ;; esac; return 1; }
 
+ROOMS_N=$((ROOMS_VIEWS * ROOMS_VIEWERS))
 max_n=$N_IDLE
-for n in $N_FANOUT $N_BURST $N_ACKED $SCALE_NS; do [ "$n" -gt "$max_n" ] && max_n=$n; done
+for n in $N_FANOUT $N_BURST $N_ACKED $SCALE_NS $ROOMS_N; do [ "$n" -gt "$max_n" ] && max_n=$n; done
+# Views pv0… and their controllers ed0… for the rooms scenario (the others use pv0 and ed0).
+n_views=1
+[[ " $SCENARIOS " == *" rooms "* ]] && n_views=$ROOMS_VIEWS
 FIXTURE=$BENCH/fixture-$max_n.db
+[ "$n_views" -gt 1 ] && FIXTURE=$BENCH/fixture-$max_n-p$n_views.db
 if [ ! -f "$FIXTURE" ]; then
-  python3 "$BENCH_PEERS_DIR/fixture.py" --db "$FIXTURE" --viewers "$max_n" --controllers 1 --views 1 >&2
+  python3 "$BENCH_PEERS_DIR/fixture.py" --db "$FIXTURE" --viewers "$max_n" --controllers "$n_views" --views "$n_views" >&2
 fi
 
 psql_on() {  # psql_on DATABASE ARGS…: quiet, stop at the first error
@@ -158,6 +170,7 @@ psql_on() {  # psql_on DATABASE ARGS…: quiet, stop at the first error
 # and binary (both hashed into the database's comment), under a temporary name
 # renamed at the end, so an interrupted build is never used.
 PG_TEMPLATE=portal_bench_tpl_$max_n
+[ "$n_views" -gt 1 ] && PG_TEMPLATE=${PG_TEMPLATE}_p$n_views
 pg_template() {
   local stamp current tmp=${PG_TEMPLATE}_tmp
   stamp="bin $(sha256sum "$PORTAL" | cut -c1-16) fixture $(sha256sum "$FIXTURE" | cut -c1-16)"
@@ -353,6 +366,7 @@ run_one() {
     fanout) n=$N_FANOUT; args=(--rate "$RATE" --duration "$DURATION") ;;
     scale) args=(--rate "$RATE" --duration "$DURATION") ;;
     burst) n=$N_BURST; args=(--rate 0 --updates "$BURST_UPDATES") ;;
+    rooms) n=$ROOMS_N; args=(--views "$ROOMS_VIEWS" --rate "$ROOMS_RATE" --duration "$DURATION") ;;
     acked)
       is_portal "$server" || return 0
       args=(--rate 0 --updates "$ACKED_UPDATES" --ids --window "$WINDOW") ;;
