@@ -89,9 +89,9 @@ impl PgStore {
 
     fn with<T: Send>(
         &self,
-        work: impl FnMut(&mut postgres::Client) -> Result<T, Fail> + Send,
+        mut work: impl FnMut(&mut postgres::Client) -> Result<T, Fail> + Send,
     ) -> Result<T, Error> {
-        with_conn(self.pool(), work)
+        with_conn(self.pool(), |conn| work(conn))
     }
 
     /// The batch's attempts: a lost connection (before or at COMMIT) is
@@ -203,11 +203,11 @@ fn new_batch_id() -> Result<String, Error> {
 
 impl Store for PgStore {
     fn access(&self, user_id: &str, view_id: &str) -> Result<Access, Error> {
-        self.with(|c| reads::access(c, user_id, view_id))
+        with_conn(self.pool(), |c| reads::access(c, user_id, view_id))
     }
 
     fn grant(&self, user_id: &str, view_id: &str) -> Result<Grant, Error> {
-        self.with(|c| reads::grant(c, user_id, view_id))
+        with_conn(self.pool(), |c| reads::grant(c, user_id, view_id))
     }
 
     fn view(&self, view_id: &str) -> Result<Option<ViewRow>, Error> {

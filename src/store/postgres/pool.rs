@@ -1,10 +1,14 @@
-//! Connections: the pool, which failures mean "this connection is gone, try
-//! another", the retry of idempotent work on a fresh connection, and keeping
-//! the blocking client off tokio's threads.
+//! Connections: the pool, the statements each connection keeps prepared,
+//! which failures mean "this connection is gone, try another", the retry of
+//! idempotent work on a fresh connection, and keeping the blocking client off
+//! tokio's threads.
 
+use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
-use postgres::{Client, NoTls};
+use postgres::types::Type;
+use postgres::{Client, NoTls, Statement};
 use r2d2::Pool;
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -24,7 +28,90 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 /// connection was lost.
 pub(super) const RETRY_FOR: Duration = Duration::from_secs(5);
 
-pub(super) type Manager = PostgresConnectionManager<NoTls>;
+/// r2d2_postgres's manager, handing out [`Conn`]s.
+#[derive(Debug)]
+pub(super) struct Manager(PostgresConnectionManager<NoTls>);
+
+/// A pooled connection and the statements prepared on it. A handshake's
+/// lookup sent unprepared spent most of PostgreSQL's CPU parsing and
+/// planning the same join again (BENCHMARKS.md); prepared once per
+/// connection, each lookup only binds and executes it.
+pub(super) struct Conn {
+    client: Client,
+    /// By SQL text: the hot path's few constant statements.
+    prepared: HashMap<&'static str, Statement>,
+}
+
+impl Conn {
+    /// `sql`, prepared on this connection the first time it is asked for.
+    pub(super) fn prepared(
+        &mut self,
+        sql: &'static str,
+        types: &[Type],
+    ) -> Result<Statement, Fail> {
+        if let Some(statement) = self.prepared.get(sql) {
+            return Ok(statement.clone());
+        }
+        let statement = self.client.prepare_typed(sql, types)?;
+        self.prepared.insert(sql, statement.clone());
+        Ok(statement)
+    }
+
+    /// Runs `work` with `sql` prepared. A statement the server no longer
+    /// accepts (a table altered under it: "cached plan must not change
+    /// result type") is forgotten, and the work retried.
+    pub(super) fn with_prepared<T>(
+        &mut self,
+        sql: &'static str,
+        types: &[Type],
+        work: impl FnOnce(&mut Client, &Statement) -> Result<T, postgres::Error>,
+    ) -> Result<T, Fail> {
+        let statement = self.prepared(sql, types)?;
+        work(&mut self.client, &statement).map_err(|e| {
+            if e.code()
+                .is_some_and(|c| c.code() == "0A000" || c.code() == "26000")
+            {
+                self.prepared.remove(sql);
+                return Fail::Retry(describe(&e));
+            }
+            Fail::from(e)
+        })
+    }
+}
+
+impl Deref for Conn {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl DerefMut for Conn {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+impl r2d2::ManageConnection for Manager {
+    type Connection = Conn;
+    type Error = postgres::Error;
+
+    fn connect(&self) -> Result<Conn, postgres::Error> {
+        Ok(Conn {
+            client: self.0.connect()?,
+            prepared: HashMap::new(),
+        })
+    }
+
+    fn is_valid(&self, conn: &mut Conn) -> Result<(), postgres::Error> {
+        self.0.is_valid(&mut conn.client)
+    }
+
+    fn has_broken(&self, conn: &mut Conn) -> bool {
+        self.0.has_broken(&mut conn.client)
+    }
+}
 
 /// Why a unit of work failed.
 #[derive(Debug)]
@@ -120,7 +207,7 @@ pub(super) fn build_pool(config: postgres::Config) -> Result<Pool<Manager>, Erro
         // No test query per checkout on the hot path: a dead connection
         // fails its first statement, and the work is retried instead.
         .test_on_check_out(false)
-        .build(PostgresConnectionManager::new(config, NoTls))
+        .build(Manager(PostgresConnectionManager::new(config, NoTls)))
         .map_err(|e| Error::Storage(format!("connecting to PostgreSQL: {e}")))
 }
 
@@ -130,7 +217,7 @@ pub(super) fn build_pool(config: postgres::Config) -> Result<Pool<Manager>, Erro
 /// [`RETRY_FOR`].
 pub(super) fn with_conn<T: Send>(
     pool: &Pool<Manager>,
-    mut work: impl FnMut(&mut Client) -> Result<T, Fail> + Send,
+    mut work: impl FnMut(&mut Conn) -> Result<T, Fail> + Send,
 ) -> Result<T, Error> {
     off_runtime(|| {
         let start = Instant::now();

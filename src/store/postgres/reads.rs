@@ -1,14 +1,15 @@
 //! The lookups: a handshake's access, a view, stored events and versions,
-//! the membership change log. Each is one statement (`query_typed`: one
-//! round trip, no prepare), and each is safe to run again on another
-//! connection.
+//! the membership change log. Each is one statement, and each is safe to run
+//! again on another connection. A handshake's two lookups are prepared once
+//! per connection (`pool::Conn`); the rest are rare and go unprepared
+//! (`query_typed`: one round trip, no prepare).
 
 use postgres::types::Type;
 use postgres::GenericClient;
 use serde_json::value::RawValue;
 
 use super::canonical::to_serde_text;
-use super::pool::Fail;
+use super::pool::{Conn, Fail};
 use crate::domain::access::{self, LibraryRole, Standing};
 use crate::domain::error::Error;
 use crate::domain::model::{is_valid_id, Role};
@@ -70,8 +71,8 @@ fn role_of(
 /// Runs the lookup and applies SPEC §3's first two checks in its order:
 /// unknown user, then view not found (`library_id`, column 1, is NULL).
 fn user_and_view(
-    c: &mut impl GenericClient,
-    query: &str,
+    c: &mut Conn,
+    query: &'static str,
     user_id: &str,
     view_id: &str,
 ) -> Result<postgres::Row, Fail> {
@@ -79,7 +80,9 @@ fn user_and_view(
         return Err(Error::UnknownUser.into());
     }
     let view = if is_valid_id(view_id) { view_id } else { "" };
-    let row = c.query_typed_one(query, &[(&user_id, Type::TEXT), (&view, Type::TEXT)])?;
+    let row = c.with_prepared(query, &[Type::TEXT, Type::TEXT], |client, statement| {
+        client.query_one(statement, &[&user_id, &view])
+    })?;
     if !row.try_get::<_, bool>(0)? {
         return Err(Error::UnknownUser.into());
     }
@@ -91,11 +94,7 @@ fn user_and_view(
 
 /// The checks of SPEC §3 that need storage, in its order: unknown user,
 /// view not found, access denied; reads the current rows.
-pub(super) fn access(
-    c: &mut impl GenericClient,
-    user_id: &str,
-    view_id: &str,
-) -> Result<Access, Fail> {
+pub(super) fn access(c: &mut Conn, user_id: &str, view_id: &str) -> Result<Access, Fail> {
     let row = user_and_view(
         c,
         user_and_view_with_role!(concat!(
@@ -121,11 +120,7 @@ pub(super) fn access(
 }
 
 /// [`access`] without reading the `state` column: same checks, same order.
-pub(super) fn grant(
-    c: &mut impl GenericClient,
-    user_id: &str,
-    view_id: &str,
-) -> Result<Grant, Fail> {
+pub(super) fn grant(c: &mut Conn, user_id: &str, view_id: &str) -> Result<Grant, Fail> {
     let row = user_and_view(
         c,
         user_and_view_with_role!("v.library_id, v.version, l.owner_id, m.role"),
