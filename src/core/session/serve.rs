@@ -289,12 +289,17 @@ impl Session {
     /// not reading, so not even a close would get through) or when it outlasts
     /// the liveness deadline (a dead peer whose TCP window is full never answers
     /// a ping either).
+    ///
+    /// The write is polled first: one that completes at once (nearly all do)
+    /// never registers the deadline's timer nor the overflow's waiter, which
+    /// in random order it did at most deliveries (BENCHMARKS.md, issue 18).
     async fn guarded(
         &self,
         write: impl Future<Output = Result<(), ()>>,
         deadline: tokio::time::Instant,
     ) -> Result<(), ()> {
         tokio::select! {
+            biased;
             result = write => result,
             _ = self.outbox.overflowed() => Err(()),
             _ = tokio::time::sleep_until(deadline) => Err(()),
