@@ -78,6 +78,16 @@ pub trait Store: Send + Sync + 'static {
     /// `/health`: a fresh look at the engine, through a real query.
     fn ping(&self) -> Result<(), Error>;
 
+    /// Whether a handshake's lookups ([`Store::access`], [`Store::grant`])
+    /// may run on the async thread that asks, rather than be queued for a
+    /// storage thread. True where they are a few microseconds of local,
+    /// non-blocking reads (SQLite in WAL mode: readers never wait for the
+    /// writer); the two thread hops they save were a third of a handshake's
+    /// CPU (BENCHMARKS.md, issue 18). False over a network.
+    fn reads_inline(&self) -> bool {
+        false
+    }
+
     /// A refusal known without any I/O (the SQLite file was seen deleted),
     /// looked at before every queued call.
     fn unavailable(&self) -> Option<Error> {

@@ -196,6 +196,12 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    /// WAL readers do not wait for the writer; the lookup is a few indexed
+    /// reads of pages SQLite and the OS keep cached.
+    fn reads_inline(&self) -> bool {
+        true
+    }
+
     fn unavailable(&self) -> Option<Error> {
         match &self.file {
             Some(file) if file.is_missing() => Some(Error::DatabaseMissing),
