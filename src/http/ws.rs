@@ -192,7 +192,7 @@ fn upgrade(
             Target::Portal(params) => serve(&ctx, &mut link, params).await,
             Target::SocketIo => {
                 connlog::refused_protocol(&ctx.metrics, &peer);
-                link.close(1003, "unsupported protocol").await
+                Box::pin(link.close(1003, "unsupported protocol")).await
             }
         }
     });
@@ -220,19 +220,22 @@ where
 {
     let (peer, view_id) = (params.peer, params.view_id.clone());
     let opened = tokio::select! {
-        opened = session::open(ctx, params) => opened,
+        opened = Box::pin(session::open(ctx, params)) => opened,
         _ = ctx.shutting_down() => {
             let e = Error::ShuttingDown;
             connlog::refused(&ctx.metrics, &peer, &view_id, None, &e);
-            return link.close(e.close_code(), &e.client_message()).await;
+            return Box::pin(link.close(e.close_code(), &e.client_message())).await;
         }
     };
     match opened {
         Ok(session) => {
             link.ws.get_mut().attach(session.rate.clone());
-            session.run(ctx, link, ctx.config.ping_interval).await;
+            // Boxed, as the opening is: the task then holds only what is
+            // live across every phase, not the largest phase of each (a
+            // session's memory, BENCHMARKS.md issue 18).
+            Box::pin(session.run(ctx, link, ctx.config.ping_interval)).await;
         }
-        Err(e) => link.close(e.close_code(), &e.client_message()).await,
+        Err(e) => Box::pin(link.close(e.close_code(), &e.client_message())).await,
     }
 }
 

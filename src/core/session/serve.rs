@@ -129,8 +129,10 @@ impl Session {
         // answer (ws.rs).
         drop(self);
         match &ended {
-            Ended::Closed(CloseRequest { code, reason }) => link.close(*code, reason).await,
-            Ended::Peer => link.finish().await,
+            Ended::Closed(CloseRequest { code, reason }) => {
+                Box::pin(link.close(*code, reason)).await
+            }
+            Ended::Peer => Box::pin(link.finish()).await,
             Ended::Dropped => {}
         }
         ended
@@ -170,8 +172,8 @@ impl Session {
                     // one stuck in a write must not hold the others), so a
                     // viewer's close follows the last change a controller on
                     // another session sent before the stop.
-                    let _ = tokio::time::timeout(QUIESCE, ctx.readers_stopped()).await;
-                    ctx.writer.barrier().await;
+                    let _ = tokio::time::timeout(QUIESCE, Box::pin(ctx.readers_stopped())).await;
+                    Box::pin(ctx.writer.barrier()).await;
                     self.outbox.close(SHUTTING_DOWN);
                 }
                 _ = self.outbox.ready() => {
@@ -216,7 +218,7 @@ impl Session {
                     }
                     liveness.pinged();
                     ping_timer.as_mut().reset(liveness.next_deadline());
-                    if self.guarded(link.heartbeat(), liveness.write_deadline()).await.is_err() {
+                    if self.guarded(Box::pin(link.heartbeat()), liveness.write_deadline()).await.is_err() {
                         return Ended::Dropped;
                     }
                 }
@@ -232,7 +234,10 @@ impl Session {
                             // and the token is whichever was refreshed last.
                             self.sender.token_expires = expiry.closes_at();
                             let reply = ReplyTo::Outbox(self.outbox.clone());
-                            handle(ctx, &self.sender, verdict, text.as_str(), reply).await
+                            // Boxed, as the rare paths below are: a session's
+                            // future lives as long as it does, and is as large
+                            // as everything it may be awaiting at once.
+                            Box::pin(handle(ctx, &self.sender, verdict, text.as_str(), reply)).await
                         }
                         Incoming::Alive => Flow::Continue,
                         Incoming::Violation(code, reason) => Flow::Close(code, reason),
