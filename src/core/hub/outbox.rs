@@ -3,7 +3,9 @@
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
+use std::task::Poll;
 
+use futures::task::AtomicWaker;
 use tokio::sync::Notify;
 use tokio_tungstenite::tungstenite::Message;
 
@@ -50,8 +52,13 @@ pub struct Batch {
 /// `slow consumer` rather than skipped.
 pub struct Outbox {
     inner: Mutex<OutboxInner>,
-    /// Wakes the session when frames or a close are queued.
-    ready: Notify,
+    /// Set when frames or a close are queued; [`Outbox::ready`] takes it.
+    signalled: AtomicBool,
+    /// The session's task, woken when `signalled` is set. It is the one
+    /// waiter, so an atomic waker rather than a `Notify` and its locked list
+    /// of waiters, which was a few percent of a fan-out's CPU (BENCHMARKS.md,
+    /// issue 18).
+    waker: AtomicWaker,
     /// Set when the queue overflowed while the session may be stuck writing to a
     /// peer that does not read: it then drops the TCP connection.
     overflowed: AtomicBool,
@@ -71,7 +78,8 @@ impl Outbox {
     pub fn new(limit: usize) -> Outbox {
         Outbox {
             inner: Mutex::new(OutboxInner::default()),
-            ready: Notify::new(),
+            signalled: AtomicBool::new(false),
+            waker: AtomicWaker::new(),
             overflowed: AtomicBool::new(false),
             overflow: Notify::new(),
             limit,
@@ -114,7 +122,7 @@ impl Outbox {
         drop(inner);
         // A closing connection was woken by its close already.
         if queued > 0 || overflowed {
-            self.ready.notify_one();
+            self.signal();
         }
         queued
     }
@@ -125,7 +133,7 @@ impl Outbox {
         inner.bytes += msg.len();
         inner.frames.push_front(Outgoing { msg, version: 0 });
         drop(inner);
-        self.ready.notify_one();
+        self.signal();
     }
 
     /// Asks the session to close after the frames already queued (the first
@@ -136,7 +144,7 @@ impl Outbox {
             inner.close = Some(request);
         }
         drop(inner);
-        self.ready.notify_one();
+        self.signal();
     }
 
     /// Takes everything queued. The session writes it without holding the lock.
@@ -156,9 +164,30 @@ impl Outbox {
         }
     }
 
-    /// Resolves when frames or a close are queued.
+    /// Wakes the session, unless a wake-up is already pending.
+    fn signal(&self) {
+        if !self.signalled.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
+    }
+
+    /// Resolves when frames or a close were queued since it last resolved.
+    /// Only the session waits on it.
     pub async fn ready(&self) {
-        self.ready.notified().await
+        std::future::poll_fn(|cx| {
+            if self.signalled.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // A signal between the first look and the registration found no
+            // waker to wake.
+            if self.signalled.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Resolves when the queue overflows (see `overflowed`).
