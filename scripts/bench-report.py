@@ -97,7 +97,7 @@ COLUMNS = {
 }
 COLUMNS["scale"] = COLUMNS["fanout"]
 COLUMNS["rooms"] = COLUMNS["fanout"]
-SERVER_ORDER = ["portal-sync", "base", "portal-sqlite2", "portal-pg", "portal-pg2", "limit", "fastify"]
+SERVER_ORDER = ["portal-sync", "base", "portal-sqlite2", "portal-pg", "base-pg", "portal-pg2", "limit", "fastify"]
 
 
 def main():

@@ -34,6 +34,7 @@
 #   portal-pg2      two nodes on that database + Redis (a fresh --redis-prefix
 #                   per run); viewers split over both, the controller on the first
 #   portal-sqlite2  two nodes on one SQLite file + Redis, split the same way
+#   base-pg         BASE_BIN as portal-pg (A/B of a change on PostgreSQL)
 #
 # Environment (defaults in brackets): BENCH_PEERS_DIR [../shared/bench],
 # RUNS [3], SERVERS, SCENARIOS, N_IDLE [10000], N_FANOUT [5000], N_BURST [5000],
@@ -89,7 +90,7 @@ while [ $# -gt 0 ]; do
       DURATION=3 ACKED_UPDATES=5000 SCALE_NS="500 1000"
       N_ACKED="0 200" ROOMS_VIEWS=20 ROOMS_VIEWERS=20 ;;
     --report) REPORT_ONLY=$2; shift ;;
-    -h|--help) sed -n '2,48p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,49p' "$0"; exit 0 ;;
     *) echo "unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
   shift
@@ -143,9 +144,9 @@ ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 echo "open files limit: $(ulimit -n)" >&2
 
 uses() { [[ " $SERVERS " == *" $1 "* ]]; }
-uses_pg() { uses portal-pg || uses portal-pg2; }
+uses_pg() { uses portal-pg || uses portal-pg2 || uses base-pg; }
 uses_redis() { uses portal-pg2 || uses portal-sqlite2; }
-is_portal() { case "$1" in portal-sync|base|portal-pg|portal-pg2|portal-sqlite2) return 0 ;; esac; return 1; }
+is_portal() { case "$1" in portal-sync|base|portal-pg|base-pg|portal-pg2|portal-sqlite2) return 0 ;; esac; return 1; }
 
 ROOMS_N=$((ROOMS_VIEWS * ROOMS_VIEWERS))
 max_n=$N_IDLE
@@ -326,10 +327,12 @@ start_server() {
       portal_node "$PORTAL" "$PORT_BASE" "$log" "$BENCH/run.db" --sqlite-synchronous "$SQLITE_SYNCHRONOUS" "${redis[@]}"
       portal_node "$PORTAL" $((PORT_BASE + 3)) "$second" "$BENCH/run.db" --sqlite-synchronous "$SQLITE_SYNCHRONOUS" "${redis[@]}"
       ;;
-    portal-pg)
+    portal-pg|base-pg)
+      local bin=$PORTAL
+      [ "$name" = base-pg ] && bin=${BASE_BIN:?set BASE_BIN to the portal-sync binary to compare with}
       fresh_pg
       PG_DB=$PG_RUN_DB
-      portal_node "$PORTAL" "$PORT_BASE" "$log" "$PG_URL/$PG_RUN_DB"
+      portal_node "$bin" "$PORT_BASE" "$log" "$PG_URL/$PG_RUN_DB"
       ;;
     portal-pg2)
       fresh_pg
