@@ -30,6 +30,27 @@ const TOKEN_EXPIRED: CloseRequest = CloseRequest {
     reason: "token expired",
 };
 
+/// Runs a write (`.await`ed), giving up with `Err(())` when the outbox
+/// overflows meanwhile (the peer is not reading, so not even a close would
+/// get through) or when it outlasts the liveness deadline (a dead peer whose
+/// TCP window is full never answers a ping either).
+///
+/// The write is polled first: one that completes at once (nearly all do)
+/// never registers the deadline's timer nor the overflow's waiter, which in
+/// random order it did at most deliveries. A macro rather than an `async fn`,
+/// so the write's future is stored once in the session's (an async fn keeps
+/// a by-value argument twice). Both: BENCHMARKS.md, issue 18.
+macro_rules! guarded {
+    ($outbox:expr, $write:expr, $deadline:expr) => {
+        tokio::select! {
+            biased;
+            result = $write => result,
+            _ = $outbox.overflowed() => Err(()),
+            _ = tokio::time::sleep_until($deadline) => Err(()),
+        }
+    };
+}
+
 /// What a session needs from its transport.
 pub(crate) trait Link: Send {
     /// Whether the peer must answer heartbeats (WebSocket pings). An SSE
@@ -85,57 +106,63 @@ pub(crate) enum Ended {
 impl Session {
     /// Serves the session over `link` until it ends, with a heartbeat every
     /// `heartbeat`.
-    pub(crate) async fn run<L: Link>(
+    ///
+    /// An `async` block rather than an `async fn`: an async fn's future keeps
+    /// its by-value arguments twice (as arguments, and as the locals they are
+    /// moved into), and this one lives as long as the connection.
+    pub(crate) fn run<'a, L: Link>(
         mut self,
-        ctx: &Core,
-        link: &mut L,
+        ctx: &'a Core,
+        link: &'a mut L,
         heartbeat: Duration,
-    ) -> Ended {
-        let role = self.sender.role;
-        ctx.metrics.opened(role);
-        self.log.opened(&self.who());
-        let ended = self.serve(ctx, link, heartbeat).await;
-        ctx.metrics.closed(role);
-        let label = match &ended {
-            Ended::Closed(request) => request.code.to_string(),
-            Ended::Peer => "peer".into(),
-            Ended::Dropped => "dropped".into(),
-        };
-        ctx.metrics.closes.with_label_values(&[&label]).inc();
-        let close = match &ended {
-            Ended::Closed(CloseRequest { code, reason }) => Close {
-                by: "server",
-                code: Some(*code),
-                reason,
-            },
-            Ended::Peer => {
-                let (code, reason) = link.peer_close().unzip();
-                Close {
-                    by: "peer",
-                    code,
-                    reason: reason.unwrap_or(""),
+    ) -> impl Future<Output = Ended> + Send + 'a {
+        async move {
+            let role = self.sender.role;
+            ctx.metrics.opened(role);
+            self.log.opened(&self.who());
+            let ended = self.serve(ctx, link, heartbeat).await;
+            ctx.metrics.closed(role);
+            let label = match &ended {
+                Ended::Closed(request) => request.code.to_string(),
+                Ended::Peer => "peer".into(),
+                Ended::Dropped => "dropped".into(),
+            };
+            ctx.metrics.closes.with_label_values(&[&label]).inc();
+            let close = match &ended {
+                Ended::Closed(CloseRequest { code, reason }) => Close {
+                    by: "server",
+                    code: Some(*code),
+                    reason,
+                },
+                Ended::Peer => {
+                    let (code, reason) = link.peer_close().unzip();
+                    Close {
+                        by: "peer",
+                        code,
+                        reason: reason.unwrap_or(""),
+                    }
                 }
+                Ended::Dropped => Close {
+                    by: "dropped",
+                    code: None,
+                    reason: "",
+                },
+            };
+            self.log.closed(&self.who(), &close);
+            // The session, and with it its place in the hub (presence, the
+            // connection limits), ends here, after the metrics and before the
+            // close handshake, which may linger up to 2 s for a peer that does not
+            // answer (ws.rs).
+            drop(self);
+            match &ended {
+                Ended::Closed(CloseRequest { code, reason }) => {
+                    Box::pin(link.close(*code, reason)).await
+                }
+                Ended::Peer => Box::pin(link.finish()).await,
+                Ended::Dropped => {}
             }
-            Ended::Dropped => Close {
-                by: "dropped",
-                code: None,
-                reason: "",
-            },
-        };
-        self.log.closed(&self.who(), &close);
-        // The session, and with it its place in the hub (presence, the
-        // connection limits), ends here, after the metrics and before the
-        // close handshake, which may linger up to 2 s for a peer that does not
-        // answer (ws.rs).
-        drop(self);
-        match &ended {
-            Ended::Closed(CloseRequest { code, reason }) => {
-                Box::pin(link.close(*code, reason)).await
-            }
-            Ended::Peer => Box::pin(link.finish()).await,
-            Ended::Dropped => {}
+            ended
         }
-        ended
     }
 
     async fn serve<L: Link>(&mut self, ctx: &Core, link: &mut L, heartbeat: Duration) -> Ended {
@@ -180,7 +207,7 @@ impl Session {
                     let batch = self.take(ctx);
                     let frames = self.unseen(batch.frames);
                     self.log.traffic().sent(frames.len());
-                    if self.guarded(link.send(frames), liveness.write_deadline()).await.is_err() {
+                    if guarded!(self.outbox, link.send(frames), liveness.write_deadline()).is_err() {
                         // The peer is gone or stuck: drop the connection.
                         self.take(ctx);
                         return Ended::Dropped;
@@ -218,7 +245,7 @@ impl Session {
                     }
                     liveness.pinged();
                     ping_timer.as_mut().reset(liveness.next_deadline());
-                    if self.guarded(Box::pin(link.heartbeat()), liveness.write_deadline()).await.is_err() {
+                    if guarded!(self.outbox, link.heartbeat(), liveness.write_deadline()).is_err() {
                         return Ended::Dropped;
                     }
                 }
@@ -288,26 +315,5 @@ impl Session {
             new
         });
         frames
-    }
-
-    /// Runs a write, giving up when the outbox overflows meanwhile (the peer is
-    /// not reading, so not even a close would get through) or when it outlasts
-    /// the liveness deadline (a dead peer whose TCP window is full never answers
-    /// a ping either).
-    ///
-    /// The write is polled first: one that completes at once (nearly all do)
-    /// never registers the deadline's timer nor the overflow's waiter, which
-    /// in random order it did at most deliveries (BENCHMARKS.md, issue 18).
-    async fn guarded(
-        &self,
-        write: impl Future<Output = Result<(), ()>>,
-        deadline: tokio::time::Instant,
-    ) -> Result<(), ()> {
-        tokio::select! {
-            biased;
-            result = write => result,
-            _ = self.outbox.overflowed() => Err(()),
-            _ = tokio::time::sleep_until(deadline) => Err(()),
-        }
     }
 }
