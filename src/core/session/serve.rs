@@ -110,6 +110,7 @@ impl Session {
     /// An `async` block rather than an `async fn`: an async fn's future keeps
     /// its by-value arguments twice (as arguments, and as the locals they are
     /// moved into), and this one lives as long as the connection.
+    #[allow(clippy::manual_async_fn)]
     pub(crate) fn run<'a, L: Link>(
         mut self,
         ctx: &'a Core,
