@@ -146,24 +146,34 @@ async fn connections_killed_mid_stream_lose_nothing() {
     assert_eq!(row["state"].as_object().map(|m| m.len()), Some(30));
 }
 
-/// A handshake's lookup is prepared once per pooled connection. A column
-/// whose type another tool changes makes PostgreSQL refuse those prepared
-/// statements ("cached plan must not change result type"); the server
-/// prepares them again, and every handshake after the change is answered.
+/// A handshake's lookup and a batch's statements are prepared once per
+/// pooled connection. A column whose type another tool changes makes
+/// PostgreSQL refuse those prepared statements ("cached plan must not change
+/// result type"); the server prepares them again, and every handshake and
+/// change after the alteration is answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn handshakes_go_on_after_a_column_type_changes_under_the_prepared_lookup() {
+async fn handshakes_and_changes_go_on_after_a_column_type_changes_under_prepared_statements() {
     let Some(db) = PgDb::new() else { return };
     let app = db.app(|_| {}).await;
-    // Prepared on every connection the storage threads use.
-    for _ in 0..12 {
+    let mut ed = app.connect("pv1", "ed").await;
+    // Prepared on every connection the storage threads and the writer use.
+    for i in 0..12 {
         app.connect("pv1", "v1").await;
+        assert_eq!(
+            update(&mut ed, json!({"n": i}), &format!("a{i}")).await,
+            i + 1
+        );
     }
     sql(
         &db.url,
         "ALTER TABLE portal_views ALTER COLUMN name TYPE varchar(200)",
     );
-    for _ in 0..12 {
+    for i in 12..24 {
         let v1 = app.connect("pv1", "v1").await;
-        assert_eq!(v1.connected["version"], 0, "{}", v1.connected);
+        assert_eq!(v1.connected["version"], i, "{}", v1.connected);
+        assert_eq!(
+            update(&mut ed, json!({"n": i}), &format!("a{i}")).await,
+            i + 1
+        );
     }
 }

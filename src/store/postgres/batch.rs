@@ -19,7 +19,7 @@
 use postgres::types::Type;
 use postgres::{Client, Transaction};
 
-use super::pool::{is_retryable, Fail};
+use super::pool::{is_retryable, Conn, Fail, Prepared};
 use super::reads::{iso_ms, standing_in};
 use crate::domain::access::Standing;
 use crate::domain::error::Error;
@@ -53,7 +53,36 @@ pub(super) enum Fault {
 /// back when that attempt committed, clearing it when it did not) and
 /// leaves its own there when its COMMIT goes unanswered too.
 pub(super) fn attempt(
+    conn: &mut Conn,
+    batch_id: &str,
+    ops: &[StoreOp],
+    max_state_bytes: usize,
+    uncertain: &mut Option<Results>,
+    #[cfg(test)] fault: Option<Fault>,
+) -> Result<Applied, Fail> {
+    let (client, prepared) = conn.split();
+    let outcome = attempt_on(
+        client,
+        prepared,
+        batch_id,
+        ops,
+        max_state_bytes,
+        uncertain,
+        #[cfg(test)]
+        fault,
+    );
+    if let Err(Fail::Retry(_)) = &outcome {
+        // Whatever the cause, the next attempt prepares afresh (a stale
+        // statement is one of the causes a retry must get past).
+        prepared.forget();
+    }
+    outcome
+}
+
+/// [`attempt`] with its statements prepared on `client` (`prepared`).
+fn attempt_on(
     client: &mut Client,
+    prepared: &mut Prepared,
     batch_id: &str,
     ops: &[StoreOp],
     max_state_bytes: usize,
@@ -65,13 +94,15 @@ pub(super) fn attempt(
         // Waiting on an earlier attempt's row is bounded.
         tx.batch_execute("SET LOCAL lock_timeout = '3s'")?;
     }
-    let inserted = tx.query_typed_opt(
+    let insert = prepared.get(
+        &mut tx,
         concat!(
             "INSERT INTO portal_batches (id) VALUES ($1) ON CONFLICT DO NOTHING RETURNING ",
             iso_ms!("at")
         ),
-        &[(&batch_id, Type::TEXT)],
+        &[Type::TEXT],
     )?;
+    let inserted = tx.query_opt(&insert, &[&batch_id])?;
     let Some(inserted) = inserted else {
         return match uncertain.take() {
             Some(results) => Ok(Applied::Earlier(results)),
@@ -80,14 +111,15 @@ pub(super) fn attempt(
     };
     *uncertain = None;
     let now: String = inserted.try_get(0)?;
-    let mut views = lock_views(&mut tx, ops)?;
+    let mut views = lock_views(&mut tx, prepared, ops)?;
     let mut io = Io {
         tx: &mut tx,
+        prepared,
         events: Events::default(),
     };
     let results = apply_ops(&mut io, &mut views, ops, max_state_bytes, &now)?;
     io.store_events()?;
-    write_views(&mut tx, &views)?;
+    write_views(&mut tx, prepared, &views)?;
     #[cfg(test)]
     if fault == Some(Fault::KillBeforeCommit) {
         let _ = tx.batch_execute("SELECT pg_terminate_backend(pg_backend_pid())");
@@ -115,6 +147,7 @@ pub(super) fn attempt(
 /// updates/s 3.4× with one).
 struct Io<'a, 't> {
     tx: &'a mut Transaction<'t>,
+    prepared: &'a mut Prepared,
     events: Events,
 }
 
@@ -156,7 +189,7 @@ impl BatchIo for Io<'_, '_> {
     type Fail = Fail;
 
     fn standing(&mut self, user_id: &str, library_id: &str) -> Result<Standing, Fail> {
-        standing_in(self.tx, user_id, library_id)
+        standing_in(self.tx, self.prepared, user_id, library_id)
     }
 
     fn store_event(
@@ -178,7 +211,11 @@ impl BatchIo for Io<'_, '_> {
 }
 
 /// Locks and reads every view of the batch, in id order.
-fn lock_views<'a>(tx: &mut Transaction<'_>, ops: &'a [StoreOp]) -> Result<Views<'a>, Fail> {
+fn lock_views<'a>(
+    tx: &mut Transaction<'_>,
+    prepared: &mut Prepared,
+    ops: &'a [StoreOp],
+) -> Result<Views<'a>, Fail> {
     let mut ids: Vec<&str> = ops
         .iter()
         .map(|op| op.view_id.as_str())
@@ -186,14 +223,16 @@ fn lock_views<'a>(tx: &mut Transaction<'_>, ops: &'a [StoreOp]) -> Result<Views<
         .collect();
     ids.sort_unstable();
     ids.dedup();
-    let rows = tx.query_typed(
+    let select = prepared.get(
+        tx,
         concat!(
             "SELECT id, library_id, name, state::text, version, ",
             iso_ms!("updated_at"),
             " FROM portal_views WHERE id = ANY($1) ORDER BY id FOR UPDATE"
         ),
-        &[(&ids, Type::TEXT_ARRAY)],
+        &[Type::TEXT_ARRAY],
     )?;
+    let rows = tx.query(&select, &[&ids])?;
     let mut views: Views<'a> = ops
         .iter()
         .map(|op| (op.view_id.as_str(), Err(LoadFailure::NotFound)))
@@ -218,24 +257,25 @@ fn lock_views<'a>(tx: &mut Transaction<'_>, ops: &'a [StoreOp]) -> Result<Views<
 
 /// Writes each changed view once, and prunes its stored broadcasts to the
 /// last [`EVENTS_KEPT`].
-fn write_views(tx: &mut Transaction<'_>, views: &Views<'_>) -> Result<(), Fail> {
+fn write_views(
+    tx: &mut Transaction<'_>,
+    prepared: &mut Prepared,
+    views: &Views<'_>,
+) -> Result<(), Fail> {
     for (id, entry) in views {
         let Ok(entry) = entry else { continue };
         if !entry.dirty {
             continue;
         }
         let state = entry.state_text()?;
-        tx.execute_typed(
+        let update = prepared.get(
+            tx,
             "UPDATE portal_views
                 SET state = $1::text::jsonb, version = $2, updated_at = $3::text::timestamptz
               WHERE id = $4",
-            &[
-                (&state, Type::TEXT),
-                (&entry.version, Type::INT8),
-                (&entry.updated_at, Type::TEXT),
-                (id, Type::TEXT),
-            ],
+            &[Type::TEXT, Type::INT8, Type::TEXT, Type::TEXT],
         )?;
+        tx.execute(&update, &[&state, &entry.version, &entry.updated_at, id])?;
         if entry.evented {
             tx.execute_typed(
                 "DELETE FROM portal_view_events WHERE view_id = $1 AND version <= $2",

@@ -8,7 +8,7 @@ use std::ops::{Deref, DerefMut};
 use std::time::{Duration, Instant};
 
 use postgres::types::Type;
-use postgres::{Client, NoTls, Statement};
+use postgres::{Client, GenericClient, NoTls, Statement};
 use r2d2::Pool;
 use r2d2_postgres::PostgresConnectionManager;
 
@@ -33,50 +33,80 @@ pub(super) const RETRY_FOR: Duration = Duration::from_secs(5);
 pub(super) struct Manager(PostgresConnectionManager<NoTls>);
 
 /// A pooled connection and the statements prepared on it. A handshake's
-/// lookup sent unprepared spent most of PostgreSQL's CPU parsing and
-/// planning the same join again (BENCHMARKS.md); prepared once per
-/// connection, each lookup only binds and executes it.
+/// lookup and a batch's statements sent unprepared spent most of
+/// PostgreSQL's CPU parsing and planning the same few statements again
+/// (BENCHMARKS.md, issue 18); prepared once per connection, each is only
+/// bound and executed.
 pub(super) struct Conn {
     client: Client,
-    /// By SQL text: the hot path's few constant statements.
-    prepared: HashMap<&'static str, Statement>,
+    prepared: Prepared,
 }
 
-impl Conn {
-    /// `sql`, prepared on this connection the first time it is asked for.
-    pub(super) fn prepared(
+/// Statements prepared on one connection, by SQL text: the hot path's few
+/// constant statements.
+#[derive(Default)]
+pub(super) struct Prepared(HashMap<&'static str, Statement>);
+
+impl Prepared {
+    /// `sql`, prepared on `client`'s connection (which may be inside a
+    /// transaction: a prepared statement outlives it, committed or not) the
+    /// first time it is asked for.
+    pub(super) fn get(
         &mut self,
+        client: &mut impl GenericClient,
         sql: &'static str,
         types: &[Type],
-    ) -> Result<Statement, Fail> {
-        if let Some(statement) = self.prepared.get(sql) {
+    ) -> Result<Statement, postgres::Error> {
+        if let Some(statement) = self.0.get(sql) {
             return Ok(statement.clone());
         }
-        let statement = self.client.prepare_typed(sql, types)?;
-        self.prepared.insert(sql, statement.clone());
+        let statement = client.prepare_typed(sql, types)?;
+        self.0.insert(sql, statement.clone());
         Ok(statement)
     }
 
+    /// After a failure that may be a stale statement ([`is_stale_statement`]):
+    /// everything is prepared afresh.
+    pub(super) fn forget(&mut self) {
+        self.0.clear();
+    }
+}
+
+impl Conn {
+    /// The client and its prepared statements, to use both inside a
+    /// transaction (which borrows the client).
+    pub(super) fn split(&mut self) -> (&mut Client, &mut Prepared) {
+        (&mut self.client, &mut self.prepared)
+    }
+
     /// Runs `work` with `sql` prepared. A statement the server no longer
-    /// accepts (a table altered under it: "cached plan must not change
-    /// result type") is forgotten, and the work retried.
+    /// accepts (a column's type changed under it) is forgotten, and the work
+    /// retried ([`is_stale_statement`]).
     pub(super) fn with_prepared<T>(
         &mut self,
         sql: &'static str,
         types: &[Type],
         work: impl FnOnce(&mut Client, &Statement) -> Result<T, postgres::Error>,
     ) -> Result<T, Fail> {
-        let statement = self.prepared(sql, types)?;
+        let statement = self.prepared.get(&mut self.client, sql, types)?;
         work(&mut self.client, &statement).map_err(|e| {
-            if e.code()
-                .is_some_and(|c| c.code() == "0A000" || c.code() == "26000")
-            {
-                self.prepared.remove(sql);
-                return Fail::Retry(describe(&e));
+            if is_stale_statement(&e) {
+                self.prepared.forget();
             }
             Fail::from(e)
         })
     }
+}
+
+/// Whether PostgreSQL refused a prepared statement that was valid when
+/// prepared: "cached plan must not change result type" after another tool
+/// changed a column's type, or the statement gone. Preparing it again is
+/// the answer, so the work is retried.
+pub(super) fn is_stale_statement(e: &postgres::Error) -> bool {
+    e.as_db_error().is_some_and(|db| {
+        let code = db.code().code();
+        code == "26000" || (code == "0A000" && db.message().contains("cached plan"))
+    })
 }
 
 impl Deref for Conn {
@@ -100,7 +130,7 @@ impl r2d2::ManageConnection for Manager {
     fn connect(&self) -> Result<Conn, postgres::Error> {
         Ok(Conn {
             client: self.0.connect()?,
-            prepared: HashMap::new(),
+            prepared: Prepared::default(),
         })
     }
 
@@ -142,8 +172,9 @@ impl From<postgres::Error> for Fail {
     }
 }
 
-/// Whether `e` says the connection is lost, or the transaction was rolled
-/// back by the server for a reason a second try does not meet.
+/// Whether `e` says the connection is lost, the transaction was rolled back
+/// by the server for a reason a second try does not meet, or a prepared
+/// statement went stale (prepared again on the next try).
 pub(super) fn is_retryable(e: &postgres::Error) -> bool {
     if e.is_closed() {
         return true;
@@ -156,7 +187,8 @@ pub(super) fn is_retryable(e: &postgres::Error) -> bool {
             || code.starts_with("08")
             || code.starts_with("57P")
             // serialization_failure, deadlock_detected, lock_not_available
-            || matches!(code, "40001" | "40P01" | "55P03");
+            || matches!(code, "40001" | "40P01" | "55P03")
+            || is_stale_statement(e);
     }
     // No answer from the server: I/O on a dead socket.
     std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>())

@@ -1,15 +1,15 @@
 //! The lookups: a handshake's access, a view, stored events and versions,
 //! the membership change log. Each is one statement, and each is safe to run
-//! again on another connection. A handshake's two lookups are prepared once
-//! per connection (`pool::Conn`); the rest are rare and go unprepared
-//! (`query_typed`: one round trip, no prepare).
+//! again on another connection. A handshake's two lookups (and the batch's
+//! standing check) are prepared once per connection (`pool::Conn`); the rest
+//! are rare and go unprepared (`query_typed`: one round trip, no prepare).
 
 use postgres::types::Type;
 use postgres::GenericClient;
 use serde_json::value::RawValue;
 
 use super::canonical::to_serde_text;
-use super::pool::{Conn, Fail};
+use super::pool::{Conn, Fail, Prepared};
 use crate::domain::access::{self, LibraryRole, Standing};
 use crate::domain::error::Error;
 use crate::domain::model::{is_valid_id, Role};
@@ -143,19 +143,22 @@ pub(super) fn grant(c: &mut Conn, user_id: &str, view_id: &str) -> Result<Grant,
 /// time gives.
 pub(super) fn standing_in(
     c: &mut impl GenericClient,
+    prepared: &mut Prepared,
     user_id: &str,
     library_id: &str,
 ) -> Result<Standing, Fail> {
     if !is_valid_id(user_id) {
         return Ok(Standing::NoSuchUser);
     }
-    let row = c.query_typed_one(
+    let statement = prepared.get(
+        c,
         "SELECT EXISTS (SELECT 1 FROM users WHERE id = $1),
                 (SELECT owner_id FROM libraries WHERE id = $2 FOR SHARE),
                 (SELECT role FROM library_members
                   WHERE library_id = $2 AND user_id = $1 FOR SHARE)",
-        &[(&user_id, Type::TEXT), (&library_id, Type::TEXT)],
+        &[Type::TEXT, Type::TEXT],
     )?;
+    let row = c.query_one(&statement, &[&user_id, &library_id])?;
     if !row.try_get::<_, bool>(0)? {
         return Ok(Standing::NoSuchUser);
     }
